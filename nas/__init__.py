@@ -1,0 +1,1 @@
+"""nas: compression-aware neural architecture search."""

@@ -1,0 +1,1 @@
+"""Search backends: thin drivers around :func:`nas.pipeline.evaluate`."""

@@ -1,0 +1,139 @@
+"""Optuna backend: a named study in a storage URL, driven by ``pipeline.evaluate``."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import optuna
+
+from nas.config import Candidate
+from nas.errors import ConfigError, TrialFailure
+from nas.objectives import directions as objective_directions
+from nas.pipeline import ConstraintViolation, Task, evaluate, get_dataset
+from nas.space import Space
+from nas.study import META_KEY, open_storage
+
+__all__ = ["SAMPLERS", "make_sampler", "make_objective", "create_study", "run_optuna", "record_result"]
+
+SAMPLERS = ("nsga2", "tpe", "random", "gp")
+FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
+
+
+def make_sampler(name: str, seed: int, n_trials: int = 50) -> optuna.samplers.BaseSampler:
+    """Samplers are always chosen explicitly (Optuna's defaults changed between majors)."""
+    if name == "nsga2":
+        # Small budgets need small generations, or NSGA-II never leaves its random first one.
+        return optuna.samplers.NSGAIISampler(population_size=max(4, min(50, n_trials // 3)), seed=seed)
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=max(4, min(10, n_trials // 3)))
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=max(4, min(10, n_trials // 3)))
+    raise ConfigError(f"unknown sampler {name!r} (allowed: {', '.join(SAMPLERS)})")
+
+
+def record_result(trial: Any, metrics: dict[str, Any]) -> None:
+    for k, v in metrics.items():
+        trial.set_user_attr(k, v)
+
+
+def suggest_candidate(trial: Any, space: Space, task: Task) -> Candidate:
+    data = get_dataset(task.dataset, task.seed)
+    cand = space.suggest(trial, in_channels=data.in_channels, input_size=data.input_size, num_classes=data.num_classes)
+    trial.set_user_attr("candidate", cand.to_dict())
+    trial.set_user_attr("summary", cand.arch.summary())
+    return cand
+
+
+def make_objective(space: Space, task: Task) -> Callable[[optuna.Trial], tuple[float, ...]]:
+    """The objective both backends run: suggest -> evaluate -> record, failures with a reason."""
+
+    def objective(trial: optuna.Trial) -> tuple[float, ...]:
+        cand = suggest_candidate(trial, space, task)
+        try:
+            result = evaluate(cand, task, trial_id=f"trial-{trial.number:05d}")
+        except ConstraintViolation as exc:
+            trial.set_user_attr("fail_reason", str(exc))
+            raise optuna.TrialPruned(str(exc)) from exc
+        except TrialFailure as exc:
+            trial.set_user_attr("fail_reason", str(exc))
+            raise
+        except Exception as exc:
+            trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}")
+            raise
+        record_result(trial, result.metrics)
+        return tuple(result.objectives[o] for o in task.objectives)
+
+    return objective
+
+
+def create_study(
+    study_name: str, storage_url: str, task: Task, space: Space, sampler: optuna.samplers.BaseSampler,
+    extra_meta: dict[str, Any] | None = None,
+) -> optuna.Study:
+    """Create the study (or reopen it to resume) and check it matches this search's setup."""
+    storage = open_storage(storage_url, create=True)
+    dirs = objective_directions(task.objectives)
+    try:
+        study = optuna.create_study(
+            study_name=study_name, storage=storage, sampler=sampler, directions=dirs, load_if_exists=True
+        )
+    except ValueError as exc:
+        raise ConfigError(f"study {study_name!r}: {exc}") from exc
+    meta = study.user_attrs.get(META_KEY)
+    if meta is None:
+        meta = {
+            "version": 1,
+            "objectives": list(task.objectives),
+            "directions": dirs,
+            "task": task.to_dict(),
+            "space": {"name": space.name, "source": space.source},
+            **(extra_meta or {}),
+        }
+        study.set_user_attr(META_KEY, meta)
+        with warnings.catch_warnings():  # experimental since 3.2, but it is what labels the dashboard
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(list(task.objectives))
+    elif meta["objectives"] != list(task.objectives) or meta["task"]["dataset"] != task.dataset:
+        raise ConfigError(
+            f"study {study_name!r} already exists with objectives {','.join(meta['objectives'])} on dataset "
+            f"{meta['task']['dataset']}; resume it with the same settings or choose another --study name"
+        )
+    return study
+
+
+def finished_count(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+
+def run_optuna(
+    space: Space,
+    task: Task,
+    *,
+    study_name: str,
+    storage_url: str,
+    sampler: str = "nsga2",
+    n_trials: int = 20,
+    jobs: int = 1,
+    callbacks: list[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]] | None = None,
+    extra_meta: dict[str, Any] | None = None,
+) -> optuna.Study:
+    """Run (or resume) a search until the study holds ``n_trials`` finished trials."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    logging.getLogger("optuna").setLevel(logging.ERROR)  # failed trials are reported by our callback
+    study = create_study(study_name, storage_url, task, space, make_sampler(sampler, task.seed, n_trials), extra_meta)
+    remaining = n_trials - finished_count(study)
+    if remaining > 0:
+        study.optimize(
+            make_objective(space, task),
+            n_trials=remaining,
+            n_jobs=jobs,
+            catch=(Exception,),
+            callbacks=callbacks or [],
+            gc_after_trial=False,
+        )
+    return study

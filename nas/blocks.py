@@ -1,0 +1,165 @@
+"""Block registry: every searchable body block, built from a :class:`BlockConfig`.
+
+``@register_block(name)`` adds a class; :func:`create_block` looks it up. The builder, the
+space validator and the tests all iterate over :data:`BLOCKS`, so a new block gets
+validation and forward/backward/export tests by being registered.
+
+Every block works on NCHW tensors. A 1-D signal is an image of height 1, so in a ``1d``
+space kernels are 1xN and strides act on the width only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from nas.config import BlockConfig
+
+__all__ = ["BLOCKS", "register_block", "create_block", "kernel_2d", "stride_2d", "hidden_width"]
+
+BLOCKS: dict[str, type[nn.Module]] = {}
+
+
+def register_block(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
+    def deco(cls: type[nn.Module]) -> type[nn.Module]:
+        BLOCKS[name] = cls
+        return cls
+
+    return deco
+
+
+def kernel_2d(k: int, spatial: str) -> tuple[int, int]:
+    return (1, k) if spatial == "1d" else (k, k)
+
+
+def stride_2d(s: int, spatial: str) -> tuple[int, int]:
+    return (1, s) if spatial == "1d" else (s, s)
+
+
+def _pad(kernel: tuple[int, int]) -> tuple[int, int]:
+    return (kernel[0] // 2, kernel[1] // 2)
+
+
+def hidden_width(cfg: BlockConfig, in_channels: int) -> int:
+    """Width of a block's inner layer: explicit (after pruning) or derived from the genes."""
+    if cfg.hidden is not None:
+        return cfg.hidden
+    if cfg.type == "mbconv":
+        return in_channels * cfg.expansion
+    if cfg.type == "dsconv":
+        return in_channels
+    if cfg.type == "factorized":
+        return cfg.out_channels
+    return cfg.out_channels
+
+
+def conv_bn_act(
+    cin: int,
+    cout: int,
+    kernel: tuple[int, int],
+    stride: tuple[int, int] = (1, 1),
+    groups: int = 1,
+    act: bool = True,
+) -> nn.Sequential:
+    layers: list[nn.Module] = [
+        nn.Conv2d(cin, cout, kernel, stride, _pad(kernel), groups=groups, bias=False),
+        nn.BatchNorm2d(cout),
+    ]
+    if act:
+        layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
+@register_block("conv")
+class ConvBlock(nn.Module):
+    """Standard KxK convolution, BatchNorm, ReLU."""
+
+    def __init__(self, cin: int, cfg: BlockConfig, spatial: str) -> None:
+        super().__init__()
+        self.conv = conv_bn_act(
+            cin, cfg.out_channels, kernel_2d(cfg.kernel, spatial), stride_2d(cfg.stride, spatial)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+@register_block("dsconv")
+class DepthwiseSeparable(nn.Module):
+    """Depthwise KxK then pointwise 1x1 (MobileNet): ~1/N + 1/K^2 of a standard conv's cost."""
+
+    def __init__(self, cin: int, cfg: BlockConfig, spatial: str) -> None:
+        super().__init__()
+        # The depthwise conv keeps the input width; pruning narrows it by pruning the
+        # previous block's outputs, so this block has no hidden width of its own.
+        self.depthwise = conv_bn_act(
+            cin, cin, kernel_2d(cfg.kernel, spatial), stride_2d(cfg.stride, spatial), groups=cin
+        )
+        self.pointwise = conv_bn_act(cin, cfg.out_channels, (1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pointwise(self.depthwise(x))
+
+
+@register_block("factorized")
+class FactorizedConv(nn.Module):
+    """1xN then Nx1 (Inception-v3): 2N weights per channel pair instead of N^2."""
+
+    def __init__(self, cin: int, cfg: BlockConfig, spatial: str) -> None:
+        super().__init__()
+        if spatial == "1d":
+            raise ValueError("block 'factorized' needs a 2-D input (a 1-D space has no Nx1 axis)")
+        mid = hidden_width(cfg, cin)
+        k, s = cfg.kernel, cfg.stride
+        self.row = conv_bn_act(cin, mid, (1, k), (1, s))
+        self.col = conv_bn_act(mid, cfg.out_channels, (k, 1), (s, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.col(self.row(x))
+
+
+@register_block("mbconv")
+class InvertedResidual(nn.Module):
+    """MobileNetV2 inverted residual: 1x1 expand, depthwise KxK, 1x1 linear projection."""
+
+    def __init__(self, cin: int, cfg: BlockConfig, spatial: str) -> None:
+        super().__init__()
+        mid = hidden_width(cfg, cin)
+        layers: list[nn.Module] = []
+        if mid != cin:
+            layers.append(conv_bn_act(cin, mid, (1, 1)))
+        layers.append(
+            conv_bn_act(mid, mid, kernel_2d(cfg.kernel, spatial), stride_2d(cfg.stride, spatial), groups=mid)
+        )
+        layers.append(conv_bn_act(mid, cfg.out_channels, (1, 1), act=False))
+        self.body = nn.Sequential(*layers)
+        self.residual = cfg.stride == 1 and cin == cfg.out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.body(x)
+        return x + y if self.residual else y
+
+
+@register_block("skip")
+class Skip(nn.Module):
+    """Identity where shapes allow; otherwise the cheapest projection (strided 1x1 conv)."""
+
+    def __init__(self, cin: int, cfg: BlockConfig, spatial: str) -> None:
+        super().__init__()
+        if cfg.stride == 1 and cin == cfg.out_channels:
+            self.proj: nn.Module = nn.Identity()
+        else:
+            self.proj = conv_bn_act(cin, cfg.out_channels, (1, 1), stride_2d(cfg.stride, spatial), act=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+def create_block(cin: int, cfg: BlockConfig, spatial: str) -> nn.Module:
+    try:
+        cls = BLOCKS[cfg.type]
+    except KeyError:
+        raise ValueError(f"unknown block type {cfg.type!r} (allowed: {', '.join(sorted(BLOCKS))})") from None
+    return cls(cin, cfg, spatial)

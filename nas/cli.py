@@ -1,0 +1,235 @@
+"""``nas`` command line: search, front.
+
+Every user error prints one line (``nas: error: ...``) and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from nas.errors import NasError
+from nas.objectives import DEFAULT_OBJECTIVES, parse_constraints, parse_objectives
+from nas.study import DEFAULT_STORAGE
+
+__all__ = ["main"]
+
+FORMATS = ("table", "csv", "json", "markdown")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit status 2 (argparse prints usage too)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be >= 1")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"{text} must be > 0")
+    return v
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="nas", description="Compression-aware neural architecture search.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    s = sub.add_parser("search", help="run (or resume) a search and print its Pareto front")
+    s.add_argument("--dataset", default="digits", help="digits (default), mnist1d, or a .npz path")
+    s.add_argument("--space", default=None, help="space name or YAML path (default: 'default', 'mnist1d' for 1-D data)")
+    s.add_argument("--study", default=None, help="study name (default: DATASET-SPACE)")
+    s.add_argument("--storage", default=DEFAULT_STORAGE, help=f"Optuna storage URL or journal .log path (default {DEFAULT_STORAGE})")
+    s.add_argument("--trials", type=_positive_int, default=20, help="finished trials the study should hold (default 20)")
+    s.add_argument("--sampler", default="nsga2", help="nsga2 (default), tpe, random, gp")
+    s.add_argument("--objectives", default=",".join(DEFAULT_OBJECTIVES),
+                   help="comma list of accuracy, latency_ms, size_bytes, flops, params")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--epochs", type=_positive_int, default=None, help="override the space's training epochs")
+    s.add_argument("--jobs", type=_positive_int, default=1, help="concurrent trials in this process")
+    s.add_argument("--latency-threads", type=_positive_int, default=1, help="ONNX Runtime threads when timing")
+    s.add_argument("--train-threads", type=_positive_int, default=None, help="torch threads for training")
+    s.add_argument("--artifacts", default="runs/artifacts", help="folder for trial weights (default runs/artifacts)")
+    for cost in ("latency_ms", "size_bytes", "flops", "params"):
+        s.add_argument(f"--max-{cost.replace('_', '-')}", dest=f"max_{cost}", type=_positive_float, default=None,
+                       help=f"hard limit on {cost}: rejected before training")
+    s.add_argument("--quiet", action="store_true", help="no per-trial progress")
+
+    f = sub.add_parser("front", help="print a study's Pareto-optimal trials")
+    f.add_argument("study")
+    f.add_argument("--storage", default=DEFAULT_STORAGE)
+    f.add_argument("--format", default="table", help="table (default), csv, json, markdown")
+    f.add_argument("--all", action="store_true", help="every trial, with state and failure reason")
+    return p
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def _fmt(col: str, v: Any) -> str:
+    if v is None or (isinstance(v, float) and pd.isna(v)):
+        return ""
+    if col in ("accuracy", "test_accuracy", "val_accuracy"):
+        return f"{v:.4f}"
+    if col in ("latency_ms", "latency_iqr_ms"):
+        return f"{v:.4f}"
+    if col in ("size_bytes", "params", "flops", "trial"):
+        return f"{int(v):,}"
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return str(v)
+
+
+def _columns(df: pd.DataFrame, objectives: Sequence[str], full: bool) -> list[str]:
+    cols = ["trial"] + (["state"] if full else []) + list(objectives)
+    for extra in ("test_accuracy", "latency_iqr_ms", "params", "flops", "size_bytes", "arch"):
+        if extra not in cols and extra in df.columns:
+            cols.append(extra)
+    if full:
+        cols.append("fail_reason")
+    return [c for c in cols if c in df.columns]
+
+
+def render(df: pd.DataFrame, objectives: Sequence[str], fmt: str, title: str, full: bool = False) -> str:
+    cols = _columns(df, objectives, full)
+    view = df[cols] if not df.empty else pd.DataFrame(columns=cols)
+    if fmt == "csv":
+        return view.to_csv(index=False)
+    if fmt == "json":
+        return json.dumps(json.loads(view.to_json(orient="records")), indent=2) + "\n"
+    if fmt == "markdown":
+        head = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
+        body = "".join("| " + " | ".join(_fmt(c, r[c]) for c in cols) + " |\n" for _, r in view.iterrows())
+        return head + body
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for c in cols:
+        table.add_column(c, justify="left" if c in ("arch", "state", "fail_reason") else "right",
+                         overflow="fold")
+    for _, r in view.iterrows():
+        table.add_row(*(_fmt(c, r[c]) for c in cols))
+    import shutil
+
+    width = max(shutil.get_terminal_size((200, 24)).columns, 120)
+    console = Console(width=width, record=True, file=open(os.devnull, "w"))
+    console.print(table)
+    return console.export_text()
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def _progress_callback(objectives: Sequence[str], total: int, quiet: bool):  # noqa: ANN202
+    from rich.console import Console
+
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
+    start = time.perf_counter()
+
+    def callback(study: Any, trial: Any) -> None:
+        if quiet:
+            return
+        done = len([t for t in study.get_trials(deepcopy=False) if t.state.is_finished()])
+        head = f"[{done}/{total}] trial {trial.number} {trial.state.name.lower()}"
+        if trial.values:
+            vals = "  ".join(f"{n}={_fmt(n, v)}" for n, v in zip(objectives, trial.values))
+            console.print(f"{head}  {vals}  ({trial.duration.total_seconds():.1f}s)  {trial.user_attrs.get('summary', '')}")
+        else:
+            console.print(f"{head}: {trial.user_attrs.get('fail_reason', 'no reason recorded')}")
+        if done >= total:
+            console.print(f"search finished in {time.perf_counter() - start:.0f}s")
+
+    return callback
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from nas.backends.optuna import SAMPLERS, finished_count, run_optuna
+    from nas.pipeline import Task, get_dataset
+    from nas.space import load_space
+    from nas.study import front_frame
+
+    objectives = parse_objectives(args.objectives)
+    if args.sampler not in SAMPLERS:
+        raise NasError(f"unknown sampler {args.sampler!r} (allowed: {', '.join(SAMPLERS)})")
+    constraints = parse_constraints({c: getattr(args, f"max_{c}") for c in ("latency_ms", "size_bytes", "flops", "params")})
+    data = get_dataset(args.dataset, args.seed)
+    space = load_space(args.space or ("mnist1d" if data.spatial == "1d" else "default"))
+    if space.spatial != data.spatial:
+        raise NasError(f"space {space.name!r} is for {space.spatial} inputs but dataset {data.name} is {data.spatial}")
+    study_name = args.study or f"{data.name}-{space.name}"
+    task = Task(
+        dataset=args.dataset,
+        seed=args.seed,
+        objectives=objectives,
+        constraints=constraints,
+        latency_threads=args.latency_threads,
+        train_threads=args.train_threads,
+        epochs=args.epochs,
+        artifacts_dir=str(Path(args.artifacts) / study_name),
+    )
+    from rich.console import Console
+
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    err.print(f"study {study_name!r} in {args.storage}: dataset {data.name} {data.describe()['input_shape']}, "
+              f"space {space.name}, sampler {args.sampler}, objectives {','.join(objectives)}")
+    study = run_optuna(
+        space, task, study_name=study_name, storage_url=args.storage, sampler=args.sampler,
+        n_trials=args.trials, jobs=args.jobs,
+        callbacks=[_progress_callback(objectives, args.trials, args.quiet)],
+    )
+    done = finished_count(study)
+    sys.stdout.write(render(front_frame(study), objectives, "table", f"Pareto front of {study_name} ({done} trials)"))
+    err.print(f"see it again: nas front {study_name} --storage {args.storage}")
+    return 0
+
+
+def cmd_front(args: argparse.Namespace) -> int:
+    from nas.study import front_frame, load_study, study_meta, trials_frame
+
+    if args.format not in FORMATS:
+        raise NasError(f"unknown format {args.format!r} (allowed: {', '.join(FORMATS)})")
+    study = load_study(args.study, args.storage)
+    objectives = study_meta(study)["objectives"]
+    df = trials_frame(study) if args.all else front_frame(study)
+    title = f"{'All trials' if args.all else 'Pareto front'} of {args.study}"
+    sys.stdout.write(render(df, objectives, args.format, title, full=args.all))
+    return 0
+
+
+COMMANDS = {"search": cmd_search, "front": cmd_front}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except NasError as exc:
+        print(f"nas: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("nas: interrupted; finished trials are stored, rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""Datasets that work offline, split into train / validation / test by a fixed seed.
+
+The search trains on ``train``, scores the ``accuracy`` objective on ``val`` and never
+touches ``test``; ``test`` is reported alongside and re-checked by ``nas verify``.
+
+- ``digits``: scikit-learn's bundled 8x8 digits (1,797 images).
+- ``mnist1d``: generated locally by the ``mnist1d`` package (4,000 train / 1,000 test,
+  length 40), as an image of height 1.
+- a path to a ``.npz`` file with ``x`` (N, C, H, W) and integer labels ``y`` (N,); optional
+  ``x_test`` / ``y_test`` give a fixed test split.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nas.errors import DataError
+
+__all__ = ["Dataset", "load_dataset", "DATASETS"]
+
+DATASETS = ("digits", "mnist1d")
+_ALLOWED = "digits, mnist1d, or a path to a .npz file with x (N,C,H,W) and y (N,)"
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+    seed: int
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.x_train.shape[1])
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return int(self.x_train.shape[2]), int(self.x_train.shape[3])
+
+    @property
+    def spatial(self) -> str:
+        return "1d" if self.input_size[0] == 1 else "2d"
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "seed": self.seed,
+            "input_shape": [self.in_channels, *self.input_size],
+            "num_classes": self.num_classes,
+            "n_train": len(self.y_train),
+            "n_val": len(self.y_val),
+            "n_test": len(self.y_test),
+        }
+
+
+def _split(n: int, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    perm = rng.permutation(n)
+    k = max(1, int(round(n * fraction)))
+    return perm[k:], perm[:k]
+
+
+def _finish(
+    name: str,
+    x: np.ndarray,
+    y: np.ndarray,
+    x_test: np.ndarray | None,
+    y_test: np.ndarray | None,
+    seed: int,
+    num_classes: int,
+) -> Dataset:
+    rng = np.random.default_rng(seed)
+    if x_test is None or y_test is None:
+        train_idx, test_idx = _split(len(y), 0.2, rng)
+        x, y, x_test, y_test = x[train_idx], y[train_idx], x[test_idx], y[test_idx]
+    train_idx, val_idx = _split(len(y), 0.15, rng)
+    x_train, y_train, x_val, y_val = x[train_idx], y[train_idx], x[val_idx], y[val_idx]
+    # Normalize with training statistics only: nothing about val/test leaks into training.
+    mean, std = float(x_train.mean()), float(x_train.std()) or 1.0
+
+    def t(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(((a - mean) / std).astype(np.float32))
+
+    def lab(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(a.astype(np.int64))
+
+    return Dataset(name, t(x_train), lab(y_train), t(x_val), lab(y_val), t(x_test), lab(y_test), num_classes, seed)
+
+
+def _digits(seed: int) -> Dataset:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = bunch.images.reshape(-1, 1, 8, 8).astype(np.float32) / 16.0
+    return _finish("digits", x, bunch.target, None, None, seed, 10)
+
+
+@functools.lru_cache(maxsize=4)
+def _mnist1d_raw(seed: int) -> dict[str, np.ndarray]:
+    # make_dataset generates locally; the package's get_dataset() would download a pickle.
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.seed = seed
+    return make_dataset(args)
+
+
+def _mnist1d(seed: int) -> Dataset:
+    raw = _mnist1d_raw(42)  # the published dataset; `seed` only picks the validation split
+    x = raw["x"].reshape(-1, 1, 1, raw["x"].shape[-1])
+    xt = raw["x_test"].reshape(-1, 1, 1, raw["x_test"].shape[-1])
+    return _finish("mnist1d", x, raw["y"], xt, raw["y_test"], seed, 10)
+
+
+def _check_xy(path: Path, x: np.ndarray, y: np.ndarray, xk: str, yk: str) -> None:
+    if x.ndim != 4:
+        raise DataError(f"{path}: '{xk}' must have shape (N, C, H, W), got {x.shape}")
+    if y.ndim != 1:
+        raise DataError(f"{path}: '{yk}' must have shape (N,), got {y.shape}")
+    if len(x) == 0:
+        raise DataError(f"{path}: '{xk}' is empty (need at least one sample per split)")
+    if len(x) != len(y):
+        raise DataError(f"{path}: '{xk}' has {len(x)} samples but '{yk}' has {len(y)}")
+    if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
+        raise DataError(f"{path}: '{xk}' must be real numbers, got dtype {x.dtype}")
+    if not np.all(np.isfinite(x)):
+        raise DataError(f"{path}: '{xk}' contains NaN or infinite values")
+    if not np.issubdtype(y.dtype, np.integer):
+        if not (np.issubdtype(y.dtype, np.floating) and np.all(np.isfinite(y)) and np.all(y == np.round(y))):
+            raise DataError(f"{path}: '{yk}' must hold integer class labels, got dtype {y.dtype}")
+    if y.min() < 0:
+        raise DataError(f"{path}: '{yk}' has label {int(y.min())}; labels must be 0..K-1")
+
+
+def _npz(path: Path, seed: int) -> Dataset:
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read as .npz ({exc})") from exc
+    missing = [k for k in ("x", "y") if k not in arrays]
+    if missing:
+        raise DataError(f"{path}: missing key(s) {', '.join(missing)} (need x (N,C,H,W) and y (N,))")
+    x, y = arrays["x"], arrays["y"]
+    _check_xy(path, x, y, "x", "y")
+    x_test = y_test = None
+    if ("x_test" in arrays) != ("y_test" in arrays):
+        raise DataError(f"{path}: give both x_test and y_test, or neither")
+    if "x_test" in arrays:
+        x_test, y_test = arrays["x_test"], arrays["y_test"]
+        _check_xy(path, x_test, y_test, "x_test", "y_test")
+        if x_test.shape[1:] != x.shape[1:]:
+            raise DataError(f"{path}: x_test samples have shape {x_test.shape[1:]}, x has {x.shape[1:]}")
+    labels = y if y_test is None else np.concatenate([y, y_test])
+    num_classes = int(labels.max()) + 1
+    if num_classes < 2:
+        raise DataError(f"{path}: labels span a single class; need at least 2 classes")
+    if len(y) < 10:
+        raise DataError(f"{path}: {len(y)} samples is too few to split into train/val/test (need >= 10)")
+    return _finish(path.stem, x.astype(np.float32), y.astype(np.int64),
+                   None if x_test is None else x_test.astype(np.float32),
+                   None if y_test is None else y_test.astype(np.int64), seed, num_classes)
+
+
+def load_dataset(name: str, seed: int = 0) -> Dataset:
+    """Load a dataset by name (``digits``, ``mnist1d``) or ``.npz`` path, split by ``seed``."""
+    if name == "digits":
+        return _digits(seed)
+    if name == "mnist1d":
+        return _mnist1d(seed)
+    path = Path(name)
+    if path.suffix == ".npz":
+        if not path.is_file():
+            raise DataError(f"dataset file {name!r} does not exist")
+        return _npz(path, seed)
+    raise DataError(f"unknown dataset {name!r} (allowed: {_ALLOWED})")

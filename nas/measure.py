@@ -1,0 +1,172 @@
+"""Costs measured on what ships: ONNX Runtime latency, bytes of a real file, fvcore FLOPs.
+
+Latency is timed on the exported ONNX model in ONNX Runtime on CPU (batch 1, a fixed thread
+count, warm-up, many repeats; median and IQR). Eager PyTorch timings of tiny models mostly
+time Python, so they are never used. Only one process per host times at a time: the timing
+loop holds a node-local file lock, so concurrent trials (``--jobs``, Ray workers) queue for
+it instead of disturbing each other's figures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = [
+    "Latency",
+    "count_params",
+    "count_flops",
+    "export_onnx",
+    "onnx_latency",
+    "measure_lock",
+    "NOISY_IQR_RATIO",
+]
+
+# Latency figures whose IQR/median exceeds this are re-measured (DESIGN: treat as noisy).
+NOISY_IQR_RATIO = 0.10
+
+
+@dataclass(frozen=True)
+class Latency:
+    median_ms: float
+    iqr_ms: float
+    repeats: int
+    threads: int
+    attempts: int
+
+    @property
+    def noisy(self) -> bool:
+        return self.median_ms > 0 and self.iqr_ms / self.median_ms > NOISY_IQR_RATIO
+
+    def to_dict(self) -> dict[str, float | int | bool]:
+        return {**asdict(self), "noisy": self.noisy}
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_flops(model: nn.Module, example: torch.Tensor) -> int:
+    """FLOPs as fvcore counts them (one per multiply-add), for one input of ``example``'s shape."""
+    from fvcore.nn import FlopCountAnalysis
+
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        analysis = FlopCountAnalysis(model, example)
+        analysis.unsupported_ops_warnings(False)
+        analysis.uncalled_modules_warnings(False)
+        analysis.tracer_warnings("none")
+        return int(analysis.total())
+
+
+def flops_by_module(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
+    from fvcore.nn import FlopCountAnalysis
+
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        analysis = FlopCountAnalysis(model, example)
+        analysis.unsupported_ops_warnings(False)
+        analysis.uncalled_modules_warnings(False)
+        analysis.tracer_warnings("none")
+        return {k: int(v) for k, v in analysis.by_module().items()}
+
+
+def _quiet_exporter() -> None:
+    # The dynamo exporter logs progress lines and torchvision-missing warnings on every call.
+    for name in ("torch.onnx", "torch._export", "torch.export", "torch._dynamo", "onnxscript"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike[str]) -> Path:
+    """Export ``model`` for batch-1 inference with the torch.export-based ONNX exporter."""
+    _quiet_exporter()
+    model.eval()
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with warnings.catch_warnings(), contextlib.redirect_stdout(open(os.devnull, "w")):
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(model, (example,), dynamo=True, verbose=False, optimize=True)
+        program.save(str(tmp), external_data=False)
+    os.replace(tmp, path)  # atomic: a crash never leaves a half-written model behind
+    return path
+
+
+def _lock_path() -> Path:
+    return Path(os.environ.get("NAS_MEASURE_LOCK", Path(tempfile.gettempdir()) / "nas-measure.lock"))
+
+
+@contextlib.contextmanager
+def measure_lock() -> Iterator[None]:
+    """Hold the host-wide measurement lock (fcntl), so two timings never overlap on a node."""
+    path = _lock_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _session(path: Path, threads: int):  # noqa: ANN202
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def onnx_latency(
+    path: str | os.PathLike[str],
+    input_shape: tuple[int, ...],
+    *,
+    threads: int = 1,
+    warmup: int = 50,
+    repeats: int = 500,
+    max_attempts: int = 3,
+) -> Latency:
+    """Median and IQR (ms) of single-input inference in ONNX Runtime on CPU.
+
+    A measurement whose IQR/median is above :data:`NOISY_IQR_RATIO` is repeated (up to
+    ``max_attempts``); the steadiest attempt is kept and the number of attempts recorded.
+    """
+    sess = _session(Path(path), threads)
+    name = sess.get_inputs()[0].name
+    x = np.random.default_rng(0).standard_normal(input_shape).astype(np.float32)
+    best: Latency | None = None
+    with measure_lock():
+        for attempt in range(1, max_attempts + 1):
+            for _ in range(warmup):
+                sess.run(None, {name: x})
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter_ns()
+                sess.run(None, {name: x})
+                times.append((time.perf_counter_ns() - t0) / 1e6)
+            q1, med, q3 = statistics.quantiles(times, n=4)
+            lat = Latency(med, q3 - q1, repeats, threads, attempt)
+            if best is None or lat.iqr_ms / max(lat.median_ms, 1e-9) < best.iqr_ms / max(best.median_ms, 1e-9):
+                best = Latency(lat.median_ms, lat.iqr_ms, repeats, threads, attempt)
+            if not lat.noisy:
+                break
+    assert best is not None
+    return Latency(best.median_ms, best.iqr_ms, best.repeats, best.threads, attempt)

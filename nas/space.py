@@ -1,0 +1,303 @@
+"""Search spaces: YAML files validated on load, sampled define-by-run.
+
+A space file is data::
+
+    name: default
+    spatial: 2d                 # 2d images, or 1d signals (1xN kernels only)
+    stem_channels: [8, 16]      # a list is a choice
+    head: gap                   # a scalar is fixed
+    stages:
+      - block: [conv, dsconv, factorized, mbconv, skip]
+        depth: {low: 1, high: 2}  # a mapping is a range (int, or float; `log: true` allowed)
+        width: [16, 24]
+        kernel: [3, 5]
+        stride: 2
+        expansion: [2, 4]       # used by mbconv only
+    recipe: {epochs: 10, lr: {low: 0.001, high: 0.01, log: true}}
+    compression: {quant_bits: [32, 8]}
+
+:meth:`Space.suggest` turns an Optuna trial (or Ray Tune's define-by-run trial, which is the
+same object) into a :class:`~nas.config.Candidate` without running anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from nas.blocks import BLOCKS
+from nas.config import ArchConfig, BlockConfig, Candidate, CompressionConfig, Recipe
+from nas.errors import SpaceError
+
+__all__ = ["Param", "StageSpace", "Space", "load_space", "resolve_space_path", "SPACES_DIR"]
+
+SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+
+_TOP_KEYS = {"name", "spatial", "stem_channels", "head", "dropout", "stages", "recipe", "compression"}
+_STAGE_KEYS = {"block", "depth", "width", "kernel", "stride", "expansion"}
+_HEADS = ("gap", "flatten")
+
+
+@dataclass(frozen=True)
+class Param:
+    """One searchable value: fixed, a categorical choice, or an int/float range."""
+
+    kind: str  # fixed | choice | int | float
+    values: tuple[Any, ...] = ()
+    low: float = 0
+    high: float = 0
+    step: float | None = None
+    log: bool = False
+
+    def suggest(self, trial: Any, name: str) -> Any:
+        if self.kind == "fixed":
+            return self.values[0]
+        if self.kind == "choice":
+            return trial.suggest_categorical(name, list(self.values))
+        if self.kind == "int":
+            return trial.suggest_int(name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
+        return trial.suggest_float(name, self.low, self.high, step=self.step, log=self.log)
+
+    def options(self) -> list[Any]:
+        """Every value this parameter can take (ranges: their two ends)."""
+        if self.kind in ("fixed", "choice"):
+            return list(self.values)
+        return [self.low, self.high]
+
+
+@dataclass(frozen=True)
+class StageSpace:
+    block: Param
+    depth: Param
+    width: Param
+    kernel: Param
+    stride: Param
+    expansion: Param
+
+
+@dataclass(frozen=True)
+class Space:
+    name: str
+    spatial: str
+    stem_channels: Param
+    head: Param
+    dropout: Param
+    stages: tuple[StageSpace, ...]
+    recipe: dict[str, Param]
+    compression: dict[str, Param]
+    source: str = ""
+
+    def suggest(self, trial: Any, *, in_channels: int, input_size: tuple[int, int], num_classes: int) -> Candidate:
+        """Sample a candidate define-by-run; conditional genes are only asked when they matter."""
+        blocks: list[BlockConfig] = []
+        for i, st in enumerate(self.stages):
+            p = f"s{i}."
+            block = st.block.suggest(trial, p + "block")
+            depth = st.depth.suggest(trial, p + "depth")
+            width = st.width.suggest(trial, p + "width")
+            stride = st.stride.suggest(trial, p + "stride")
+            kernel = st.kernel.suggest(trial, p + "kernel") if block != "skip" else 1
+            expansion = st.expansion.suggest(trial, p + "expansion") if block == "mbconv" else 1
+            for j in range(depth):
+                blocks.append(
+                    BlockConfig(block, width, kernel, stride if j == 0 else 1, expansion, stage=i)
+                )
+        arch = ArchConfig(
+            in_channels=in_channels,
+            num_classes=num_classes,
+            input_size=tuple(input_size),
+            spatial=self.spatial,
+            stem_channels=self.stem_channels.suggest(trial, "stem_channels"),
+            blocks=tuple(blocks),
+            head=self.head.suggest(trial, "head"),
+            dropout=self.dropout.suggest(trial, "dropout"),
+        )
+        recipe = Recipe(**{k: p.suggest(trial, "recipe." + k) for k, p in self.recipe.items()})
+        compression = CompressionConfig(**{k: p.suggest(trial, "compress." + k) for k, p in self.compression.items()})
+        return Candidate(arch, compression, recipe)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _param(where: str, raw: Any, elem: str, check: Any = None) -> Param:
+    """Parse one value spec; `elem` is 'int', 'float', 'str' or 'bool'; `check(v) -> str|None`."""
+
+    def ok(v: Any) -> bool:
+        if elem == "int":
+            return isinstance(v, int) and not isinstance(v, bool)
+        if elem == "float":
+            return _is_num(v)
+        if elem == "bool":
+            return isinstance(v, bool)
+        return isinstance(v, str)
+
+    def validate(v: Any) -> None:
+        if not ok(v):
+            raise SpaceError(f"{where}: {v!r} is not a{'n' if elem == 'int' else ''} {elem}")
+        if check is not None:
+            msg = check(v)
+            if msg:
+                raise SpaceError(f"{where}: {v!r} {msg}")
+
+    if isinstance(raw, dict):
+        if elem not in ("int", "float"):
+            raise SpaceError(f"{where}: a range {{low, high}} needs numbers; give a list of choices instead")
+        unknown = set(raw) - {"low", "high", "step", "log"}
+        if unknown:
+            raise SpaceError(f"{where}: unknown range key(s) {sorted(unknown)} (allowed: low, high, step, log)")
+        if "low" not in raw or "high" not in raw:
+            raise SpaceError(f"{where}: a range needs both 'low' and 'high'")
+        low, high, step, log = raw["low"], raw["high"], raw.get("step"), raw.get("log", False)
+        validate(low)
+        validate(high)
+        if low > high:
+            raise SpaceError(f"{where}: low {low} is greater than high {high}")
+        if step is not None and (not _is_num(step) or step <= 0 or (elem == "int" and not isinstance(step, int))):
+            raise SpaceError(f"{where}: step {step!r} must be a positive {elem}")
+        if not isinstance(log, bool):
+            raise SpaceError(f"{where}: log must be true or false, got {log!r}")
+        if log and (low <= 0 or step not in (None, 1)):
+            raise SpaceError(f"{where}: a log range needs low > 0 and no step")
+        kind = "int" if elem == "int" else "float"
+        return Param(kind, (), float(low) if kind == "float" else low, float(high) if kind == "float" else high, step, log)
+    if isinstance(raw, list):
+        if not raw:
+            raise SpaceError(f"{where}: the list of choices is empty (give at least one value)")
+        for v in raw:
+            validate(v)
+        values = tuple(dict.fromkeys(raw))  # drop repeats, keep order
+        return Param("fixed", values) if len(values) == 1 else Param("choice", values)
+    validate(raw)
+    return Param("fixed", (raw,))
+
+
+def _positive(v: Any) -> str | None:
+    return None if v > 0 else "must be > 0"
+
+
+def _non_negative(v: Any) -> str | None:
+    return None if v >= 0 else "must be >= 0"
+
+
+def _section(where: str, raw: Any, record: type) -> dict[str, Param]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise SpaceError(f"{where}: must be a mapping of gene -> value, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(record)}
+    out = {}
+    for key, val in raw.items():
+        if key not in fields:
+            raise SpaceError(f"{where}: unknown key {key!r} (allowed: {', '.join(sorted(fields))})")
+        default = fields[key].default
+        elem = {bool: "bool", int: "int", float: "float", str: "str"}[type(default)]
+        checker = getattr(record, "check_gene", None)
+        if checker is not None:
+            check = lambda v, k=key: checker(k, v)  # noqa: E731
+        else:
+            check = {"int": _positive, "float": _non_negative}.get(elem)
+        out[key] = _param(f"{where}.{key}", val, elem, check)
+    return out
+
+
+def _stage(where: str, raw: Any, spatial: str) -> StageSpace:
+    if not isinstance(raw, dict):
+        raise SpaceError(f"{where}: must be a mapping with keys {', '.join(sorted(_STAGE_KEYS))}")
+    unknown = set(raw) - _STAGE_KEYS
+    if unknown:
+        raise SpaceError(f"{where}: unknown key(s) {sorted(unknown)} (allowed: {', '.join(sorted(_STAGE_KEYS))})")
+    for key in ("block", "width"):
+        if key not in raw:
+            raise SpaceError(f"{where}: missing required key {key!r}")
+    allowed_blocks = sorted(b for b in BLOCKS if not (spatial == "1d" and b == "factorized"))
+
+    def block_ok(v: str) -> str | None:
+        if v not in BLOCKS:
+            return f"is not a block type (allowed: {', '.join(sorted(BLOCKS))})"
+        if v not in allowed_blocks:
+            return f"needs a 2-D input; a 1d space allows: {', '.join(allowed_blocks)}"
+        return None
+
+    def odd(v: int) -> str | None:
+        return None if v >= 1 and v % 2 == 1 else "must be an odd kernel size >= 1"
+
+    def stride_ok(v: int) -> str | None:
+        return None if v in (1, 2, 3) else "must be 1, 2 or 3"
+
+    return StageSpace(
+        block=_param(f"{where}.block", raw["block"], "str", block_ok),
+        depth=_param(f"{where}.depth", raw.get("depth", 1), "int", _positive),
+        width=_param(f"{where}.width", raw["width"], "int", _positive),
+        kernel=_param(f"{where}.kernel", raw.get("kernel", 3), "int", odd),
+        stride=_param(f"{where}.stride", raw.get("stride", 1), "int", stride_ok),
+        expansion=_param(f"{where}.expansion", raw.get("expansion", 1), "int", _positive),
+    )
+
+
+def parse_space(raw: Any, source: str = "<space>") -> Space:
+    """Validate a parsed YAML document and build a :class:`Space` (raises :class:`SpaceError`)."""
+    if not isinstance(raw, dict):
+        raise SpaceError(f"{source}: a space file must be a mapping with keys {', '.join(sorted(_TOP_KEYS))}")
+    unknown = set(raw) - _TOP_KEYS
+    if unknown:
+        raise SpaceError(f"{source}: unknown key(s) {sorted(unknown)} (allowed: {', '.join(sorted(_TOP_KEYS))})")
+    spatial = raw.get("spatial", "2d")
+    if spatial not in ("1d", "2d"):
+        raise SpaceError(f"{source}: spatial: {spatial!r} is not allowed (allowed: 1d, 2d)")
+    stages = raw.get("stages")
+    if not isinstance(stages, list) or not stages:
+        raise SpaceError(f"{source}: stages: must be a non-empty list of stage mappings")
+    name = raw.get("name", Path(source).stem)
+    if not isinstance(name, str) or not name:
+        raise SpaceError(f"{source}: name: must be a non-empty string")
+    return Space(
+        name=name,
+        spatial=spatial,
+        stem_channels=_param(f"{source}: stem_channels", raw.get("stem_channels", 16), "int", _positive),
+        head=_param(f"{source}: head", raw.get("head", "gap"), "str",
+                    lambda v: None if v in _HEADS else f"is not a head (allowed: {', '.join(_HEADS)})"),
+        dropout=_param(f"{source}: dropout", raw.get("dropout", 0.0), "float",
+                       lambda v: None if 0 <= v < 1 else "must be in [0, 1)"),
+        stages=tuple(_stage(f"{source}: stages[{i}]", s, spatial) for i, s in enumerate(stages)),
+        recipe=_section(f"{source}: recipe", raw.get("recipe"), Recipe),
+        compression=_section(f"{source}: compression", raw.get("compression"), CompressionConfig),
+        source=source,
+    )
+
+
+def resolve_space_path(name_or_path: str) -> Path:
+    """A path to a YAML file, or the name of a bundled space (``default``, ``mnist1d``)."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml"):
+        if not p.is_file():
+            raise SpaceError(f"space file {name_or_path!r} does not exist")
+        return p
+    for base in (Path("search_spaces"), SPACES_DIR):
+        cand = base / f"{name_or_path}.yaml"
+        if cand.is_file():
+            return cand
+    known = sorted(q.stem for q in SPACES_DIR.glob("*.yaml"))
+    raise SpaceError(f"unknown space {name_or_path!r} (allowed: {', '.join(known)}, or a path to a .yaml file)")
+
+
+def load_space(name_or_path: str) -> Space:
+    """Load and validate a space file; any problem raises :class:`SpaceError` naming the field."""
+    path = resolve_space_path(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else "syntax error"
+        raise SpaceError(f"{path}: not valid YAML ({first})") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpaceError(f"{path}: cannot read ({exc})") from exc
+    return parse_space(raw, str(path))

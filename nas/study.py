@@ -1,0 +1,134 @@
+"""Study storage (the one source of truth) and the trials table every report reads.
+
+Storages are Optuna's own: an RDB URL (``sqlite:///runs/nas.db`` by default, or any
+SQLAlchemy URL such as PostgreSQL) or a journal file (a path ending in ``.log``) for many
+processes on one machine. Whichever backend ran the search, ``front``/``report``/``export``
+read the study through this module.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import pandas as pd
+
+from nas.errors import ConfigError, NasError
+from nas.pareto import non_dominated_ranks
+
+__all__ = [
+    "DEFAULT_STORAGE",
+    "META_KEY",
+    "open_storage",
+    "load_study",
+    "study_meta",
+    "trials_frame",
+    "front_frame",
+]
+
+DEFAULT_STORAGE = "sqlite:///runs/nas.db"
+META_KEY = "nas"
+JOURNAL_SUFFIXES = (".log", ".journal", ".jsonl")
+_STORAGE_HELP = "a database URL like sqlite:///runs/nas.db or postgresql://..., or a journal file path ending in .log"
+
+
+def _sqlite_path(url: str) -> Path | None:
+    if url.startswith("sqlite:///"):
+        rest = url[len("sqlite:///") :]
+        return None if rest in ("", ":memory:") else Path(rest)
+    return None
+
+
+def open_storage(url: str, *, create: bool) -> optuna.storages.BaseStorage:
+    """Open an Optuna storage; with ``create=False`` a missing SQLite/journal file is an error
+    (opening it would silently create an empty database)."""
+    if url.endswith(JOURNAL_SUFFIXES) and "://" not in url:
+        path = Path(url)
+        if not create and not path.is_file():
+            raise NasError(f"storage {url!r}: journal file does not exist")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        return JournalStorage(JournalFileBackend(str(path)))
+    if "://" not in url:
+        raise ConfigError(f"storage {url!r} is not usable (allowed: {_STORAGE_HELP})")
+    sqlite = _sqlite_path(url)
+    if sqlite is not None:
+        if not create and not sqlite.is_file():
+            raise NasError(f"storage {url!r}: database file {sqlite} does not exist (run `nas search` first)")
+        sqlite.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}} if sqlite else None)
+    except Exception as exc:  # SQLAlchemy raises many types for a bad URL or driver
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"storage {url!r} cannot be opened: {first} (allowed: {_STORAGE_HELP})") from exc
+
+
+def load_study(name: str, storage_url: str) -> optuna.Study:
+    storage = open_storage(storage_url, create=False)
+    names = [s.study_name for s in optuna.study.get_all_study_summaries(storage, include_best_trial=False)]
+    if name not in names:
+        existing = ", ".join(sorted(names)) or "none"
+        raise NasError(f"study {name!r} not found in {storage_url} (existing: {existing})")
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def study_meta(study: optuna.Study) -> dict[str, Any]:
+    """The nas record saved with the study: objectives, task, space. Studies not made by nas
+    get their objectives from the study's metric names (or obj0, obj1, ...)."""
+    meta = study.user_attrs.get(META_KEY)
+    if meta:
+        return meta
+    dirs = ["maximize" if d == optuna.study.StudyDirection.MAXIMIZE else "minimize" for d in study.directions]
+    names = study.metric_names or [f"obj{i}" for i in range(len(dirs))]
+    return {"objectives": list(names), "directions": dirs}
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def trials_frame(study: optuna.Study) -> pd.DataFrame:
+    """One row per trial: number, state, every objective by name, key metrics, the candidate
+    summary and any failure reason. Objective columns are NaN for unfinished/failed trials."""
+    meta = study_meta(study)
+    names = meta["objectives"]
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        ua = t.user_attrs
+        row: dict[str, Any] = {"trial": t.number, "state": t.state.name}
+        values = t.values if t.state == optuna.trial.TrialState.COMPLETE and t.values else None
+        for i, n in enumerate(names):
+            row[n] = values[i] if values else np.nan
+        for k in ("accuracy", "test_accuracy", "latency_ms", "latency_iqr_ms", "size_bytes", "flops", "params"):
+            if k not in row:
+                row[k] = ua.get(k, np.nan) if values else np.nan
+        cand = ua.get("candidate")
+        row["arch"] = ua.get("summary", "")
+        row["candidate"] = json.dumps(cand, sort_keys=True) if cand else ""
+        row["fail_reason"] = ua.get("fail_reason", "")
+        row["duration_s"] = t.duration.total_seconds() if t.duration else np.nan
+        row["datetime_start"] = t.datetime_start
+        row["datetime_complete"] = t.datetime_complete
+        rows.append(row)
+    cols = ["trial", "state", *names]
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return pd.DataFrame(columns=cols)
+    return df
+
+
+def front_frame(study: optuna.Study) -> pd.DataFrame:
+    """The Pareto-optimal completed trials, sorted by the first objective (best first)."""
+    meta = study_meta(study)
+    names, dirs = meta["objectives"], meta["directions"]
+    df = trials_frame(study)
+    if df.empty:
+        return df
+    ranks = non_dominated_ranks(df[names].to_numpy(dtype=float), dirs)
+    front = df[ranks == 0].copy()
+    return front.sort_values(names[0], ascending=dirs[0] == "minimize", kind="stable").reset_index(drop=True)

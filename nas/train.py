@@ -1,0 +1,99 @@
+"""Training and evaluation loops with an epoch budget."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nas.config import Recipe
+from nas.errors import TrialFailure
+
+__all__ = ["seed_everything", "train", "accuracy", "predict", "TrainStats"]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class TrainStats:
+    epochs: int
+    final_loss: float
+    seconds: float
+
+
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+EpochHook = Callable[[int, nn.Module], None]
+
+
+def train(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    recipe: Recipe,
+    seed: int,
+    *,
+    epochs: int | None = None,
+    start_epoch: int = 0,
+    loss_fn: LossFn | None = None,
+    on_epoch: EpochHook | None = None,
+    lr_scale: float = 1.0,
+) -> TrainStats:
+    """Train ``model`` in place for ``epochs`` (default: the recipe's) with AdamW + cosine LR.
+
+    ``loss_fn(logits, targets, inputs)`` replaces cross-entropy (distillation uses it).
+    ``on_epoch(epoch, model)`` runs after each epoch and may raise to stop training early.
+    A non-finite loss raises :class:`TrialFailure`.
+    """
+    n_epochs = recipe.epochs if epochs is None else epochs
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr * lr_scale, weight_decay=recipe.weight_decay)
+    steps_per_epoch = max(1, math.ceil(len(y) / recipe.batch_size))
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=recipe.lr * lr_scale, total_steps=max(1, n_epochs * steps_per_epoch), pct_start=0.15
+    )
+    t0 = time.perf_counter()
+    loss_val = float("nan")
+    model.train()
+    for epoch in range(n_epochs):
+        perm = torch.randperm(len(y), generator=gen)
+        for i in range(steps_per_epoch):
+            idx = perm[i * recipe.batch_size : (i + 1) * recipe.batch_size]
+            xb, yb = x[idx], y[idx]
+            logits = model(xb)
+            loss = loss_fn(logits, yb, xb) if loss_fn is not None else F.cross_entropy(logits, yb)
+            if not torch.isfinite(loss):
+                raise TrialFailure(f"non-finite loss ({loss.item()}) at epoch {start_epoch + epoch + 1}, step {i + 1}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss_val = loss.item()
+        if on_epoch is not None:
+            model.eval()
+            on_epoch(start_epoch + epoch + 1, model)
+            model.train()
+    model.eval()
+    return TrainStats(n_epochs, loss_val, time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, batch: int = 1024) -> torch.Tensor:
+    model.eval()
+    return torch.cat([model(x[i : i + batch]) for i in range(0, len(x), batch)])
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Fraction of ``x`` classified as ``y``."""
+    return float((predict(model, x).argmax(1) == y).float().mean())
