@@ -166,7 +166,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from nas.backends.optuna import SAMPLERS, finished_count, run_optuna
     from nas.pipeline import Task, get_dataset
     from nas.space import load_space
-    from nas.study import front_frame
+    from nas.study import front_frame, open_storage
 
     objectives = parse_objectives(args.objectives)
     if args.sampler not in SAMPLERS:
@@ -177,6 +177,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     if space.spatial != data.spatial:
         raise NasError(f"space {space.name!r} is for {space.spatial} inputs but dataset {data.name} is {data.spatial}")
     study_name = args.study or f"{data.name}-{space.name}"
+    storage = open_storage(args.storage, create=True)
     task = Task(
         dataset=args.dataset,
         seed=args.seed,
@@ -193,7 +194,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     err.print(f"study {study_name!r} in {args.storage}: dataset {data.name} {data.describe()['input_shape']}, "
               f"space {space.name}, sampler {args.sampler}, objectives {','.join(objectives)}")
     study = run_optuna(
-        space, task, study_name=study_name, storage_url=args.storage, sampler=args.sampler,
+        space, task, study_name=study_name, storage=storage, sampler=args.sampler,
         n_trials=args.trials, jobs=args.jobs,
         callbacks=[_progress_callback(objectives, args.trials, args.quiet)],
     )

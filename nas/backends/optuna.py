@@ -72,11 +72,12 @@ def make_objective(space: Space, task: Task) -> Callable[[optuna.Trial], tuple[f
 
 
 def create_study(
-    study_name: str, storage_url: str, task: Task, space: Space, sampler: optuna.samplers.BaseSampler,
+    study_name: str, storage: str | optuna.storages.BaseStorage, task: Task, space: Space, sampler: optuna.samplers.BaseSampler,
     extra_meta: dict[str, Any] | None = None,
 ) -> optuna.Study:
     """Create the study (or reopen it to resume) and check it matches this search's setup."""
-    storage = open_storage(storage_url, create=True)
+    if isinstance(storage, str):
+        storage = open_storage(storage, create=True)
     dirs = objective_directions(task.objectives)
     try:
         study = optuna.create_study(
@@ -115,7 +116,7 @@ def run_optuna(
     task: Task,
     *,
     study_name: str,
-    storage_url: str,
+    storage: str | optuna.storages.BaseStorage,
     sampler: str = "nsga2",
     n_trials: int = 20,
     jobs: int = 1,
@@ -125,7 +126,7 @@ def run_optuna(
     """Run (or resume) a search until the study holds ``n_trials`` finished trials."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     logging.getLogger("optuna").setLevel(logging.ERROR)  # failed trials are reported by our callback
-    study = create_study(study_name, storage_url, task, space, make_sampler(sampler, task.seed, n_trials), extra_meta)
+    study = create_study(study_name, storage, task, space, make_sampler(sampler, task.seed, n_trials), extra_meta)
     remaining = n_trials - finished_count(study)
     if remaining > 0:
         study.optimize(

@@ -1,0 +1,112 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import optuna
+import pytest
+
+from nas.cli import main
+
+
+def _run(*args: str, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nas.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def _table_rows(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("│")]
+
+
+def test_search_then_front_from_another_process(in_tmp):
+    db = f"sqlite:///{in_tmp}/s.db"
+    search = _run("search", "--trials", "4", "--epochs", "1", "--study", "s", "--storage", db, cwd=in_tmp)
+    assert search.returncode == 0, search.stderr
+    assert "[4/4]" in search.stderr  # progress is shown while it runs
+    header = next(line for line in search.stdout.splitlines() if line.startswith("┃"))
+    for col in ("accuracy", "latency_ms", "size_bytes"):
+        assert col in header
+    front = _run("front", "s", "--storage", db, cwd=in_tmp)
+    assert front.returncode == 0, front.stderr
+    assert _table_rows(front.stdout) == _table_rows(search.stdout) and _table_rows(front.stdout)
+
+    as_json = json.loads(_run("front", "s", "--storage", db, "--format", "json", cwd=in_tmp).stdout)
+    study = optuna.load_study(study_name="s", storage=db)
+    best = {t.number for t in study.best_trials}  # Optuna's own Pareto front agrees with ours
+    assert {r["trial"] for r in as_json} == best
+    for r in as_json:
+        t = study.trials[r["trial"]]
+        assert r["size_bytes"] == t.values[2] and "candidate" in t.user_attrs
+
+
+def test_search_records_settings_and_resumes_to_total(in_tmp, capsys):
+    db = f"sqlite:///{in_tmp}/r.db"
+    args = ["search", "--trials", "2", "--epochs", "1", "--study", "r", "--storage", db, "--quiet",
+            "--objectives", "accuracy,params", "--sampler", "random"]
+    assert main(args) == 0
+    args[2] = "3"
+    assert main(args) == 0
+    study = optuna.load_study(study_name="r", storage=db)
+    assert len(study.trials) == 3
+    meta = study.user_attrs["nas"]
+    assert meta["objectives"] == ["accuracy", "params"] and meta["directions"] == ["maximize", "minimize"]
+    assert study.metric_names == ["accuracy", "params"]
+    csv = capsys.readouterr().out
+    assert main(["front", "r", "--storage", db, "--format", "csv"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("trial,accuracy,params")
+
+
+def test_constraint_prunes_with_reason(in_tmp, capsys):
+    db = f"sqlite:///{in_tmp}/c.db"
+    assert main(["search", "--trials", "2", "--epochs", "1", "--study", "c", "--storage", db, "--quiet",
+                 "--max-size-bytes", "100"]) == 0
+    study = optuna.load_study(study_name="c", storage=db)
+    assert all(t.state == optuna.trial.TrialState.PRUNED for t in study.trials)
+    assert all("size_bytes" in t.user_attrs["fail_reason"] for t in study.trials)
+    capsys.readouterr()
+    assert main(["front", "c", "--storage", db, "--all", "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["state"] for r in rows] == ["PRUNED", "PRUNED"] and "constraint violated" in rows[0]["fail_reason"]
+
+
+BAD_ARGS = [
+    (["search", "--dataset", "cifar"], "unknown dataset 'cifar' (allowed: digits, mnist1d"),
+    (["search", "--space", "nope"], "unknown space 'nope' (allowed: default, mnist1d"),
+    (["search", "--objectives", "accuracy,speed"], "unknown objective 'speed' (allowed: accuracy, latency_ms"),
+    (["search", "--sampler", "cma"], "unknown sampler 'cma' (allowed: nsga2, tpe, random, gp)"),
+    (["search", "--dataset", "mnist1d", "--space", "default"], "space 'default' is for 2d inputs but dataset mnist1d is 1d"),
+    (["search", "--storage", "runs/x.db"], "storage 'runs/x.db' is not usable (allowed:"),
+    (["front", "nope", "--storage", "sqlite:///missing.db"], "database file missing.db does not exist"),
+    (["front", "x", "--format", "xml"], "unknown format 'xml' (allowed: table, csv, json, markdown)"),
+]
+
+
+@pytest.mark.parametrize("argv,message", BAD_ARGS)
+def test_bad_input_is_one_line_and_exit_2(in_tmp, capsys, argv, message):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("nas: error: ") and message in err
+    assert not (in_tmp / "missing.db").exists()  # reading never creates a database
+
+
+def test_malformed_space_file_exit_2(in_tmp, capsys):
+    (in_tmp / "bad.yaml").write_text("stages:\n  - block: [conv, attention]\n    width: [8]\n")
+    assert main(["search", "--space", "bad.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "stages[0].block: 'attention' is not a block type (allowed: conv, dsconv, factorized, mbconv, skip)" in err
+
+
+def test_unknown_study_names_existing_ones(in_tmp, capsys):
+    db = f"sqlite:///{in_tmp}/u.db"
+    optuna.create_study(study_name="real", storage=db)
+    assert main(["front", "ghost", "--storage", db]) == 2
+    assert "study 'ghost' not found" in capsys.readouterr().err and "existing: real"
+
+
+def test_bad_flag_value_exits_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["search", "--trials", "0"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--trials" in err

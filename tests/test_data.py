@@ -1,0 +1,74 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from nas.data import load_dataset
+from nas.errors import DataError
+
+
+def _rows(t: torch.Tensor) -> set[bytes]:
+    return {r.numpy().tobytes() for r in t}
+
+
+def test_digits_splits_are_disjoint_fixed_by_seed_and_cover_the_data():
+    d = load_dataset("digits", seed=0)
+    assert d.input_size == (8, 8) and d.in_channels == 1 and d.num_classes == 10 and d.spatial == "2d"
+    assert len(d.y_train) + len(d.y_val) + len(d.y_test) == 1797
+    assert not (_rows(d.x_val) & _rows(d.x_test))
+    again = load_dataset("digits", seed=0)
+    assert torch.equal(d.x_test, again.x_test) and torch.equal(d.y_val, again.y_val)
+    other = load_dataset("digits", seed=1)
+    assert not torch.equal(d.y_test, other.y_test)
+
+
+def test_mnist1d_is_generated_locally_with_the_published_split():
+    d = load_dataset("mnist1d", seed=0)
+    assert d.input_size == (1, 40) and d.spatial == "1d" and d.num_classes == 10
+    assert len(d.y_test) == 1000
+    assert len(d.y_train) + len(d.y_val) == 4000
+    # the test split does not depend on the seed: it is the package's fixed 1,000
+    assert torch.equal(d.y_test, load_dataset("mnist1d", seed=3).y_test)
+
+
+def test_unknown_dataset_names_allowed_values():
+    with pytest.raises(DataError, match=r"unknown dataset 'cifar' \(allowed: digits, mnist1d, or a path to a \.npz"):
+        load_dataset("cifar")
+
+
+def test_npz_dataset_loads(tmp_path):
+    rng = np.random.default_rng(0)
+    p = tmp_path / "toy.npz"
+    np.savez(p, x=rng.standard_normal((60, 3, 4, 4)).astype(np.float32), y=rng.integers(0, 3, 60))
+    d = load_dataset(str(p))
+    assert d.in_channels == 3 and d.input_size == (4, 4) and d.num_classes == 3
+    assert len(d.y_train) + len(d.y_val) + len(d.y_test) == 60
+
+
+BAD_NPZ = [
+    ({"x": np.zeros((10, 1, 4, 4))}, "missing key"),
+    ({"x": np.zeros((10, 16)), "y": np.zeros(10, int)}, r"'x' must have shape \(N, C, H, W\)"),
+    ({"x": np.zeros((10, 1, 4, 4)), "y": np.zeros(9, int)}, "has 10 samples but 'y' has 9"),
+    ({"x": np.zeros((0, 1, 4, 4)), "y": np.zeros(0, int)}, "is empty"),
+    ({"x": np.zeros((10, 1, 4, 4)), "y": -np.ones(10, int)}, "labels must be 0..K-1"),
+    ({"x": np.full((10, 1, 4, 4), np.nan), "y": np.zeros(10, int)}, "NaN"),
+    ({"x": np.zeros((10, 1, 4, 4)), "y": np.full(10, 0.5)}, "integer class labels"),
+]
+
+
+@pytest.mark.parametrize("arrays,message", BAD_NPZ)
+def test_bad_npz_is_a_clear_data_error(tmp_path, arrays, message):
+    p = tmp_path / "bad.npz"
+    np.savez(p, **arrays)
+    with pytest.raises(DataError, match=message):
+        load_dataset(str(p))
+
+
+def test_missing_and_corrupt_npz(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_dataset(str(tmp_path / "nope.npz"))
+    p = tmp_path / "junk.npz"
+    p.write_bytes(b"not a zip")
+    with pytest.raises(DataError, match="cannot read"):
+        load_dataset(str(p))

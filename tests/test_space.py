@@ -1,0 +1,131 @@
+from __future__ import annotations
+
+import optuna
+import pytest
+import yaml
+
+from nas.blocks import BLOCKS
+from nas.builder import build
+from nas.errors import SpaceError
+from nas.space import load_space, parse_space
+
+BASE = {
+    "name": "t",
+    "spatial": "2d",
+    "stem_channels": [8, 16],
+    "stages": [{"block": ["conv", "mbconv"], "depth": {"low": 1, "high": 2}, "width": [8, 16], "kernel": [3, 5],
+                "stride": 2, "expansion": [2, 4]}],
+    "recipe": {"epochs": 2, "lr": {"low": 0.001, "high": 0.01, "log": True}},
+}
+
+
+def _sample(space, n=10, in_shape=(1, (8, 8)), seed=0):
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    out = []
+    for _ in range(n):
+        t = study.ask()
+        out.append(space.suggest(t, in_channels=in_shape[0], input_size=in_shape[1], num_classes=10))
+        study.tell(t, 0.0)
+    return out
+
+
+@pytest.mark.parametrize("name", ["default", "mnist1d"])
+def test_bundled_spaces_load_and_sample_buildable_candidates(name):
+    space = load_space(name)
+    size = (8, 8) if space.spatial == "2d" else (1, 40)
+    for cand in _sample(space, 8, (1, size)):
+        model = build(cand.arch)
+        assert sum(p.numel() for p in model.parameters()) > 0
+        assert all(b.type in BLOCKS for b in cand.arch.blocks)
+
+
+def test_default_space_offers_every_block_type():
+    space = load_space("default")
+    offered = {v for st in space.stages for v in st.block.options()}
+    assert offered == set(BLOCKS)
+
+
+def test_1d_space_uses_only_1xn_kernels_and_no_factorized():
+    space = load_space("mnist1d")
+    assert space.spatial == "1d"
+    for cand in _sample(space, 10, (1, (1, 40))):
+        assert all(b.type != "factorized" for b in cand.arch.blocks)
+        model = build(cand.arch)
+        for m in model.modules():
+            if hasattr(m, "kernel_size") and isinstance(m.kernel_size, tuple):
+                assert m.kernel_size[0] == 1
+
+
+def test_suggest_is_define_by_run_and_conditional():
+    space = parse_space(BASE)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    for _ in range(12):
+        t = study.ask()
+        cand = space.suggest(t, in_channels=1, input_size=(8, 8), num_classes=10)
+        assert ("s0.expansion" in t.params) == (t.params["s0.block"] == "mbconv")
+        assert len(cand.arch.blocks) == t.params["s0.depth"]
+        assert cand.arch.blocks[0].stride == 2 and all(b.stride == 1 for b in cand.arch.blocks[1:])
+        assert 0.001 <= cand.recipe.lr <= 0.01 and cand.recipe.epochs == 2
+        study.tell(t, 0.0)
+
+
+def test_fixed_trial_rebuilds_a_candidate():
+    space = parse_space(BASE)
+    params = {"stem_channels": 16, "s0.block": "mbconv", "s0.depth": 2, "s0.width": 8, "s0.kernel": 5,
+              "s0.expansion": 4, "recipe.lr": 0.005}
+    a = space.suggest(optuna.trial.FixedTrial(params), in_channels=1, input_size=(8, 8), num_classes=10)
+    b = space.suggest(optuna.trial.FixedTrial(params), in_channels=1, input_size=(8, 8), num_classes=10)
+    assert a == b and a.arch.blocks[0].expansion == 4
+
+
+def _mutate(path, value):
+    raw = yaml.safe_load(yaml.safe_dump(BASE))
+    node = raw
+    for key in path[:-1]:
+        node = node[key]
+    if value is KeyError:
+        del node[path[-1]]
+    else:
+        node[path[-1]] = value
+    return raw
+
+
+BAD = [
+    (("stages", 0, "block"), ["conv", "transformer"], r"stages\[0\]\.block: 'transformer' is not a block type \(allowed: conv, dsconv"),
+    (("stages", 0, "width"), [], r"stages\[0\]\.width: the list of choices is empty"),
+    (("stages", 0, "width"), [-8], r"stages\[0\]\.width: -8 must be > 0"),
+    (("stages", 0, "kernel"), [4], r"stages\[0\]\.kernel: 4 must be an odd kernel size"),
+    (("stages", 0, "depth"), "two", r"stages\[0\]\.depth: 'two' is not an int"),
+    (("stages", 0, "widht"), [8], r"stages\[0\]: unknown key\(s\) \['widht'\]"),
+    (("stages", 0, "width"), KeyError, r"stages\[0\]: missing required key 'width'"),
+    (("stages",), [], r"stages: must be a non-empty list"),
+    (("spatial",), "3d", r"spatial: '3d' is not allowed \(allowed: 1d, 2d\)"),
+    (("colour",), "red", r"unknown key\(s\) \['colour'\]"),
+    (("recipe", "epoch"), 3, r"recipe: unknown key 'epoch' \(allowed: batch_size, epochs, lr, weight_decay\)"),
+    (("recipe", "lr"), {"low": 0.1, "high": 0.01}, r"recipe\.lr: low 0\.1 is greater than high 0\.01"),
+    (("head",), "mlp", r"head: 'mlp' is not a head \(allowed: gap, flatten\)"),
+]
+
+
+@pytest.mark.parametrize("path,value,message", BAD)
+def test_malformed_space_names_field_and_allowed_values(path, value, message):
+    with pytest.raises(SpaceError, match=message):
+        parse_space(_mutate(path, value), "bad.yaml")
+
+
+def test_factorized_rejected_in_1d_space():
+    raw = _mutate(("spatial",), "1d")
+    raw["stages"][0]["block"] = ["factorized"]
+    with pytest.raises(SpaceError, match="needs a 2-D input"):
+        parse_space(raw, "bad.yaml")
+
+
+def test_load_space_reports_yaml_syntax_and_missing_files(tmp_path):
+    p = tmp_path / "broken.yaml"
+    p.write_text("stages: [\n  - block: conv\n")
+    with pytest.raises(SpaceError, match="not valid YAML"):
+        load_space(str(p))
+    with pytest.raises(SpaceError, match="does not exist"):
+        load_space(str(tmp_path / "missing.yaml"))
+    with pytest.raises(SpaceError, match=r"unknown space 'nope' \(allowed: default, mnist1d"):
+        load_space("nope")
