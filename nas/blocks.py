@@ -17,7 +17,7 @@ from torch import nn
 
 from nas.config import BlockConfig
 
-__all__ = ["BLOCKS", "register_block", "create_block", "kernel_2d", "stride_2d", "hidden_width"]
+__all__ = ["BLOCKS", "register_block", "create_block", "kernel_2d", "stride_2d", "hidden_width", "has_residual", "channel_roles"]
 
 BLOCKS: dict[str, type[nn.Module]] = {}
 
@@ -42,12 +42,19 @@ def _pad(kernel: tuple[int, int]) -> tuple[int, int]:
     return (kernel[0] // 2, kernel[1] // 2)
 
 
+def has_residual(cfg: BlockConfig, in_channels: int) -> bool:
+    """Identity shortcut (mbconv) or identity block (skip): explicit, else where shapes allow."""
+    if cfg.residual is not None:
+        return cfg.residual
+    return cfg.stride == 1 and in_channels == cfg.out_channels
+
+
 def hidden_width(cfg: BlockConfig, in_channels: int) -> int:
     """Width of a block's inner layer: explicit (after pruning) or derived from the genes."""
     if cfg.hidden is not None:
         return cfg.hidden
     if cfg.type == "mbconv":
-        return in_channels * cfg.expansion
+        return in_channels * cfg.expansion if cfg.expansion != 1 else in_channels
     if cfg.type == "dsconv":
         return in_channels
     if cfg.type == "factorized":
@@ -126,16 +133,16 @@ class InvertedResidual(nn.Module):
 
     def __init__(self, cin: int, cfg: BlockConfig, spatial: str) -> None:
         super().__init__()
-        mid = hidden_width(cfg, cin)
+        mid = hidden_width(cfg, cin) if cfg.expansion != 1 else cin
         layers: list[nn.Module] = []
-        if mid != cin:
+        if cfg.expansion != 1:
             layers.append(conv_bn_act(cin, mid, (1, 1)))
         layers.append(
             conv_bn_act(mid, mid, kernel_2d(cfg.kernel, spatial), stride_2d(cfg.stride, spatial), groups=mid)
         )
         layers.append(conv_bn_act(mid, cfg.out_channels, (1, 1), act=False))
         self.body = nn.Sequential(*layers)
-        self.residual = cfg.stride == 1 and cin == cfg.out_channels
+        self.residual = has_residual(cfg, cin)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.body(x)
@@ -148,7 +155,7 @@ class Skip(nn.Module):
 
     def __init__(self, cin: int, cfg: BlockConfig, spatial: str) -> None:
         super().__init__()
-        if cfg.stride == 1 and cin == cfg.out_channels:
+        if has_residual(cfg, cin):
             self.proj: nn.Module = nn.Identity()
         else:
             self.proj = conv_bn_act(cin, cfg.out_channels, (1, 1), stride_2d(cfg.stride, spatial), act=False)
@@ -163,3 +170,26 @@ def create_block(cin: int, cfg: BlockConfig, spatial: str) -> nn.Module:
     except KeyError:
         raise ValueError(f"unknown block type {cfg.type!r} (allowed: {', '.join(sorted(BLOCKS))})") from None
     return cls(cin, cfg, spatial)
+
+
+# Channel roles, for structured pruning: for each conv/BN of a block, which channel group its
+# output dim (and a dense conv's input dim) belongs to: the block's input ("in"), output
+# ("out") or hidden width ("hid"). Depthwise convs have no input role (one filter per channel).
+Roles = list[tuple[str, str, str | None]]
+
+
+def channel_roles(cfg: BlockConfig, cin: int) -> Roles:
+    if cfg.type == "conv":
+        return [("conv.0", "out", "in"), ("conv.1", "out", None)]
+    if cfg.type == "dsconv":
+        return [("depthwise.0", "in", None), ("depthwise.1", "in", None), ("pointwise.0", "out", "in"), ("pointwise.1", "out", None)]
+    if cfg.type == "factorized":
+        return [("row.0", "hid", "in"), ("row.1", "hid", None), ("col.0", "out", "hid"), ("col.1", "out", None)]
+    if cfg.type == "mbconv":
+        if cfg.expansion != 1:
+            return [("body.0.0", "hid", "in"), ("body.0.1", "hid", None), ("body.1.0", "hid", None),
+                    ("body.1.1", "hid", None), ("body.2.0", "out", "hid"), ("body.2.1", "out", None)]
+        return [("body.0.0", "in", None), ("body.0.1", "in", None), ("body.1.0", "out", "in"), ("body.1.1", "out", None)]
+    if cfg.type == "skip":
+        return [] if has_residual(cfg, cin) else [("proj.0", "out", "in"), ("proj.1", "out", None)]
+    raise ValueError(f"block type {cfg.type!r} declares no channel roles")

@@ -8,7 +8,19 @@ from torch import nn
 from nas.blocks import conv_bn_act, create_block, kernel_2d
 from nas.config import ArchConfig
 
-__all__ = ["Net", "build", "output_size"]
+__all__ = ["Net", "build", "output_size", "shared_with"]
+
+
+def shared_with(arch: ArchConfig) -> list[int]:
+    """For each block, the index of the block whose weights it uses (itself unless shared)."""
+    first: dict[tuple, int] = {}
+    out = []
+    cin = arch.stem_channels
+    for i, cfg in enumerate(arch.blocks):
+        key = (cin, cfg)
+        out.append(first.setdefault(key, i) if arch.share else i)
+        cin = cfg.out_channels
+    return out
 
 
 def output_size(arch: ArchConfig) -> tuple[int, int]:
@@ -30,8 +42,15 @@ class Net(nn.Module):
         self.stem = conv_bn_act(arch.in_channels, arch.stem_channels, kernel_2d(3, arch.spatial))
         body = []
         cin = arch.stem_channels
+        shared: dict[tuple, nn.Module] = {}
         for cfg in arch.blocks:
-            body.append(create_block(cin, cfg, arch.spatial))
+            key = (cin, cfg)
+            if arch.share and key in shared:
+                # ALBERT-style cross-layer sharing: the same module (and weights) runs again.
+                body.append(shared[key])
+            else:
+                body.append(create_block(cin, cfg, arch.spatial))
+                shared[key] = body[-1]
             cin = cfg.out_channels
         self.body = nn.Sequential(*body)
         if arch.head == "gap":

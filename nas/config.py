@@ -39,6 +39,8 @@ class BlockConfig:
         expansion: expansion ratio of an inverted residual's hidden layer.
         stage: index of the stage the block belongs to (used by per-stage compression).
         hidden: explicit hidden width (set by structured pruning); ``None`` means derived.
+        residual: explicit residual/identity flag (set by structured pruning, so that a
+            narrowed block keeps its topology); ``None`` means derived from the shapes.
     """
 
     type: str
@@ -48,6 +50,7 @@ class BlockConfig:
     expansion: int = 1
     stage: int = 0
     hidden: int | None = None
+    residual: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,7 @@ class ArchConfig:
     blocks: tuple[BlockConfig, ...]
     head: str = "gap"
     dropout: float = 0.0
+    share: bool = False  # blocks of a stage with identical shapes share one set of weights
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -99,21 +103,100 @@ class ArchConfig:
             raise ConfigError(f"arch: cannot read architecture record ({exc})") from exc
 
 
+QUANT_MODES = ("fp32", "fp16", "int8", "int4", "int2", "ternary", "binary")
+PRUNE_METHODS = ("none", "l1", "bn")
+
+
 @dataclass(frozen=True)
 class CompressionConfig:
-    """Compression genes applied after training, in pipeline order.
+    """Compression genes, applied in pipeline order: prune -> fine-tune -> low-rank / share ->
+    sparsify + quantize (QAT) / cluster -> encode. The defaults mean "no compression".
 
-    The defaults mean "no compression": an fp32 model stored as is.
+    Attributes:
+        prune: structured channel pruning importance: ``none``, ``l1`` (filter L1 norm) or
+            ``bn`` (BatchNorm |gamma|, network slimming).
+        prune_ratio: fraction of channels removed (global); ``stage_prune_ratios`` overrides
+            it per stage when given.
+        prune_rounds: iterative prune -> fine-tune rounds.
+        slimming_l1: L1 penalty on BatchNorm gamma while training (network slimming).
+        finetune_epochs: epochs of fine-tuning after each compression step that needs it.
+        sparsity: unstructured magnitude pruning: fraction of each layer's weights zeroed.
+        quant: weight precision: fp32, fp16, int8, int4, int2, ternary, binary;
+            ``stage_quant`` overrides it per stage (mixed precision).
+        cluster_bits: k-means weight clustering to 2^b shared values per layer (0 = off);
+            replaces ``quant`` for how weights are stored.
+        huffman: Huffman-code the stored weight codes / cluster indices.
+        lowrank: rank ratio for SVD factorization of linear and 1x1 conv layers (0 = off).
+        share: blocks of a stage with identical shapes share one set of weights.
+        distill_alpha: weight of the soft-target loss (0 = no distillation).
+        distill_T: distillation temperature.
     """
 
-    quant_bits: int = 32
+    prune: str = "none"
+    prune_ratio: float = 0.0
+    stage_prune_ratios: tuple[float, ...] = ()
+    prune_rounds: int = 1
+    slimming_l1: float = 0.0
+    finetune_epochs: int = 2
+    sparsity: float = 0.0
+    quant: str = "fp32"
+    stage_quant: tuple[str, ...] = ()
+    cluster_bits: int = 0
+    huffman: bool = False
+    lowrank: float = 0.0
+    share: bool = False
+    distill_alpha: float = 0.0
+    distill_T: float = 4.0
+
+    @staticmethod
+    def check_gene(name: str, value: Any) -> str | None:
+        """Why ``value`` is not allowed for gene ``name`` (``None`` if it is)."""
+        if name == "prune" and value not in PRUNE_METHODS:
+            return f"is not a pruning method (allowed: {', '.join(PRUNE_METHODS)})"
+        if name == "quant" and value not in QUANT_MODES:
+            return f"is not a precision (allowed: {', '.join(QUANT_MODES)})"
+        if name in ("prune_ratio", "sparsity") and not 0 <= value <= 0.95:
+            return "must be in [0, 0.95]"
+        if name in ("lowrank", "distill_alpha") and not 0 <= value <= 1:
+            return "must be in [0, 1]"
+        if name == "cluster_bits" and not 0 <= value <= 8:
+            return "must be 0 (off) to 8"
+        if name in ("prune_rounds",) and value < 1:
+            return "must be >= 1"
+        if name in ("finetune_epochs",) and value < 0:
+            return "must be >= 0"
+        if name in ("slimming_l1",) and value < 0:
+            return "must be >= 0"
+        if name == "distill_T" and value <= 0:
+            return "must be > 0"
+        return None
+
+    def stage_ratio(self, stage: int) -> float:
+        if self.stage_prune_ratios:
+            return self.stage_prune_ratios[min(stage, len(self.stage_prune_ratios) - 1)]
+        return self.prune_ratio
+
+    def stage_precision(self, stage: int) -> str:
+        if self.stage_quant:
+            return self.stage_quant[min(stage, len(self.stage_quant) - 1)]
+        return self.quant
+
+    @property
+    def precisions(self) -> tuple[str, ...]:
+        return self.stage_quant or (self.quant,)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        d["stage_prune_ratios"] = list(self.stage_prune_ratios)
+        d["stage_quant"] = list(self.stage_quant)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CompressionConfig:
         try:
+            d = dict(d)
+            for k in ("stage_prune_ratios", "stage_quant"):
+                d[k] = tuple(d.get(k, ()))
             return cls(**d)
         except TypeError as exc:
             raise ConfigError(f"compression: cannot read compression record ({exc})") from exc

@@ -1,10 +1,13 @@
 """The single trial pipeline that every backend calls: ``evaluate(candidate, task)``.
 
-1. pre-flight: build the final-shape model, export it to ONNX, measure latency / size /
+1. pre-flight: build the final compressed shape, export it to ONNX, measure latency / size /
    FLOPs / params; a violated hard constraint rejects the candidate before any training
    (costs do not depend on weight values);
 2. train within the recipe's epoch budget;
-3. score accuracy on the validation split (the objective) and the test split (reported).
+3. compress (prune -> fine-tune -> low-rank -> sparsify/quantize -> cluster), pack the
+   weights into the file whose length is ``size_bytes``, decode it back;
+4. score the deployable ONNX artifact in ONNX Runtime on the validation split (the objective)
+   and the test split (reported).
 """
 
 from __future__ import annotations
@@ -20,18 +23,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from nas.builder import build
+from nas.compress.distill import distill_loss_fn, get_teachers
+from nas.compress.pack import write_file
+from nas.compress.passes import compress, deploy_onnx, load_packed, onnx_predict, pack_model
+from nas.compress.prune import slimming_penalty
 from nas.config import ArchConfig, Candidate
 from nas.data import Dataset, load_dataset
 from nas.errors import ConfigError, TrialFailure
-from nas.measure import count_flops, count_params, export_onnx, onnx_latency
+from nas.measure import count_flops, count_params, onnx_latency
 from nas.objectives import DEFAULT_OBJECTIVES, check_constraints
 from nas.train import accuracy, seed_everything, train
 
-__all__ = ["Task", "TrialResult", "ConstraintViolation", "evaluate", "get_dataset", "measure_costs"]
+__all__ = ["Task", "TrialResult", "ConstraintViolation", "evaluate", "get_dataset", "PACKED_NAME"]
+
+PACKED_NAME = "weights.nasp"
+CALIBRATION_SAMPLES = 64
 
 
 class ConstraintViolation(TrialFailure):
@@ -50,6 +59,8 @@ class Task:
     train_threads: int | None = None
     epochs: int | None = None
     artifacts_dir: str | None = None
+    teachers: int = 1
+    teacher_epochs: int = 20
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -89,20 +100,12 @@ def _check_shapes(arch: ArchConfig, data: Dataset) -> None:
         raise TrialFailure(f"candidate has {arch.num_classes} classes, dataset {data.name} has {data.num_classes}")
 
 
-def save_weights(model: nn.Module, path: Path) -> int:
-    """Write the weights file atomically and return its length in bytes."""
-    tmp = path.with_name(path.name + ".tmp")
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp))
-    os.replace(tmp, path)
-    return path.stat().st_size
-
-
-def measure_costs(model: nn.Module, example: torch.Tensor, workdir: Path, threads: int = 1) -> dict[str, Any]:
-    """Every cost of the shipped form of ``model``: exported ONNX latency, file bytes, FLOPs."""
-    onnx_path = export_onnx(model, example, workdir / "model.onnx")
+def _costs(model: nn.Module, cand: Candidate, blob: bytes, example: torch.Tensor, calibration: torch.Tensor,
+           workdir: Path, threads: int) -> dict[str, Any]:
+    """Every cost of the shipped form: deployable ONNX latency, packed-file bytes, FLOPs, params."""
+    onnx_path, precision = deploy_onnx(model, cand.compression, example, workdir / "model.onnx", calibration)
     lat = onnx_latency(onnx_path, tuple(example.shape), threads=threads)
-    size = save_weights(model, workdir / "weights.safetensors")
+    size = write_file(workdir / PACKED_NAME, blob)
     return {
         "latency_ms": lat.median_ms,
         "latency_iqr_ms": lat.iqr_ms,
@@ -111,9 +114,19 @@ def measure_costs(model: nn.Module, example: torch.Tensor, workdir: Path, thread
         "latency_threads": lat.threads,
         "size_bytes": size,
         "onnx_bytes": onnx_path.stat().st_size,
+        "deploy_precision": precision,
         "flops": count_flops(model, example),
         "params": count_params(model),
     }
+
+
+def _distill_loss(cand: Candidate, task: Task, data: Dataset) -> Callable | None:
+    cfg = cand.compression
+    if cfg.distill_alpha <= 0:
+        return None
+    folder = Path(task.artifacts_dir or tempfile.gettempdir()) / "teachers"
+    teachers = get_teachers(folder, data, task.teachers, task.teacher_epochs)
+    return distill_loss_fn(teachers, cfg.distill_alpha, cfg.distill_T)
 
 
 def evaluate(
@@ -123,7 +136,7 @@ def evaluate(
     trial_id: str | None = None,
     on_epoch: Callable[[int, nn.Module], None] | None = None,
 ) -> TrialResult:
-    """Pre-flight costs, constraints, training, accuracy: one trial, whatever the backend.
+    """Pre-flight costs, constraints, training, compression, accuracy of the shipped artifact.
 
     Raises :class:`ConstraintViolation` (reject without training) or :class:`TrialFailure`.
     """
@@ -133,48 +146,77 @@ def evaluate(
         torch.set_num_threads(task.train_threads)
     data = get_dataset(task.dataset, task.seed)
     _check_shapes(candidate.arch, data)
+    example = torch.zeros(1, data.in_channels, *data.input_size)
+    calibration = data.x_train[:CALIBRATION_SAMPLES]
+    arch = dataclasses.replace(candidate.arch, share=candidate.compression.share)
+
+    # 1. pre-flight: the final compressed shape with untrained weights gives every cost
     seed_everything(task.seed)
     try:
-        model = build(candidate.arch)
-        example = torch.zeros(1, data.in_channels, *data.input_size)
-        model.eval()
+        preview = compress(build(arch), candidate, data, task.seed, finetune=False)
         with torch.no_grad():
-            model(example)
+            preview.eval()(example)
     except (RuntimeError, ValueError) as exc:
-        raise TrialFailure(f"infeasible architecture: {exc}") from exc
-
+        raise TrialFailure(f"infeasible candidate: {exc}") from exc
     with tempfile.TemporaryDirectory(prefix="nas-trial-") as tmp:
-        costs = measure_costs(model, example, Path(tmp), task.latency_threads)
+        costs = _costs(preview, candidate, pack_model(preview, candidate.compression), example, calibration,
+                       Path(tmp), task.latency_threads)
     timings["preflight_s"] = time.perf_counter() - t0
     reason = check_constraints(costs, task.constraints)
-    if reason:
+    if reason and not candidate.compression.huffman:  # Huffman sizes depend on trained values
         raise ConstraintViolation(reason)
 
+    # 2. train the full-width model (distillation / slimming penalty if the genes ask)
     t1 = time.perf_counter()
+    seed_everything(task.seed)
+    model = build(arch)
     recipe = candidate.recipe if task.epochs is None else dataclasses.replace(candidate.recipe, epochs=task.epochs)
-    stats = train(model, data.x_train, data.y_train, recipe, task.seed, on_epoch=on_epoch)
+    loss_fn = _distill_loss(candidate, task, data)
+    cfg = candidate.compression
+    penalty = (lambda m: slimming_penalty(m, cfg.slimming_l1)) if cfg.prune == "bn" and cfg.slimming_l1 > 0 else None
+    stats = train(model, data.x_train, data.y_train, recipe, task.seed, loss_fn=loss_fn, penalty=penalty,
+                  on_epoch=on_epoch)
     timings["train_s"] = time.perf_counter() - t1
 
+    # 3. compress (with fine-tuning), pack, and decode what would ship
     t2 = time.perf_counter()
-    val_acc = accuracy(model, data.x_val, data.y_val)
-    test_acc = accuracy(model, data.x_test, data.y_test)
-    artifact_dir = None
-    if task.artifacts_dir and trial_id is not None:
-        out = Path(task.artifacts_dir) / trial_id
-        out.mkdir(parents=True, exist_ok=True)
-        save_weights(model, out / "weights.safetensors")
-        artifact_dir = str(out)
-    timings["eval_s"] = time.perf_counter() - t2
+    compressed = compress(model, candidate, data, task.seed, loss_fn=loss_fn)
+    blob = pack_model(compressed, candidate.compression)
+    shipped = load_packed(candidate, blob)
+    timings["compress_s"] = time.perf_counter() - t2
+
+    # 4. accuracy of the deployable artifact, in ONNX Runtime
+    t3 = time.perf_counter()
+    out = Path(task.artifacts_dir) / trial_id if task.artifacts_dir and trial_id is not None else None
+    with tempfile.TemporaryDirectory(prefix="nas-ship-") as tmp:
+        folder = out or Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        size = write_file(folder / PACKED_NAME, blob)
+        onnx_path, precision = deploy_onnx(shipped, candidate.compression, example, folder / "model.onnx", calibration)
+        val_pred = onnx_predict(onnx_path, data.x_val).argmax(1)
+        test_pred = onnx_predict(onnx_path, data.x_test).argmax(1)
+        if out is not None:
+            (folder / "candidate.json").write_text(candidate.to_json())
+    val_acc = float((val_pred == data.y_val.numpy()).mean())
+    test_acc = float((test_pred == data.y_test.numpy()).mean())
+    packed_acc = accuracy(shipped, data.x_val, data.y_val)
+    timings["eval_s"] = time.perf_counter() - t3
     timings["total_s"] = time.perf_counter() - t0
 
+    costs["preflight_size_bytes"] = costs["size_bytes"]
+    costs["size_bytes"] = size
+    reason = check_constraints(costs, task.constraints)
+    if reason:
+        raise ConstraintViolation(reason.replace("before training", "after compression"))
     objectives = {"accuracy": val_acc, **{k: float(costs[k]) for k in ("latency_ms", "size_bytes", "flops", "params")}}
     metrics = {
         **costs,
         "accuracy": val_acc,
         "val_accuracy": val_acc,
         "test_accuracy": test_acc,
+        "packed_val_accuracy": packed_acc,
         "epochs": stats.epochs,
         "final_loss": stats.final_loss,
         **timings,
     }
-    return TrialResult(objectives, metrics, artifact_dir)
+    return TrialResult(objectives, metrics, str(out) if out else None)

@@ -41,6 +41,8 @@ SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 _TOP_KEYS = {"name", "spatial", "stem_channels", "head", "dropout", "stages", "recipe", "compression"}
 _STAGE_KEYS = {"block", "depth", "width", "kernel", "stride", "expansion"}
 _HEADS = ("gap", "flatten")
+# Genes a space may sample once per stage, and the CompressionConfig field that holds them.
+PER_STAGE = {"prune_ratio": "stage_prune_ratios", "quant": "stage_quant"}
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,7 @@ class Space:
     stages: tuple[StageSpace, ...]
     recipe: dict[str, Param]
     compression: dict[str, Param]
+    per_stage: tuple[str, ...] = ()
     source: str = ""
 
     def suggest(self, trial: Any, *, in_channels: int, input_size: tuple[int, int], num_classes: int) -> Candidate:
@@ -118,7 +121,13 @@ class Space:
             dropout=self.dropout.suggest(trial, "dropout"),
         )
         recipe = Recipe(**{k: p.suggest(trial, "recipe." + k) for k, p in self.recipe.items()})
-        compression = CompressionConfig(**{k: p.suggest(trial, "compress." + k) for k, p in self.compression.items()})
+        genes: dict[str, Any] = {}
+        for k, p in self.compression.items():
+            if k in self.per_stage:  # mixed precision / per-stage pruning: one gene per stage
+                genes[PER_STAGE[k]] = tuple(p.suggest(trial, f"compress.s{i}.{k}") for i in range(len(self.stages)))
+            else:
+                genes[k] = p.suggest(trial, "compress." + k)
+        compression = CompressionConfig(**genes)
         return Candidate(arch, compression, recipe)
 
 
@@ -200,6 +209,8 @@ def _section(where: str, raw: Any, record: type) -> dict[str, Param]:
         if key not in fields:
             raise SpaceError(f"{where}: unknown key {key!r} (allowed: {', '.join(sorted(fields))})")
         default = fields[key].default
+        if isinstance(default, tuple):  # per-stage tuples are filled by `per_stage`, not given directly
+            raise SpaceError(f"{where}: {key!r} is set per stage with `per_stage: [...]`, not directly")
         elem = {bool: "bool", int: "int", float: "float", str: "str"}[type(default)]
         checker = getattr(record, "check_gene", None)
         if checker is not None:
@@ -257,6 +268,17 @@ def parse_space(raw: Any, source: str = "<space>") -> Space:
     stages = raw.get("stages")
     if not isinstance(stages, list) or not stages:
         raise SpaceError(f"{source}: stages: must be a non-empty list of stage mappings")
+    comp = raw.get("compression")
+    per_stage: tuple[str, ...] = ()
+    if isinstance(comp, dict) and "per_stage" in comp:
+        comp = dict(comp)
+        ps = comp.pop("per_stage")
+        if not isinstance(ps, list) or any(g not in PER_STAGE for g in ps):
+            raise SpaceError(f"{source}: compression.per_stage: {ps!r} must be a list of genes from: {', '.join(PER_STAGE)}")
+        missing = [g for g in ps if g not in comp]
+        if missing:
+            raise SpaceError(f"{source}: compression.per_stage: gene {missing[0]!r} needs a value in the compression section")
+        per_stage = tuple(ps)
     name = raw.get("name", Path(source).stem)
     if not isinstance(name, str) or not name:
         raise SpaceError(f"{source}: name: must be a non-empty string")
@@ -270,7 +292,8 @@ def parse_space(raw: Any, source: str = "<space>") -> Space:
                        lambda v: None if 0 <= v < 1 else "must be in [0, 1)"),
         stages=tuple(_stage(f"{source}: stages[{i}]", s, spatial) for i, s in enumerate(stages)),
         recipe=_section(f"{source}: recipe", raw.get("recipe"), Recipe),
-        compression=_section(f"{source}: compression", raw.get("compression"), CompressionConfig),
+        compression=_section(f"{source}: compression", comp, CompressionConfig),
+        per_stage=per_stage,
         source=source,
     )
 

@@ -48,10 +48,12 @@ def train(
     loss_fn: LossFn | None = None,
     on_epoch: EpochHook | None = None,
     lr_scale: float = 1.0,
+    penalty: Callable[[nn.Module], torch.Tensor] | None = None,
 ) -> TrainStats:
     """Train ``model`` in place for ``epochs`` (default: the recipe's) with AdamW + cosine LR.
 
     ``loss_fn(logits, targets, inputs)`` replaces cross-entropy (distillation uses it).
+    ``penalty(model)`` is added to the loss (network slimming's L1 on BatchNorm gamma).
     ``on_epoch(epoch, model)`` runs after each epoch and may raise to stop training early.
     A non-finite loss raises :class:`TrialFailure`.
     """
@@ -73,6 +75,8 @@ def train(
             xb, yb = x[idx], y[idx]
             logits = model(xb)
             loss = loss_fn(logits, yb, xb) if loss_fn is not None else F.cross_entropy(logits, yb)
+            if penalty is not None:
+                loss = loss + penalty(model)
             if not torch.isfinite(loss):
                 raise TrialFailure(f"non-finite loss ({loss.item()}) at epoch {start_epoch + epoch + 1}, step {i + 1}")
             opt.zero_grad(set_to_none=True)

@@ -23,7 +23,7 @@ def test_evaluate_measures_costs_and_learns(tmp_path):
     m = res.metrics
     assert m["val_accuracy"] > 0.6 and m["test_accuracy"] > 0.6  # chance is 0.1
     assert m["latency_ms"] > 0 and m["latency_iqr_ms"] >= 0 and m["flops"] > 0 and m["params"] > 0
-    weights = Path(res.artifact_dir) / "weights.safetensors"
+    weights = Path(res.artifact_dir) / "weights.nasp"
     assert weights.is_file() and weights.stat().st_size == m["size_bytes"] == res.objectives["size_bytes"]
     assert set(res.objectives) == {"accuracy", "latency_ms", "size_bytes", "flops", "params"}
 

@@ -129,3 +129,38 @@ def test_load_space_reports_yaml_syntax_and_missing_files(tmp_path):
         load_space(str(tmp_path / "missing.yaml"))
     with pytest.raises(SpaceError, match=r"unknown space 'nope' \(allowed: default, mnist1d"):
         load_space("nope")
+
+
+def test_compression_genes_sampled_per_stage_and_globally():
+    space = load_space("mnist1d_compress")
+    assert set(space.per_stage) == {"quant"}
+    for cand in _sample(space, 6, (1, (1, 40))):
+        cfg = cand.compression
+        assert len(cfg.stage_quant) == len(space.stages) and cfg.prune in ("none", "l1", "bn")
+        assert cfg.finetune_epochs == 3
+
+
+@pytest.mark.parametrize("genes,message", [
+    ({"quant": ["int3"]}, r"compression\.quant: 'int3' is not a precision \(allowed: fp32, fp16, int8"),
+    ({"prune_ratio": [0.99]}, r"compression\.prune_ratio: 0\.99 must be in \[0, 0\.95\]"),
+    ({"prune": "random"}, r"compression\.prune: 'random' is not a pruning method \(allowed: none, l1, bn\)"),
+    ({"huffman": "yes"}, r"compression\.huffman: 'yes' is not a bool"),
+    ({"stage_quant": ["int8"]}, r"'stage_quant' is set per stage with `per_stage"),
+    ({"per_stage": ["lowrank"], "lowrank": [0.5]}, r"compression\.per_stage: \['lowrank'\] must be a list of genes from: prune_ratio, quant"),
+    ({"per_stage": ["quant"]}, r"gene 'quant' needs a value"),
+    ({"cluster_bits": [12]}, r"compression\.cluster_bits: 12 must be 0 \(off\) to 8"),
+])
+def test_bad_compression_genes(genes, message):
+    raw = yaml.safe_load(yaml.safe_dump(BASE))
+    raw["compression"] = genes
+    with pytest.raises(SpaceError, match=message):
+        parse_space(raw, "bad.yaml")
+
+
+def test_gene_can_be_fixed_off_or_ranged():
+    raw = yaml.safe_load(yaml.safe_dump(BASE))
+    raw["compression"] = {"quant": "int8", "sparsity": {"low": 0.0, "high": 0.9}, "huffman": False}
+    space = parse_space(raw)
+    for cand in _sample(space, 5):
+        assert cand.compression.quant == "int8" and not cand.compression.huffman
+        assert 0.0 <= cand.compression.sparsity <= 0.9

@@ -1,0 +1,91 @@
+"""Knowledge distillation (Hinton et al.): soft targets at temperature T, weighted with the
+hard labels; the soft term is scaled by T^2 so its gradients keep their size as T changes.
+
+Teachers are trained once per study and cached as files beside the study's artifacts (a
+file lock stops two workers training the same teacher); an ensemble averages the teachers'
+softened probabilities.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from nas.builder import build
+from nas.config import ArchConfig, BlockConfig, Candidate, Recipe
+from nas.data import Dataset
+from nas.train import accuracy, seed_everything, train
+
+__all__ = ["kd_loss", "teacher_arch", "get_teachers", "distill_loss_fn"]
+
+
+def kd_loss(student: torch.Tensor, targets: torch.Tensor, teacher_probs_T: torch.Tensor, alpha: float, T: float) -> torch.Tensor:
+    """alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(student, labels)."""
+    soft = F.kl_div(F.log_softmax(student / T, dim=1), teacher_probs_T, reduction="batchmean") * (T * T)
+    return alpha * soft + (1 - alpha) * F.cross_entropy(student, targets)
+
+
+def teacher_arch(data: Dataset) -> ArchConfig:
+    """A plain, wide conv net: larger than anything in the bundled spaces."""
+    blocks = (BlockConfig("conv", 64, 3 if data.spatial == "2d" else 5, 1, stage=0),
+              BlockConfig("conv", 96, 3 if data.spatial == "2d" else 5, 2, stage=1),
+              BlockConfig("conv", 128, 3, 2, stage=2))
+    return ArchConfig(data.in_channels, data.num_classes, data.input_size, data.spatial, 32, blocks)
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _train_or_load(folder: Path, data: Dataset, seed: int, epochs: int) -> nn.Module:
+    cand = Candidate(teacher_arch(data), recipe=Recipe(epochs=epochs, lr=5e-3))
+    weights, meta = folder / f"teacher-{seed}.safetensors", folder / f"teacher-{seed}.json"
+    with _file_lock(folder / "teachers.lock"):
+        model = build(cand.arch)
+        if weights.is_file() and meta.is_file():
+            model.load_state_dict(load_file(str(weights)))
+        else:
+            seed_everything(seed)
+            model = build(cand.arch)
+            train(model, data.x_train, data.y_train, cand.recipe, seed)
+            tmp = weights.with_suffix(".tmp")
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+            tmp.replace(weights)
+            meta.write_text(json.dumps({"candidate": cand.to_dict(), "seed": seed,
+                                        "val_accuracy": accuracy(model, data.x_val, data.y_val)}))
+    return model.eval()
+
+
+_TEACHERS: dict[tuple, tuple[nn.Module, ...]] = {}
+
+
+def get_teachers(folder: str | Path, data: Dataset, n: int = 1, epochs: int = 20) -> Sequence[nn.Module]:
+    """The study's ``n`` teachers: trained on first use, then loaded from ``folder``."""
+    key = (str(folder), data.name, data.seed, n, epochs)
+    if key not in _TEACHERS:
+        _TEACHERS[key] = tuple(_train_or_load(Path(folder), data, data.seed + 1000 + i, epochs) for i in range(n))
+    return _TEACHERS[key]
+
+
+def distill_loss_fn(teachers: Sequence[nn.Module], alpha: float, T: float) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    def loss(logits: torch.Tensor, targets: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            probs = torch.stack([F.softmax(t(inputs) / T, dim=1) for t in teachers]).mean(0)
+        return kd_loss(logits, targets, probs, alpha, T)
+
+    return loss

@@ -1,0 +1,197 @@
+"""The packed weights file: the bytes that ``size_bytes`` counts.
+
+Layout: ``b"NASPACK1"``, a little-endian u32 header length, a zlib-compressed JSON header
+(tensor names, shapes, encodings, offsets, Huffman code lengths) and the payload. Weight
+tensors are stored by their plan: raw fp32/fp16, integer codes bit-packed at 8/4/2 bits with
+one fp32 scale per output channel, ternary (2 bits) and binary (1 bit) codes with scales, or
+cluster indices into a codebook; optionally only the nonzero entries behind a 1-bit mask
+(unstructured sparsity) and optionally Huffman-coded. Shared tensors (cross-layer sharing) are
+stored once and aliased. Everything else (BatchNorm, biases) is fp32, or fp16 when the model's
+weights are quantized.
+
+:func:`unpack_state` decodes the file into a state dict; loading it into the model built from
+the same candidate gives the compressed model's outputs exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nas.compress import huffman
+from nas.compress.quantize import CODE_BITS, INT_BITS, dequantize_codes, quantize_codes
+
+__all__ = ["WeightPlan", "pack_state", "unpack_state", "write_file"]
+
+MAGIC = b"NASPACK1"
+
+
+@dataclass(frozen=True)
+class WeightPlan:
+    mode: str = "fp32"
+    cluster_bits: int = 0
+    huffman: bool = False
+    sparse: bool = False
+
+
+def _pack_bits(symbols: np.ndarray, bits: int) -> bytes:
+    if symbols.size == 0:
+        return b""
+    shifts = np.arange(bits - 1, -1, -1, dtype=np.int64)
+    matrix = ((symbols.astype(np.int64)[:, None] >> shifts) & 1).astype(np.uint8)
+    return np.packbits(matrix.ravel()).tobytes()
+
+
+def _unpack_bits(data: bytes, bits: int, n: int) -> np.ndarray:
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    flat = np.unpackbits(np.frombuffer(data, dtype=np.uint8))[: n * bits].reshape(n, bits).astype(np.int64)
+    return flat @ (1 << np.arange(bits - 1, -1, -1, dtype=np.int64))
+
+
+class _Writer:
+    def __init__(self) -> None:
+        self.payload = bytearray()
+
+    def put(self, data: bytes) -> list[int]:
+        off = len(self.payload)
+        self.payload += data
+        return [off, len(data)]
+
+
+def _encode_symbols(w: _Writer, entry: dict, symbols: np.ndarray, bits: int, use_huffman: bool) -> None:
+    entry["b"] = bits
+    entry["n_sym"] = int(symbols.size)
+    if use_huffman and symbols.size:
+        stream, lengths, n_bits = huffman.encode(symbols)
+        entry["h"] = [[int(s), int(n)] for s, n in sorted(lengths.items())]
+        entry["nb"] = n_bits
+        entry["sy"] = w.put(stream)
+    else:
+        entry["sy"] = w.put(_pack_bits(symbols, bits))
+
+
+def _decode_symbols(payload: bytes, entry: dict) -> np.ndarray:
+    off, n = entry["sy"]
+    data = payload[off : off + n]
+    if "h" in entry:
+        return huffman.decode(data, {s: ln for s, ln in entry["h"]}, entry["n_sym"], entry["nb"])
+    return _unpack_bits(data, entry["b"], entry["n_sym"])
+
+
+def _encode_weight(w: _Writer, entry: dict, t: torch.Tensor, plan: WeightPlan) -> None:
+    flat = t.detach().float().reshape(-1)
+    mask = None
+    if plan.sparse:
+        mask = (flat != 0).numpy()
+        entry["m"] = w.put(np.packbits(mask.astype(np.uint8)).tobytes())
+    if plan.cluster_bits:
+        vals = flat.numpy() if mask is None else flat.numpy()[mask]
+        codebook, idx = np.unique(vals, return_inverse=True)
+        if len(codebook) > 2**plan.cluster_bits:
+            raise ValueError(f"{entry['n']}: {len(codebook)} distinct values exceed a {plan.cluster_bits}-bit codebook")
+        entry["e"] = "cluster"
+        entry["cb"] = w.put(codebook.astype(np.float32).tobytes())
+        _encode_symbols(w, entry, idx.astype(np.int64), plan.cluster_bits, plan.huffman)
+    elif plan.mode in INT_BITS or plan.mode in ("ternary", "binary"):
+        codes, scale = quantize_codes(t, plan.mode)
+        entry["e"] = plan.mode
+        entry["sc"] = w.put(scale.numpy().astype(np.float32).tobytes())
+        c = codes.reshape(-1).numpy().astype(np.int64)
+        if mask is not None:
+            c = c[mask]
+        bits = CODE_BITS[plan.mode]
+        offset = 0 if plan.mode == "binary" else 2 ** (bits - 1) - 1 if plan.mode in INT_BITS else 1
+        sym = (c + 1) // 2 if plan.mode == "binary" else c + offset  # binary {-1,1} -> {0,1}
+        entry["zo"] = offset
+        _encode_symbols(w, entry, sym, bits, plan.huffman)
+    else:
+        dtype = np.float16 if plan.mode == "fp16" else np.float32
+        vals = flat.numpy() if mask is None else flat.numpy()[mask]
+        entry["e"] = "fp16" if plan.mode == "fp16" else "fp32"
+        entry["v"] = w.put(vals.astype(dtype).tobytes())
+
+
+def _decode_weight(payload: bytes, entry: dict) -> torch.Tensor:
+    shape = entry["s"]
+    n = int(np.prod(shape)) if shape else 1
+    mask = None
+    if "m" in entry:
+        off, ln = entry["m"]
+        mask = np.unpackbits(np.frombuffer(payload[off : off + ln], dtype=np.uint8))[:n].astype(bool)
+    enc = entry["e"]
+    if enc == "cluster":
+        off, ln = entry["cb"]
+        codebook = np.frombuffer(payload[off : off + ln], dtype=np.float32)
+        vals = codebook[_decode_symbols(payload, entry)]
+    elif enc in ("fp32", "fp16"):
+        off, ln = entry["v"]
+        vals = np.frombuffer(payload[off : off + ln], dtype=np.float16 if enc == "fp16" else np.float32).astype(np.float32)
+    else:
+        sym = _decode_symbols(payload, entry)
+        codes_nz = sym * 2 - 1 if enc == "binary" else sym - entry["zo"]
+        codes = np.zeros(n, dtype=np.int64)
+        if mask is None:
+            codes = codes_nz
+        else:
+            codes[mask] = codes_nz
+        off, ln = entry["sc"]
+        scale = torch.from_numpy(np.frombuffer(payload[off : off + ln], dtype=np.float32).copy())
+        t = dequantize_codes(torch.from_numpy(codes.reshape(shape)).to(torch.int8), scale)
+        return t.reshape(shape).float()
+    full = np.zeros(n, dtype=np.float32)
+    if mask is None:
+        full = vals.astype(np.float32)
+    else:
+        full[mask] = vals
+    return torch.from_numpy(full.reshape(shape).copy())
+
+
+def pack_state(state: dict[str, torch.Tensor], plans: dict[str, WeightPlan], other: str = "fp32") -> bytes:
+    """Encode a state dict: tensors named in ``plans`` by their plan, the rest as ``other``
+    (``fp32`` or ``fp16``). ``num_batches_tracked`` counters are not needed for inference."""
+    w = _Writer()
+    entries = []
+    first_name: dict[tuple[int, tuple[int, ...]], str] = {}
+    for name, t in state.items():
+        if name.endswith("num_batches_tracked"):
+            continue
+        key = (t.untyped_storage().data_ptr(), tuple(t.shape)) if t.numel() else (id(t), ())
+        entry: dict = {"n": name, "s": list(t.shape)}
+        if key in first_name:  # a shared tensor: store once
+            entry["a"] = first_name[key]
+            entries.append(entry)
+            continue
+        first_name[key] = name
+        _encode_weight(w, entry, t, plans.get(name, WeightPlan(mode=other)))
+        entries.append(entry)
+    header = zlib.compress(json.dumps({"v": 1, "t": entries}, separators=(",", ":")).encode(), 9)
+    return MAGIC + struct.pack("<I", len(header)) + header + bytes(w.payload)
+
+
+def unpack_state(blob: bytes) -> dict[str, torch.Tensor]:
+    if blob[:8] != MAGIC:
+        raise ValueError("not a nas packed weights file (bad magic)")
+    (hlen,) = struct.unpack("<I", blob[8:12])
+    header = json.loads(zlib.decompress(blob[12 : 12 + hlen]))
+    payload = blob[12 + hlen :]
+    out: dict[str, torch.Tensor] = {}
+    for entry in header["t"]:
+        out[entry["n"]] = out[entry["a"]] if "a" in entry else _decode_weight(payload, entry)
+    return out
+
+
+def write_file(path: str | os.PathLike[str], blob: bytes) -> int:
+    """Write atomically (temp file, then rename); return the file's length in bytes."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(blob)
+    os.replace(tmp, path)
+    return path.stat().st_size

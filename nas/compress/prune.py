@@ -1,0 +1,228 @@
+"""Structured (channel) pruning that rebuilds a narrower model, and unstructured magnitude
+pruning.
+
+Structured pruning works on *channel groups*: the stem's output and each block's output are
+interfaces; a residual (identity) block ties its input and output interface into one group,
+and blocks that share weights tie their groups too; every hidden width is a group of its
+own. Each group keeps its most important channels, by the L1 norm of the filters that produce
+them (``l1``) or by |gamma| of their BatchNorms (``bn``, network slimming). The model is then
+*rebuilt* from a narrower :class:`ArchConfig` and the kept weights are copied, so shapes,
+FLOPs and latency really shrink. How many channels a group keeps depends only on the widths
+and ratios, never on weight values, so the final shape is known before training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from nas.blocks import channel_roles, has_residual
+from nas.builder import Net, build, output_size, shared_with
+from nas.config import ArchConfig
+
+__all__ = ["channel_groups", "target_widths", "pruned_arch", "prune_structured", "slimming_penalty", "apply_sparsity_"]
+
+
+class _UnionFind:
+    def __init__(self) -> None:
+        self.parent: dict[str, str] = {}
+
+    def find(self, a: str) -> str:
+        self.parent.setdefault(a, a)
+        while self.parent[a] != a:
+            self.parent[a] = self.parent[self.parent[a]]
+            a = self.parent[a]
+        return a
+
+    def union(self, a: str, b: str) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+
+def _role_group(role: str, k: int) -> str:
+    return {"in": f"i{k}", "out": f"i{k + 1}", "hid": f"h{k}"}[role]
+
+
+def _has_hidden(arch: ArchConfig, k: int) -> bool:
+    b = arch.blocks[k]
+    return b.type == "factorized" or (b.type == "mbconv" and b.expansion != 1)
+
+
+def channel_groups(arch: ArchConfig) -> tuple[_UnionFind, dict[str, tuple[int, int]]]:
+    """Union-find over channel groups, and each raw group's (width, stage)."""
+    uf = _UnionFind()
+    info: dict[str, tuple[int, int]] = {"i0": (arch.stem_channels, arch.blocks[0].stage if arch.blocks else 0)}
+    uf.find("i0")
+    cin = arch.stem_channels
+    owners = shared_with(arch)
+    for k, b in enumerate(arch.blocks):
+        info[f"i{k + 1}"] = (b.out_channels, b.stage)
+        uf.find(f"i{k + 1}")
+        if _has_hidden(arch, k):
+            from nas.blocks import hidden_width
+
+            info[f"h{k}"] = (hidden_width(b, cin), b.stage)
+            uf.find(f"h{k}")
+        if b.type in ("mbconv", "skip") and has_residual(b, cin):
+            uf.union(f"i{k}", f"i{k + 1}")
+        j = owners[k]
+        if j != k:
+            uf.union(f"i{k}", f"i{j}")
+            uf.union(f"i{k + 1}", f"i{j + 1}")
+            if _has_hidden(arch, k):
+                uf.union(f"h{k}", f"h{j}")
+        cin = b.out_channels
+    return uf, info
+
+
+def target_widths(arch: ArchConfig, ratios: Sequence[float], fraction: float = 1.0) -> dict[str, int]:
+    """Channels each group keeps: round(width * (1 - ratio) ** fraction), at least 1.
+
+    ``ratios`` holds one prune ratio per stage; ``fraction`` < 1 gives the intermediate
+    widths of iterative pruning (round j of R uses j/R)."""
+    uf, info = channel_groups(arch)
+    out: dict[str, int] = {}
+    for g, (width, stage) in info.items():
+        root = uf.find(g)
+        r = ratios[min(stage, len(ratios) - 1)] if ratios else 0.0
+        keep = max(1, int(round(width * (1.0 - r) ** fraction)))
+        out[root] = min(out.get(root, keep), keep)
+    return {g: out[uf.find(g)] for g in info}
+
+
+def pruned_arch(arch: ArchConfig, widths: dict[str, int]) -> ArchConfig:
+    """The narrower architecture: explicit widths and explicit residual flags (topology kept)."""
+    blocks = []
+    cin = arch.stem_channels
+    for k, b in enumerate(arch.blocks):
+        changes: dict = {"out_channels": widths[f"i{k + 1}"], "residual": has_residual(b, cin)}
+        if _has_hidden(arch, k):
+            changes["hidden"] = widths[f"h{k}"]
+        blocks.append(dataclasses.replace(b, **changes))
+        cin = b.out_channels
+    return dataclasses.replace(arch, stem_channels=widths["i0"], blocks=tuple(blocks))
+
+
+def _importance(model: Net, arch: ArchConfig, method: str) -> dict[str, torch.Tensor]:
+    """Per raw group, a score per channel (summed over the layers that produce it)."""
+    scores: dict[str, torch.Tensor] = {}
+
+    def add(group: str, module: nn.Module) -> None:
+        if method == "bn" and isinstance(module, nn.BatchNorm2d):
+            s = module.weight.detach().abs()
+        elif method == "l1" and isinstance(module, nn.Conv2d):
+            w = module.weight.detach().abs()
+            s = w.reshape(w.shape[0], -1).sum(1)
+            s = s / s.mean().clamp_min(1e-12)
+        else:
+            return
+        scores[group] = scores.get(group, torch.zeros_like(s)) + s
+
+    for sub in model.stem:
+        add("i0", sub)
+    cin = arch.stem_channels
+    for k, b in enumerate(arch.blocks):
+        block = model.body[k]
+        for name, out_role, _ in channel_roles(b, cin):
+            add(_role_group(out_role, k), block.get_submodule(name))
+        cin = b.out_channels
+    return scores
+
+
+def _select(model: Net, arch: ArchConfig, widths: dict[str, int], method: str) -> dict[str, torch.Tensor]:
+    uf, info = channel_groups(arch)
+    raw = _importance(model, arch, method)
+    merged: dict[str, torch.Tensor] = {}
+    for g in info:
+        if g in raw:
+            root = uf.find(g)
+            merged[root] = merged.get(root, torch.zeros_like(raw[g])) + raw[g]
+    keep: dict[str, torch.Tensor] = {}
+    for g, (width, _) in info.items():
+        root = uf.find(g)
+        score = merged.get(root, torch.arange(width, 0, -1, dtype=torch.float32))
+        keep[g] = torch.sort(torch.topk(score, widths[g]).indices).values
+    return keep
+
+
+def _copy_conv(old: nn.Conv2d, new: nn.Conv2d, out_idx: torch.Tensor, in_idx: torch.Tensor | None) -> None:
+    w = old.weight.detach()[out_idx]
+    if in_idx is not None and old.groups == 1:
+        w = w[:, in_idx]
+    new.weight.data.copy_(w)
+    if old.bias is not None:
+        new.bias.data.copy_(old.bias.detach()[out_idx])
+
+
+def _copy_bn(old: nn.BatchNorm2d, new: nn.BatchNorm2d, idx: torch.Tensor) -> None:
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        getattr(new, name).data.copy_(getattr(old, name).detach()[idx])
+
+
+def _copy(old: nn.Module, new: nn.Module, out_idx: torch.Tensor, in_idx: torch.Tensor | None) -> None:
+    if isinstance(old, nn.Conv2d):
+        _copy_conv(old, new, out_idx, in_idx)
+    elif isinstance(old, nn.BatchNorm2d):
+        _copy_bn(old, new, out_idx)
+
+
+def prune_structured(model: Net, widths: dict[str, int], method: str) -> Net:
+    """A new, narrower model holding ``model``'s most important channels (``l1`` or ``bn``)."""
+    if method not in ("l1", "bn"):
+        raise ValueError(f"unknown structured pruning importance {method!r} (allowed: l1, bn)")
+    arch = model.arch
+    keep = _select(model, arch, widths, method)
+    new = build(pruned_arch(arch, widths))
+    _copy(model.stem[0], new.stem[0], keep["i0"], None)
+    _copy(model.stem[1], new.stem[1], keep["i0"], None)
+    cin = arch.stem_channels
+    for k, b in enumerate(arch.blocks):
+        for name, out_role, in_role in channel_roles(b, cin):
+            _copy(model.body[k].get_submodule(name), new.body[k].get_submodule(name),
+                  keep[_role_group(out_role, k)], keep[_role_group(in_role, k)] if in_role else None)
+        cin = b.out_channels
+    last = keep[f"i{len(arch.blocks)}"]
+    if arch.head == "flatten":
+        h, w = output_size(arch)
+        last = (last[:, None] * (h * w) + torch.arange(h * w)[None, :]).reshape(-1)
+    new.classifier.weight.data.copy_(model.classifier.weight.detach()[:, last])
+    new.classifier.bias.data.copy_(model.classifier.bias.detach())
+    return new
+
+
+def slimming_penalty(model: nn.Module, strength: float) -> torch.Tensor:
+    """Network slimming: L1 on every BatchNorm gamma, added to the training loss."""
+    gammas = [m.weight for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    return strength * sum(g.abs().sum() for g in gammas) if gammas else torch.zeros(())
+
+
+class _Mask(nn.Module):
+    def __init__(self, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mask", mask)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w * self.mask
+
+
+def apply_sparsity_(layers: Sequence[nn.Module], sparsity: float) -> None:
+    """Unstructured magnitude pruning: zero the smallest |w| of each layer, kept at zero by a
+    mask parametrization while fine-tuning. Only the packed size benefits (dense kernels)."""
+    seen: set[int] = set()
+    for layer in layers:
+        if id(layer) in seen:
+            continue
+        seen.add(id(layer))
+        w = layer.weight.detach()
+        k = int(math.floor(w.numel() * sparsity))
+        if k == 0:
+            continue
+        threshold = w.abs().reshape(-1).kthvalue(k).values
+        mask = (w.abs() > threshold).float()
+        parametrize.register_parametrization(layer, "weight", _Mask(mask))

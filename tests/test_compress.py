@@ -1,0 +1,192 @@
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from nas.builder import build
+from nas.compress import huffman
+from nas.compress.distill import distill_loss_fn, kd_loss
+from nas.compress.pack import WeightPlan, pack_state, unpack_state
+from nas.compress.passes import compress, deploy_onnx, final_model, load_packed, onnx_predict, pack_model
+from nas.compress.prune import prune_structured, target_widths
+from nas.config import ArchConfig, BlockConfig, Candidate, CompressionConfig, Recipe
+from nas.measure import count_flops, count_params
+from nas.pipeline import get_dataset
+from nas.train import accuracy, predict, train
+
+ARCH = ArchConfig(
+    1, 10, (8, 8), "2d", 16,
+    (BlockConfig("conv", 24, 3, 1, stage=0), BlockConfig("mbconv", 24, 3, 1, 2, stage=0),
+     BlockConfig("mbconv", 24, 3, 1, 2, stage=0), BlockConfig("dsconv", 32, 3, 2, stage=1),
+     BlockConfig("factorized", 32, 3, 1, stage=1), BlockConfig("conv", 48, 3, 2, stage=2)),
+)
+RECIPE = Recipe(epochs=6, lr=0.01)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return get_dataset("digits", 0)
+
+
+@pytest.fixture(scope="module")
+def trained(data):
+    torch.manual_seed(0)
+    model = build(ARCH)
+    train(model, data.x_train, data.y_train, RECIPE, seed=0)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _fresh(state, share=False):
+    model = build(dataclasses.replace(ARCH, share=share))
+    model.load_state_dict(state)
+    return model.eval()
+
+
+METHODS = {
+    "prune_l1": CompressionConfig(prune="l1", prune_ratio=0.5),
+    "prune_bn_iterative": CompressionConfig(prune="bn", prune_ratio=0.5, prune_rounds=2),
+    "prune_per_stage": CompressionConfig(prune="l1", stage_prune_ratios=(0.25, 0.5, 0.0)),
+    "sparsity": CompressionConfig(sparsity=0.7),
+    "fp16": CompressionConfig(quant="fp16"),
+    "int8": CompressionConfig(quant="int8"),
+    "int4": CompressionConfig(quant="int4"),
+    "int2": CompressionConfig(quant="int2"),
+    "ternary": CompressionConfig(quant="ternary"),
+    "binary": CompressionConfig(quant="binary"),
+    "mixed_precision": CompressionConfig(stage_quant=("int8", "int4", "fp16")),
+    "cluster": CompressionConfig(cluster_bits=4),
+    "cluster_huffman_sparse": CompressionConfig(cluster_bits=4, huffman=True, sparsity=0.5),
+    "int4_huffman": CompressionConfig(quant="int4", huffman=True),
+    "lowrank": CompressionConfig(lowrank=0.5),
+    "share": CompressionConfig(share=True),
+    "everything": CompressionConfig(prune="bn", prune_ratio=0.25, sparsity=0.5, quant="int4", huffman=True,
+                                    lowrank=0.5, share=True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_method_keeps_accuracy_and_packed_file_round_trips(name, data, trained, tmp_path):
+    cfg = dataclasses.replace(METHODS[name], finetune_epochs=2)
+    cand = Candidate(ARCH, cfg, RECIPE)
+    model = compress(_fresh(trained, share=cfg.share), cand, data, seed=0)
+    acc = accuracy(model, data.x_val, data.y_val)
+    assert acc > 0.5, f"{name}: accuracy {acc:.3f} (chance is 0.1)"
+
+    blob = pack_model(model, cfg)
+    (tmp_path / "w.nasp").write_bytes(blob)
+    shipped = load_packed(cand, (tmp_path / "w.nasp").read_bytes())
+    got, want = predict(shipped, data.x_val), predict(model, data.x_val)
+    # the decoded model is the compressed one: identical up to fp16 storage of BatchNorm
+    tol = 0 if all(p == "fp32" for p in cfg.precisions) and not cfg.cluster_bits else 5e-2
+    assert torch.allclose(got, want, atol=tol, rtol=tol), f"{name}: max diff {(got - want).abs().max()}"
+    assert (got.argmax(1) == want.argmax(1)).float().mean() > 0.98
+    # the final shape is known before training: an untrained final model has the same structure
+    assert [(k, v.shape) for k, v in final_model(cand).state_dict().items()] == \
+           [(k, v.shape) for k, v in shipped.state_dict().items()]
+
+
+def test_size_ordering_fp32_fp16_int8_int4_int2_binary(data, trained):
+    sizes = {}
+    for q in ("fp32", "fp16", "int8", "int4", "int2", "binary"):
+        cfg = CompressionConfig(quant=q, finetune_epochs=0)
+        sizes[q] = len(pack_model(compress(_fresh(trained), Candidate(ARCH, cfg, RECIPE), data, 0), cfg))
+    values = list(sizes.values())
+    assert values == sorted(values, reverse=True) and len(set(values)) == len(values), sizes
+    params = count_params(_fresh(trained))
+    assert sizes["fp32"] >= 4 * params  # the full-precision file really holds every weight
+    # 1 bit per conv/linear weight; scales, fp16 BatchNorm and the header make up the rest
+    assert sizes["binary"] < sizes["fp32"] / 8
+
+
+def test_structured_pruning_half_shrinks_params_and_flops(trained):
+    model = _fresh(trained)
+    pruned = prune_structured(model, target_widths(ARCH, [0.5, 0.5, 0.5]), "l1")
+    x = torch.zeros(1, 1, 8, 8)
+    assert count_params(pruned) < 0.5 * count_params(model)
+    assert count_flops(pruned, x) < 0.5 * count_flops(model, x)
+    assert pruned.arch.blocks[0].out_channels == 12 and pruned.arch.stem_channels == 8
+
+
+def test_pruning_removes_the_least_important_channels_exactly(trained):
+    # Zero half of the stem's BatchNorm gammas and betas: those channels carry nothing, so
+    # pruning them by |gamma| must leave the outputs unchanged.
+    arch = ArchConfig(1, 10, (8, 8), "2d", 16, (BlockConfig("conv", 24, 3, 1, stage=0),))
+    torch.manual_seed(0)
+    model = build(arch).eval()
+    bn = model.stem[1]
+    with torch.no_grad():
+        bn.weight[::2] = 0
+        bn.bias[::2] = 0
+    widths = target_widths(arch, [0.5])
+    widths["i1"] = 24  # prune only the stem's output group
+    pruned = prune_structured(model, widths, "bn").eval()
+    x = torch.randn(8, 1, 8, 8)
+    assert pruned.arch.stem_channels == 8
+    torch.testing.assert_close(pruned(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_int8_export_has_quantized_ops_and_runs(data, trained, tmp_path):
+    cfg = CompressionConfig(quant="int8")
+    path, precision = deploy_onnx(_fresh(trained), cfg, torch.zeros(1, 1, 8, 8), tmp_path / "m.onnx", data.x_train[:32])
+    graph = onnx.load(str(path)).graph
+    ops = {n.op_type for n in graph.node}
+    assert precision == "int8" and {"QuantizeLinear", "DequantizeLinear"} <= ops
+    int8_weights = [i for i in graph.initializer if i.data_type == onnx.TensorProto.INT8]
+    assert len(int8_weights) >= 6  # every conv and the classifier store int8 weights
+    logits = onnx_predict(path, data.x_val)
+    fp32 = predict(_fresh(trained), data.x_val).numpy()
+    assert (logits.argmax(1) == fp32.argmax(1)).mean() > 0.95
+
+
+def test_fp32_deploy_matches_pytorch(data, trained, tmp_path):
+    path, precision = deploy_onnx(_fresh(trained), CompressionConfig(), torch.zeros(1, 1, 8, 8), tmp_path / "m.onnx", data.x_train[:4])
+    assert precision == "fp32"
+    np.testing.assert_allclose(onnx_predict(path, data.x_val[:50]), predict(_fresh(trained), data.x_val[:50]).numpy(), atol=1e-4)
+
+
+def test_distillation_soft_loss_scaling_and_student_learns(data, trained):
+    s, t = torch.randn(4, 10), torch.randn(4, 10)
+    y = torch.tensor([1, 2, 3, 4])
+    probs = torch.softmax(t / 4.0, 1)
+    hard_only = kd_loss(s, y, probs, alpha=0.0, T=4.0)
+    assert torch.isclose(hard_only, torch.nn.functional.cross_entropy(s, y))
+    soft = kd_loss(s, y, probs, alpha=1.0, T=4.0)
+    kl = torch.nn.functional.kl_div(torch.log_softmax(s / 4.0, 1), probs, reduction="batchmean")
+    assert torch.isclose(soft, kl * 16)  # T^2 scaling
+
+    teacher = _fresh(trained)
+    student_arch = ArchConfig(1, 10, (8, 8), "2d", 8, (BlockConfig("dsconv", 16, 3, 1, stage=0),
+                                                      BlockConfig("conv", 24, 3, 2, stage=1)))
+    torch.manual_seed(0)
+    student = build(student_arch)
+    train(student, data.x_train, data.y_train, Recipe(epochs=6, lr=0.01), 0,
+          loss_fn=distill_loss_fn([teacher, teacher], alpha=0.7, T=4.0))
+    assert accuracy(student, data.x_val, data.y_val) > 0.6
+
+
+def test_huffman_round_trip_and_beats_fixed_width_on_skewed_data():
+    rng = np.random.default_rng(0)
+    sym = rng.choice(16, size=5000, p=np.r_[0.7, np.full(15, 0.3 / 15)])
+    stream, lengths, n_bits = huffman.encode(sym)
+    assert np.array_equal(huffman.decode(stream, lengths, len(sym), n_bits), sym)
+    assert n_bits < 4 * len(sym) * 0.6
+    one = np.zeros(10, dtype=np.int64)
+    s1, l1, b1 = huffman.encode(one)
+    assert np.array_equal(huffman.decode(s1, l1, 10, b1), one)
+
+
+def test_pack_aliases_shared_tensors_and_rejects_bad_magic():
+    w = torch.randn(8, 4)
+    state = {"a.weight": w, "b.weight": w, "c.bias": torch.randn(8)}
+    blob = pack_state(state, {"a.weight": WeightPlan("int4"), "b.weight": WeightPlan("int4")})
+    out = unpack_state(blob)
+    assert torch.equal(out["a.weight"], out["b.weight"])
+    single = pack_state({"a.weight": w, "c.bias": state["c.bias"]}, {"a.weight": WeightPlan("int4")})
+    assert len(blob) < len(single) + 16  # stored once, aliased by name
+    with pytest.raises(ValueError, match="bad magic"):
+        unpack_state(b"XXXX" + blob[4:])
