@@ -72,6 +72,13 @@ def _build_parser() -> argparse.ArgumentParser:
     for cost in ("latency_ms", "size_bytes", "flops", "params"):
         s.add_argument(f"--max-{cost.replace('_', '-')}", dest=f"max_{cost}", type=_positive_float, default=None,
                        help=f"hard limit on {cost}: rejected before training")
+    s.add_argument("--reward", choices=("soft", "hard"), default=None,
+                   help="optimize MnasNet's scalar reward ACC*(COST/T)^w instead of a Pareto front")
+    s.add_argument("--reward-on", default="latency_ms", help="cost in the reward: latency_ms (default) or size_bytes")
+    s.add_argument("--reward-target", type=_positive_float, default=None, help="target T of the reward's cost")
+    s.add_argument("--no-early-stop", dest="early_stop", action="store_false",
+                   help="train every trial to its full budget (default: Pareto successive halving)")
+    s.add_argument("--eta", type=_positive_float, default=3.0, help="early stopping keeps ~1/eta of each rung (default 3)")
     s.add_argument("--quiet", action="store_true", help="no per-trial progress")
 
     f = sub.add_parser("front", help="print a study's Pareto-optimal trials")
@@ -101,7 +108,7 @@ def _fmt(col: str, v: Any) -> str:
 
 def _columns(df: pd.DataFrame, objectives: Sequence[str], full: bool) -> list[str]:
     cols = ["trial"] + (["state"] if full else []) + list(objectives)
-    for extra in ("test_accuracy", "latency_iqr_ms", "params", "flops", "size_bytes", "arch"):
+    for extra in ("accuracy", "test_accuracy", "latency_ms", "latency_iqr_ms", "params", "flops", "size_bytes", "arch", "compression"):
         if extra not in cols and extra in df.columns:
             cols.append(extra)
     if full:
@@ -125,7 +132,7 @@ def render(df: pd.DataFrame, objectives: Sequence[str], fmt: str, title: str, fu
 
     table = Table(title=title)
     for c in cols:
-        table.add_column(c, justify="left" if c in ("arch", "state", "fail_reason") else "right",
+        table.add_column(c, justify="left" if c in ("arch", "compression", "state", "fail_reason") else "right",
                          overflow="fold")
     for _, r in view.iterrows():
         table.add_row(*(_fmt(c, r[c]) for c in cols))
@@ -169,6 +176,14 @@ def cmd_search(args: argparse.Namespace) -> int:
     from nas.study import front_frame, open_storage
 
     objectives = parse_objectives(args.objectives)
+    reward = None
+    if args.reward:
+        if args.reward_on not in ("latency_ms", "size_bytes"):
+            raise NasError(f"--reward-on {args.reward_on!r} is not allowed (allowed: latency_ms, size_bytes)")
+        if args.reward_target is None:
+            raise NasError("--reward needs --reward-target (the target latency in ms or size in bytes)")
+        reward = {"on": args.reward_on, "target": args.reward_target, "form": args.reward}
+        objectives = ("reward",)
     if args.sampler not in SAMPLERS:
         raise NasError(f"unknown sampler {args.sampler!r} (allowed: {', '.join(SAMPLERS)})")
     constraints = parse_constraints({c: getattr(args, f"max_{c}") for c in ("latency_ms", "size_bytes", "flops", "params")})
@@ -187,6 +202,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         train_threads=args.train_threads,
         epochs=args.epochs,
         artifacts_dir=str(Path(args.artifacts) / study_name),
+        reward=reward,
+        early_stop={"eta": args.eta} if args.early_stop else None,
     )
     from rich.console import Console
 

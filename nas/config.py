@@ -181,6 +181,28 @@ class CompressionConfig:
             return self.stage_quant[min(stage, len(self.stage_quant) - 1)]
         return self.quant
 
+    def summary(self) -> str:
+        """Compact text of the genes that are on, e.g. ``prune l1 0.5 | int4 | huffman``."""
+        parts = []
+        if self.prune != "none":
+            ratio = "/".join(f"{r:g}" for r in self.stage_prune_ratios) or f"{self.prune_ratio:g}"
+            parts.append(f"prune {self.prune} {ratio}" + (f" x{self.prune_rounds}" if self.prune_rounds > 1 else ""))
+        if self.lowrank > 0:
+            parts.append(f"lowrank {self.lowrank:g}")
+        if self.share:
+            parts.append("share")
+        if self.sparsity > 0:
+            parts.append(f"sparse {self.sparsity:g}")
+        if self.cluster_bits:
+            parts.append(f"cluster {self.cluster_bits}b")
+        elif self.precisions != ("fp32",):
+            parts.append("/".join(self.precisions))
+        if self.huffman:
+            parts.append("huffman")
+        if self.distill_alpha > 0:
+            parts.append(f"kd a{self.distill_alpha:g} T{self.distill_T:g}")
+        return " | ".join(parts) or "none"
+
     @property
     def precisions(self) -> tuple[str, ...]:
         return self.stage_quant or (self.quant,)

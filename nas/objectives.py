@@ -36,7 +36,7 @@ def parse_objectives(spec: str | Sequence[str]) -> tuple[str, ...]:
 
 
 def directions(names: Sequence[str]) -> list[str]:
-    return [OBJECTIVES[n] for n in names]
+    return ["maximize" if n == "reward" else OBJECTIVES[n] for n in names]
 
 
 def parse_constraints(limits: Mapping[str, float | None]) -> dict[str, float]:
@@ -59,3 +59,23 @@ def check_constraints(costs: Mapping[str, float], limits: Mapping[str, float]) -
         if costs[name] > limit:
             return f"constraint violated before training: {name} {costs[name]:g} > max {limit:g}"
     return None
+
+
+# MnasNet (Tan et al. 2019): reward = ACC * (COST / T) ** w, w = alpha if COST <= T else beta.
+REWARD_FORMS = {"soft": (-0.07, -0.07), "hard": (0.0, -1.0)}
+
+
+def mnasnet_reward(accuracy: float, cost: float, target: float, form: str = "soft") -> float:
+    """MnasNet's scalarized reward on a cost (latency or size) with target ``target``.
+
+    ``soft`` (alpha = beta = -0.07) trades accuracy for cost smoothly on both sides of the
+    target; ``hard`` (alpha = 0, beta = -1) leaves models under the target unpenalized and
+    punishes those over it sharply.
+    """
+    if form not in REWARD_FORMS:
+        raise ConfigError(f"unknown reward form {form!r} (allowed: {', '.join(REWARD_FORMS)})")
+    if not target > 0:
+        raise ConfigError(f"reward target must be > 0, got {target}")
+    alpha, beta = REWARD_FORMS[form]
+    w = alpha if cost <= target else beta
+    return float(accuracy * (cost / target) ** w)

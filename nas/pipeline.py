@@ -34,7 +34,8 @@ from nas.config import ArchConfig, Candidate
 from nas.data import Dataset, load_dataset
 from nas.errors import ConfigError, TrialFailure
 from nas.measure import count_flops, count_params, onnx_latency
-from nas.objectives import DEFAULT_OBJECTIVES, check_constraints
+from nas.early_stop import RungRule
+from nas.objectives import DEFAULT_OBJECTIVES, check_constraints, mnasnet_reward
 from nas.train import accuracy, seed_everything, train
 
 __all__ = ["Task", "TrialResult", "ConstraintViolation", "evaluate", "get_dataset", "PACKED_NAME"]
@@ -61,6 +62,16 @@ class Task:
     artifacts_dir: str | None = None
     teachers: int = 1
     teacher_epochs: int = 20
+    reward: dict[str, Any] | None = None  # {"on": cost name, "target": T, "form": soft|hard}
+    early_stop: dict[str, Any] | None = None  # RungRule fields; None turns early stopping off
+
+    def rung_rule(self) -> RungRule | None:
+        if self.early_stop is None:
+            return None
+        d = dict(self.early_stop)
+        if "fractions" in d:
+            d["fractions"] = tuple(d["fractions"])
+        return RungRule(**d)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -134,10 +145,12 @@ def evaluate(
     task: Task,
     *,
     trial_id: str | None = None,
-    on_epoch: Callable[[int, nn.Module], None] | None = None,
+    at_rung: Callable[[int, float, dict[str, Any]], None] | None = None,
 ) -> TrialResult:
     """Pre-flight costs, constraints, training, compression, accuracy of the shipped artifact.
 
+    ``at_rung(epoch, val_accuracy, costs)`` is called at the early-stopping rungs of
+    ``task.early_stop`` and may raise :class:`~nas.early_stop.EarlyStopped`.
     Raises :class:`ConstraintViolation` (reject without training) or :class:`TrialFailure`.
     """
     timings: dict[str, float] = {}
@@ -174,6 +187,15 @@ def evaluate(
     loss_fn = _distill_loss(candidate, task, data)
     cfg = candidate.compression
     penalty = (lambda m: slimming_penalty(m, cfg.slimming_l1)) if cfg.prune == "bn" and cfg.slimming_l1 > 0 else None
+    on_epoch = None
+    rule = task.rung_rule()
+    if rule is not None and at_rung is not None:
+        rungs = set(rule.rungs(recipe.epochs))
+
+        def on_epoch(epoch: int, m: nn.Module) -> None:
+            if epoch in rungs:
+                at_rung(epoch, accuracy(m, data.x_val, data.y_val), costs)
+
     stats = train(model, data.x_train, data.y_train, recipe, task.seed, loss_fn=loss_fn, penalty=penalty,
                   on_epoch=on_epoch)
     timings["train_s"] = time.perf_counter() - t1
@@ -209,6 +231,9 @@ def evaluate(
     if reason:
         raise ConstraintViolation(reason.replace("before training", "after compression"))
     objectives = {"accuracy": val_acc, **{k: float(costs[k]) for k in ("latency_ms", "size_bytes", "flops", "params")}}
+    if task.reward:
+        objectives["reward"] = mnasnet_reward(val_acc, objectives[task.reward["on"]], task.reward["target"],
+                                              task.reward.get("form", "soft"))
     metrics = {
         **costs,
         "accuracy": val_acc,
@@ -219,4 +244,6 @@ def evaluate(
         "final_loss": stats.final_loss,
         **timings,
     }
+    if "reward" in objectives:
+        metrics["reward"] = objectives["reward"]
     return TrialResult(objectives, metrics, str(out) if out else None)

@@ -9,7 +9,6 @@ read the study through this module.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import numpy as np
 import optuna
 import pandas as pd
 
+from nas.config import CompressionConfig
 from nas.errors import ConfigError, NasError
 from nas.pareto import non_dominated_ranks
 
@@ -88,8 +88,13 @@ def study_meta(study: optuna.Study) -> dict[str, Any]:
     return {"objectives": list(names), "directions": dirs}
 
 
-def _finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
+def _compression_summary(cand: dict | None) -> str:
+    if not cand:
+        return ""
+    try:
+        return CompressionConfig.from_dict(cand.get("compression", {})).summary()
+    except NasError:
+        return "?"
 
 
 def trials_frame(study: optuna.Study) -> pd.DataFrame:
@@ -109,6 +114,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
                 row[k] = ua.get(k, np.nan) if values else np.nan
         cand = ua.get("candidate")
         row["arch"] = ua.get("summary", "")
+        row["compression"] = _compression_summary(cand)
         row["candidate"] = json.dumps(cand, sort_keys=True) if cand else ""
         row["fail_reason"] = ua.get("fail_reason", "")
         row["duration_s"] = t.duration.total_seconds() if t.duration else np.nan

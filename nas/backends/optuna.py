@@ -7,10 +7,13 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import optuna
 
 from nas.config import Candidate
 from nas.errors import ConfigError, TrialFailure
+from nas.early_stop import EarlyStopped
+from nas.objectives import COSTS
 from nas.objectives import directions as objective_directions
 from nas.pipeline import ConstraintViolation, Task, evaluate, get_dataset
 from nas.space import Space
@@ -49,13 +52,42 @@ def suggest_candidate(trial: Any, space: Space, task: Task) -> Candidate:
     return cand
 
 
+def rung_hook(trial: Any, task: Task) -> Callable[[int, float, dict[str, Any]], None] | None:
+    """Record this trial's accuracy at a rung in the study and apply the rung rule against the
+    trials already recorded there (read back from the same storage, so it works across
+    processes and Ray workers alike)."""
+    rule = task.rung_rule()
+    if rule is None:
+        return None
+    names = ["accuracy"] + [o for o in task.objectives if o in COSTS]
+
+    def at_rung(epoch: int, acc: float, costs: dict[str, Any]) -> None:
+        key = f"rung_{epoch}"
+        trial.set_user_attr("costs", {n: float(costs[n]) for n in COSTS})
+        trial.set_user_attr(key, acc)
+        peers = [
+            [t.user_attrs[key]] + [t.user_attrs["costs"][n] for n in names[1:]]
+            for t in trial.study.get_trials(deepcopy=False)
+            if t.number != trial.number and key in t.user_attrs and "costs" in t.user_attrs
+        ]
+        reason = rule.verdict(epoch, [acc] + [float(costs[n]) for n in names[1:]], np.array(peers, dtype=float), names)
+        if reason:
+            raise EarlyStopped(reason, epoch)
+
+    return at_rung
+
+
 def make_objective(space: Space, task: Task) -> Callable[[optuna.Trial], tuple[float, ...]]:
     """The objective both backends run: suggest -> evaluate -> record, failures with a reason."""
 
     def objective(trial: optuna.Trial) -> tuple[float, ...]:
         cand = suggest_candidate(trial, space, task)
         try:
-            result = evaluate(cand, task, trial_id=f"trial-{trial.number:05d}")
+            result = evaluate(cand, task, trial_id=f"trial-{trial.number:05d}", at_rung=rung_hook(trial, task))
+        except EarlyStopped as exc:
+            trial.set_user_attr("fail_reason", str(exc))
+            trial.set_user_attr("rung_reached", exc.rung)
+            raise optuna.TrialPruned(str(exc)) from exc
         except ConstraintViolation as exc:
             trial.set_user_attr("fail_reason", str(exc))
             raise optuna.TrialPruned(str(exc)) from exc
@@ -66,6 +98,8 @@ def make_objective(space: Space, task: Task) -> Callable[[optuna.Trial], tuple[f
             trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}")
             raise
         record_result(trial, result.metrics)
+        if result.artifact_dir:
+            trial.set_user_attr("artifact_dir", result.artifact_dir)
         return tuple(result.objectives[o] for o in task.objectives)
 
     return objective

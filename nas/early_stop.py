@@ -1,0 +1,72 @@
+"""Multi-fidelity early stopping for several objectives (Optuna's pruners only handle one).
+
+Successive halving on Pareto dominance: training is checked at rungs (by default after 1/4
+and 1/2 of the epochs). At a rung, a trial is compared with every trial that already reached
+the same rung on (validation accuracy at that rung, and its costs, which are known exactly
+from the pre-flight). It is stopped when more than a fraction ``1/eta`` of those peers
+dominate it, i.e. when it is clearly outside the best ``1/eta`` of its rung in the Pareto
+sense; nothing is stopped until ``min_peers`` trials have reached the rung. Stopped trials are
+recorded as PRUNED with the rung they reached.
+
+The rule is backend-neutral: a backend supplies ``peers(rung)`` (the records of other trials
+at that rung, from the study storage) and ``record(rung, accuracy)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from nas.errors import TrialFailure
+from nas.objectives import OBJECTIVES
+
+__all__ = ["EarlyStopped", "RungRule", "dominated_by"]
+
+
+class EarlyStopped(TrialFailure):
+    """Stopped at a rung by multi-objective successive halving."""
+
+    def __init__(self, message: str, rung: int) -> None:
+        super().__init__(message)
+        self.rung = rung
+
+
+def dominated_by(point: Sequence[float], peers: np.ndarray, directions: Sequence[str]) -> int:
+    """How many rows of ``peers`` Pareto-dominate ``point``."""
+    if len(peers) == 0:
+        return 0
+    sign = np.array([-1.0 if d == "maximize" else 1.0 for d in directions])
+    p = np.asarray(point, dtype=float) * sign
+    q = np.asarray(peers, dtype=float) * sign
+    return int(np.sum(np.all(q <= p, axis=1) & np.any(q < p, axis=1)))
+
+
+@dataclass(frozen=True)
+class RungRule:
+    """Rung fractions of the epoch budget, reduction factor and minimum peers per rung."""
+
+    fractions: tuple[float, ...] = (0.25, 0.5)
+    eta: float = 3.0
+    min_peers: int = 4
+
+    def rungs(self, epochs: int) -> list[int]:
+        rungs = {max(1, int(round(f * epochs))) for f in self.fractions}
+        return sorted(r for r in rungs if r < epochs)
+
+    def verdict(self, rung: int, point: Sequence[float], peers: np.ndarray, names: Sequence[str]) -> str | None:
+        """A stop reason, or ``None`` to promote. ``point`` and rows of ``peers`` hold values
+        for ``names`` (accuracy at the rung first, then the costs)."""
+        if len(peers) < self.min_peers:
+            return None
+        k = dominated_by(point, peers, [OBJECTIVES[n] for n in names])
+        allowed = math.floor(len(peers) / self.eta)
+        if k > allowed:
+            return (f"early-stopped at epoch {rung}: dominated by {k} of {len(peers)} trials at this rung "
+                    f"on ({', '.join(names)}); at most {allowed} allowed (eta={self.eta:g})")
+        return None
+
+
+RungHook = Callable[[int, float], None]
