@@ -1,4 +1,4 @@
-"""``nas`` command line: search, front.
+"""``nas`` command line: search, front, report, dashboard.
 
 Every user error prints one line (``nas: error: ...``) and exits with status 2.
 """
@@ -86,6 +86,15 @@ def _build_parser() -> argparse.ArgumentParser:
     f.add_argument("--storage", default=DEFAULT_STORAGE)
     f.add_argument("--format", default="table", help="table (default), csv, json, markdown")
     f.add_argument("--all", action="store_true", help="every trial, with state and failure reason")
+    r = sub.add_parser("report", help="HTML page and PNG plots of one study, or several compared")
+    r.add_argument("studies", nargs="+", metavar="STUDY")
+    r.add_argument("--storage", default=DEFAULT_STORAGE)
+    r.add_argument("--out", default=None, help="output folder (default runs/reports/STUDY)")
+
+    d = sub.add_parser("dashboard", help="open optuna-dashboard on the study's storage (localhost only)")
+    d.add_argument("study")
+    d.add_argument("--storage", default=DEFAULT_STORAGE)
+    d.add_argument("--port", type=_positive_int, default=8080)
     return p
 
 
@@ -138,7 +147,8 @@ def render(df: pd.DataFrame, objectives: Sequence[str], fmt: str, title: str, fu
         table.add_row(*(_fmt(c, r[c]) for c in cols))
     import shutil
 
-    width = max(shutil.get_terminal_size((200, 24)).columns, 120)
+    # On a terminal, fit it; into a pipe or file, never fold cells.
+    width = max(shutil.get_terminal_size().columns, 120) if sys.stdout.isatty() else 400
     console = Console(width=width, record=True, file=open(os.devnull, "w"))
     console.print(table)
     return console.export_text()
@@ -234,7 +244,34 @@ def cmd_front(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"search": cmd_search, "front": cmd_front}
+def cmd_report(args: argparse.Namespace) -> int:
+    from nas.report import build_report, write_report
+    from nas.study import load_study
+
+    studies = [load_study(name, args.storage) for name in args.studies]
+    try:
+        rep = build_report(studies)
+    except ValueError as exc:
+        raise NasError(str(exc)) from exc
+    out = Path(args.out or Path("runs") / "reports" / "+".join(args.studies))
+    for path in write_report(rep, out):
+        print(path)
+    return 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from optuna_dashboard import run_server
+
+    from nas.study import load_study
+
+    study = load_study(args.study, args.storage)  # fail early, with the one-line error, if it is missing
+    study_id = study._study_id  # optuna-dashboard addresses studies by id
+    print(f"optuna-dashboard: http://127.0.0.1:{args.port}/dashboard/studies/{study_id}  (Ctrl-C to stop)", flush=True)
+    run_server(study._storage, host="127.0.0.1", port=args.port)
+    return 0
+
+
+COMMANDS = {"search": cmd_search, "front": cmd_front, "report": cmd_report, "dashboard": cmd_dashboard}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -184,7 +184,7 @@ class CompressionConfig:
     def summary(self) -> str:
         """Compact text of the genes that are on, e.g. ``prune l1 0.5 | int4 | huffman``."""
         parts = []
-        if self.prune != "none":
+        if self.prune != "none" and any(r > 0 for r in (self.stage_prune_ratios or (self.prune_ratio,))):
             ratio = "/".join(f"{r:g}" for r in self.stage_prune_ratios) or f"{self.prune_ratio:g}"
             parts.append(f"prune {self.prune} {ratio}" + (f" x{self.prune_rounds}" if self.prune_rounds > 1 else ""))
         if self.lowrank > 0:

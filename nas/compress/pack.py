@@ -195,3 +195,13 @@ def write_file(path: str | os.PathLike[str], blob: bytes) -> int:
     tmp.write_bytes(blob)
     os.replace(tmp, path)
     return path.stat().st_size
+
+
+def tensor_bytes(blob: bytes) -> dict[str, int]:
+    """Payload bytes each tensor occupies in a packed file (aliases of shared tensors: 0)."""
+    (hlen,) = struct.unpack("<I", blob[8:12])
+    header = json.loads(zlib.decompress(blob[12 : 12 + hlen]))
+    out = {}
+    for e in header["t"]:
+        out[e["n"]] = sum(e[k][1] for k in ("m", "cb", "sc", "sy", "v") if k in e)
+    return out

@@ -1,0 +1,291 @@
+"""Study reports: pure data first (:func:`build_report`), then rendering at the edge
+(matplotlib PNGs, one self-contained plotly HTML page).
+
+Hypervolume is computed on normalized objectives: accuracy as is (a fraction, reference 0),
+each cost divided by 1.1 x its largest value over all compared studies (reference 1). The
+reference point is written into the report in the objectives' own units.
+"""
+
+from __future__ import annotations
+
+import html
+import itertools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import pandas as pd
+
+from nas.pareto import hypervolume, non_dominated_ranks
+from nas.study import front_frame, study_meta, trials_frame
+
+__all__ = ["UNITS", "StudyData", "Report", "build_report", "write_report", "layer_costs"]
+
+UNITS = {
+    "accuracy": "accuracy (validation, fraction)",
+    "latency_ms": "latency_ms (ONNX Runtime, batch 1, ms)",
+    "size_bytes": "size_bytes (packed weights file, bytes)",
+    "flops": "flops (fvcore multiply-adds)",
+    "params": "params (count)",
+    "reward": "reward (MnasNet)",
+}
+REF_MARGIN = 1.1
+
+
+@dataclass
+class StudyData:
+    name: str
+    trials: pd.DataFrame
+    front: pd.DataFrame
+    hv_curve: pd.DataFrame  # trial, elapsed_s, hypervolume
+    layers: dict[int, pd.DataFrame] = field(default_factory=dict)
+
+
+@dataclass
+class Report:
+    objectives: list[str]
+    directions: list[str]
+    reference: dict[str, float]
+    studies: list[StudyData]
+
+
+def _reference(frames: list[pd.DataFrame], names: list[str], dirs: list[str]) -> dict[str, float]:
+    ref = {}
+    for n, d in zip(names, dirs):
+        vals = pd.concat([f[n] for f in frames if n in f]).astype(float)
+        vals = vals[np.isfinite(vals)]
+        if d == "maximize":
+            ref[n] = 0.0 if n in ("accuracy", "reward") or vals.empty else float(vals.min()) - abs(float(vals.min())) * 0.1
+        else:
+            ref[n] = REF_MARGIN * float(vals.max()) if not vals.empty else 1.0
+    return ref
+
+
+def _normalize(values: np.ndarray, names: list[str], dirs: list[str], ref: dict[str, float]) -> tuple[np.ndarray, list[float]]:
+    out = values.astype(float).copy()
+    norm_ref = []
+    for j, (n, d) in enumerate(zip(names, dirs)):
+        if d == "minimize":
+            out[:, j] = out[:, j] / ref[n]
+            norm_ref.append(1.0)
+        else:
+            norm_ref.append(ref[n])
+    return out, norm_ref
+
+
+def _hv_curve(df: pd.DataFrame, names: list[str], dirs: list[str], ref: dict[str, float]) -> pd.DataFrame:
+    df = df.sort_values("trial")
+    if df.empty:
+        return pd.DataFrame(columns=["trial", "elapsed_s", "hypervolume"])
+    starts = pd.to_datetime(df["datetime_start"])
+    ends = pd.to_datetime(df["datetime_complete"])
+    t0 = starts.min()
+    values, norm_ref = _normalize(df[names].to_numpy(dtype=float), names, dirs, ref)
+    rows = []
+    for i in range(len(df)):
+        hv = hypervolume(values[: i + 1], dirs, norm_ref)
+        end = ends.iloc[i]
+        rows.append({"trial": int(df["trial"].iloc[i]), "elapsed_s": (end - t0).total_seconds() if pd.notna(end) else np.nan,
+                     "hypervolume": hv})
+    return pd.DataFrame(rows)
+
+
+def layer_costs(artifact_dir: str | Path) -> pd.DataFrame:
+    """Per block (stem, body.k, classifier) of a trial's shipped model: params, FLOPs, bytes."""
+    from nas.compress.pack import tensor_bytes
+    from nas.compress.passes import load_packed
+    from nas.config import Candidate
+    from nas.measure import flops_by_module
+    from nas.pipeline import PACKED_NAME
+
+    folder = Path(artifact_dir)
+    cand = Candidate.from_json((folder / "candidate.json").read_text())
+    blob = (folder / PACKED_NAME).read_bytes()
+    model = load_packed(cand, blob)
+    arch = cand.arch
+    example = __import__("torch").zeros(1, arch.in_channels, *arch.input_size)
+    flops = flops_by_module(model, example)
+    sizes = tensor_bytes(blob)
+
+    def group(name: str) -> str:
+        parts = name.split(".")
+        return ".".join(parts[:2]) if parts[0] == "body" else parts[0]
+
+    groups = ["stem", *[f"body.{k}" for k in range(len(arch.blocks))], "pool", "classifier"]
+    rows = []
+    seen: set[int] = set()
+    for g in groups:
+        module = model.get_submodule(g)
+        params = 0
+        for p in module.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                params += p.numel()
+        block = arch.blocks[int(g.split(".")[1])] if g.startswith("body.") else None
+        label = g if block is None else f"{g} {block.type} k{block.kernel} w{block.out_channels}"
+        rows.append({"layer": label, "params": params, "flops": flops.get(g, 0),
+                     "bytes": sum(v for k, v in sizes.items() if group(k) == g)})
+    return pd.DataFrame(rows)
+
+
+def build_report(studies: list[optuna.Study]) -> Report:
+    """Everything the renderers show, as data."""
+    metas = [study_meta(s) for s in studies]
+    names, dirs = metas[0]["objectives"], metas[0]["directions"]
+    for s, m in zip(studies, metas):
+        if m["objectives"] != names:
+            raise ValueError(f"study {s.study_name!r} has objectives {m['objectives']}, not {names}: "
+                             "only studies with the same objectives can be compared")
+    frames = [trials_frame(s) for s in studies]
+    ref = _reference(frames, names, dirs)
+    out = []
+    for s, df in zip(studies, frames):
+        front = front_frame(s)
+        data = StudyData(s.study_name, df, front, _hv_curve(df, names, dirs, ref))
+        if not front.empty:
+            for _, row in front.iterrows():
+                folder = s.trials[int(row["trial"])].user_attrs.get("artifact_dir")
+                if folder and Path(folder, "candidate.json").is_file():
+                    data.layers[int(row["trial"])] = layer_costs(folder)
+        out.append(data)
+    return Report(list(names), list(dirs), ref, out)
+
+
+# ----------------------------------------------------------------------------- rendering
+
+_COLORS = ["tab:red", "tab:blue", "tab:green", "tab:purple", "tab:orange"]
+
+
+def _pairs(names: list[str]) -> list[tuple[str, str]]:
+    return list(itertools.combinations(names, 2)) or [(names[0], names[0])]
+
+
+def _png_front(rep: Report, a: str, b: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=110)
+    for i, st in enumerate(rep.studies):
+        df = st.trials[st.trials["state"] == "COMPLETE"]
+        if df.empty:
+            continue
+        color = _COLORS[i % len(_COLORS)]
+        label = st.name if len(rep.studies) > 1 else "front"
+        ax.scatter(df[a], df[b], c="lightgrey", s=18, label=f"{st.name}: dominated" if len(rep.studies) > 1 else "dominated")
+        pair_dirs = [rep.directions[rep.objectives.index(a)], rep.directions[rep.objectives.index(b)]]
+        # the front of this pair of objectives, drawn as a step line; all-objective front members ringed
+        ranks = non_dominated_ranks(df[[a, b]].to_numpy(dtype=float), pair_dirs)
+        pf = df[ranks == 0].sort_values(a)
+        ax.step(pf[a], pf[b], where="post", color=color, lw=1.2, alpha=0.8)
+        ax.scatter(st.front[a], st.front[b], c=color, s=36, edgecolors="black", linewidths=0.5, label=f"{label} (Pareto-optimal)")
+    ax.set_xlabel(UNITS.get(a, a))
+    ax.set_ylabel(UNITS.get(b, b))
+    for axis, name in (("x", a), ("y", b)):
+        if name in ("size_bytes", "flops", "params"):
+            getattr(ax, f"set_{axis}scale")("log")
+    ax.set_title(f"{b} vs {a}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _png_hv(rep: Report, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
+    for i, st in enumerate(rep.studies):
+        c = st.hv_curve
+        color = _COLORS[i % len(_COLORS)]
+        axes[0].plot(np.arange(1, len(c) + 1), c["hypervolume"], color=color, label=st.name)
+        axes[1].plot(c["elapsed_s"], c["hypervolume"], color=color, label=st.name)
+    axes[0].set_xlabel("trials finished (count)")
+    axes[1].set_xlabel("wall-clock since the first trial started (s)")
+    for ax in axes:
+        ax.set_ylabel("hypervolume (normalized objectives)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("Hypervolume; reference " + ", ".join(f"{k}={v:.4g}" for k, v in rep.reference.items()), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _html_table(df: pd.DataFrame) -> str:
+    return df.to_html(index=False, border=0, classes="t", float_format=lambda v: f"{v:.4g}")
+
+
+def _html(rep: Report) -> str:
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    pairs = _pairs(rep.objectives)
+    fig = make_subplots(rows=1, cols=len(pairs), subplot_titles=[f"{b} vs {a}" for a, b in pairs])
+    for i, st in enumerate(rep.studies):
+        df = st.trials[st.trials["state"] == "COMPLETE"]
+        on_front = df["trial"].isin(st.front["trial"])
+        for j, (a, b) in enumerate(pairs, start=1):
+            for mask, color, label in ((~on_front, "lightgrey", "dominated"), (on_front, _COLORS[i % 5].split(":")[1], "Pareto-optimal")):
+                part = df[mask]
+                fig.add_trace(go.Scatter(x=part[a], y=part[b], mode="markers", marker={"color": color, "size": 8},
+                                         name=f"{st.name}: {label}", showlegend=j == 1,
+                                         text=[f"trial {t}<br>{ar}<br>{co}" for t, ar, co in zip(part["trial"], part["arch"], part["compression"])]),
+                              row=1, col=j)
+            fig.update_xaxes(title_text=UNITS.get(a, a), row=1, col=j, type="log" if a in ("size_bytes", "flops", "params") else None)
+            fig.update_yaxes(title_text=UNITS.get(b, b), row=1, col=j, type="log" if b in ("size_bytes", "flops", "params") else None)
+    fig.update_layout(height=450, width=max(700, 450 * len(pairs)))
+    hv = go.Figure()
+    for i, st in enumerate(rep.studies):
+        hv.add_trace(go.Scatter(x=st.hv_curve["elapsed_s"], y=st.hv_curve["hypervolume"], mode="lines+markers", name=st.name))
+    hv.update_layout(xaxis_title="wall-clock since the first trial started (s)", yaxis_title="hypervolume (normalized)", height=380)
+
+    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>nas report</title>",
+             "<style>body{font-family:sans-serif;margin:2em} table.t{border-collapse:collapse;font-size:13px}"
+             " table.t td,table.t th{padding:3px 8px;border-bottom:1px solid #ddd;text-align:right}</style></head><body>",
+             f"<h1>nas report: {html.escape(', '.join(s.name for s in rep.studies))}</h1>",
+             "<p>Objectives: " + ", ".join(f"{n} ({d})" for n, d in zip(rep.objectives, rep.directions)) + ". "
+             "Hypervolume on normalized objectives; reference point: "
+             + html.escape(json.dumps({k: round(v, 6) for k, v in rep.reference.items()}), quote=False) + ".</p>",
+             fig.to_html(full_html=False, include_plotlyjs="inline"),
+             "<h2>Hypervolume over time</h2>", hv.to_html(full_html=False, include_plotlyjs=False)]
+    for st in rep.studies:
+        final_hv = st.hv_curve["hypervolume"].iloc[-1] if len(st.hv_curve) else 0.0
+        counts = st.trials["state"].value_counts().to_dict() if not st.trials.empty else {}
+        parts.append(f"<h2>{html.escape(st.name)}</h2><p>{len(st.trials)} trials {html.escape(json.dumps(counts))}; "
+                     f"final hypervolume {final_hv:.4f}</p>")
+        cols = [c for c in ["trial", *rep.objectives, "test_accuracy", "latency_iqr_ms", "params", "flops", "size_bytes",
+                            "arch", "compression"] if c in st.front.columns]
+        cols = list(dict.fromkeys(cols))
+        parts.append("<h3>Pareto-optimal trials</h3>" + _html_table(st.front[cols]))
+        for trial, layers in st.layers.items():
+            parts.append(f"<h3>Trial {trial}: cost per layer</h3>" + _html_table(layers))
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(rep: Report, out: Path) -> list[Path]:
+    """Write ``report.html`` and the PNGs into ``out``; return the written paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for a, b in _pairs(rep.objectives):
+        p = out / f"front_{a}_vs_{b}.png"
+        _png_front(rep, a, b, p)
+        written.append(p)
+    p = out / "hypervolume.png"
+    _png_hv(rep, p)
+    written.append(p)
+    page = out / "report.html"
+    tmp = page.with_suffix(".tmp")
+    tmp.write_text(_html(rep))
+    tmp.replace(page)
+    written.append(page)
+    return written
