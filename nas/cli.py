@@ -79,6 +79,10 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-early-stop", dest="early_stop", action="store_false",
                    help="train every trial to its full budget (default: Pareto successive halving)")
     s.add_argument("--eta", type=_positive_float, default=3.0, help="early stopping keeps ~1/eta of each rung (default 3)")
+    s.add_argument("--backend", choices=("optuna", "ray"), default="optuna", help="optuna (default, in-process) or ray (Ray Tune)")
+    s.add_argument("--workers", type=_positive_int, default=2, help="Ray: concurrent trials (default 2)")
+    s.add_argument("--ray-address", default=None, help="Ray: connect to a cluster ('auto' or host:port); default a local instance")
+    s.add_argument("--resume", action="store_true", help="Ray: continue an interrupted run (Tuner.restore)")
     s.add_argument("--quiet", action="store_true", help="no per-trial progress")
 
     f = sub.add_parser("front", help="print a study's Pareto-optimal trials")
@@ -220,11 +224,20 @@ def cmd_search(args: argparse.Namespace) -> int:
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     err.print(f"study {study_name!r} in {args.storage}: dataset {data.name} {data.describe()['input_shape']}, "
               f"space {space.name}, sampler {args.sampler}, objectives {','.join(objectives)}")
-    study = run_optuna(
-        space, task, study_name=study_name, storage=storage, sampler=args.sampler,
-        n_trials=args.trials, jobs=args.jobs,
-        callbacks=[_progress_callback(objectives, args.trials, args.quiet)],
-    )
+    if args.backend == "ray":
+        from nas.backends.ray import run_ray
+
+        study = run_ray(space, task, study_name=study_name, storage_url=args.storage, sampler=args.sampler,
+                        n_trials=args.trials, workers=args.workers, ray_address=args.ray_address, resume=args.resume,
+                        quiet=args.quiet)
+    else:
+        if args.resume or args.ray_address:
+            raise NasError("--resume and --ray-address are for --backend ray (the optuna backend resumes by rerunning)")
+        study = run_optuna(
+            space, task, study_name=study_name, storage=storage, sampler=args.sampler,
+            n_trials=args.trials, jobs=args.jobs,
+            callbacks=[_progress_callback(objectives, args.trials, args.quiet)],
+        )
     done = finished_count(study)
     sys.stdout.write(render(front_frame(study), objectives, "table", f"Pareto front of {study_name} ({done} trials)"))
     err.print(f"see it again: nas front {study_name} --storage {args.storage}")

@@ -1,0 +1,253 @@
+"""Ray Tune backend: the same space, pipeline and study storage, on one machine or a cluster.
+
+The Tuner's search algorithm is Ray's ``OptunaSearch`` driven by the *same* define-by-run
+space (:meth:`nas.space.Space.suggest`) and the same explicit, seeded sampler, on the same
+Optuna storage; so ``nas front / report / export`` read a Ray-run study unchanged. Workers
+only run :func:`nas.pipeline.evaluate` and report back; the driver writes every result into
+the study. Multi-objective early stopping runs as a Ray scheduler applying the same Pareto
+rung rule as the Optuna backend. Latency timing stays serialized per node by the pipeline's
+host-wide lock.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+
+from nas.backends.optuna import create_study, finished_count, make_sampler
+from nas.config import Candidate
+from nas.early_stop import EarlyStopped, RungRule
+from nas.errors import ConfigError, TrialFailure
+from nas.objectives import COSTS
+from nas.pipeline import ConstraintViolation, Task, evaluate, get_dataset
+from nas.space import Space
+
+__all__ = ["run_ray", "experiment_dir"]
+
+for _k, _v in {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AIR_NEW_OUTPUT": "0", "RAY_AUTH_MODE": "token",
+               "TUNE_GLOBAL_CHECKPOINT_S": "2", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
+               # rung reports and pruned trials carry no objective values
+               "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1"}.items():
+    os.environ.setdefault(_k, _v)
+
+
+class DefineByRun:
+    """OptunaSearch's space: our suggest(), plus the candidate and Optuna trial id as constants.
+    A module-level class so the searcher can be pickled for resume."""
+
+    def __init__(self, space: Space, shape: tuple[int, tuple[int, int], int], task: dict[str, Any]) -> None:
+        self.space, self.shape, self.task = space, shape, task
+
+    def __call__(self, trial: optuna.Trial) -> dict[str, Any]:
+        c, size, k = self.shape
+        cand = self.space.suggest(trial, in_channels=c, input_size=size, num_classes=k)
+        trial.set_user_attr("candidate", cand.to_dict())
+        trial.set_user_attr("summary", cand.arch.summary())
+        return {"candidate": cand.to_dict(), "optuna_number": trial.number, "task": self.task}
+
+
+def _make_searcher_class():  # noqa: ANN202
+    from ray.tune.search.optuna import OptunaSearch
+
+    class NasOptunaSearch(OptunaSearch):
+        """Records nas metrics as user attributes and maps our outcomes to trial states
+        (OptunaSearch alone tells a multi-objective trial with missing values as COMPLETE)."""
+
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+            if trial_id in self._completed_trials:
+                return
+            ot_trial = self._ot_trials[trial_id]
+            if self._ot_study._storage.get_trial(ot_trial._trial_id).state.is_finished():
+                # Re-run after a resume, but already recorded before the driver died: keep the first.
+                self._completed_trials.add(trial_id)
+                return
+            result = result or {}
+            metrics = dict(result.get("nas_metrics") or {})
+            # Tune may hand results over flattened ("nas_metrics/test_accuracy")
+            metrics.update({k.split("/", 1)[1]: v for k, v in result.items() if k.startswith("nas_metrics/")})
+            for k, v in metrics.items():
+                ot_trial.set_user_attr(k, v)
+            state, values = optuna.trial.TrialState.FAIL, None
+            if result.get("nas_state") == "COMPLETE":
+                state, values = optuna.trial.TrialState.COMPLETE, [result[m] for m in self.metric]
+            elif result.get("nas_state") in ("PRUNED", "FAIL"):
+                state = getattr(optuna.trial.TrialState, result["nas_state"])
+                ot_trial.set_user_attr("fail_reason", result.get("fail_reason", ""))
+            elif "rung" in result:  # stopped by the scheduler after a rung report
+                state = optuna.trial.TrialState.PRUNED
+                ot_trial.set_user_attr("rung_reached", result["rung"])
+                ot_trial.set_user_attr("fail_reason", f"early-stopped at epoch {result['rung']} by the Pareto rung "
+                                                      "rule (Ray scheduler)")
+            else:
+                ot_trial.set_user_attr("fail_reason", "worker error" if error else "no result reported")
+            self._ot_study.tell(ot_trial, values, state=state)
+            self._completed_trials.add(trial_id)
+
+    return NasOptunaSearch
+
+
+def _make_scheduler_class():  # noqa: ANN202
+    from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+
+    class ParetoHalvingScheduler(FIFOScheduler):
+        """Successive halving on Pareto dominance (see nas.early_stop), as a Ray scheduler."""
+
+        def __init__(self, rule: RungRule, names: list[str]) -> None:
+            super().__init__()
+            self.rule, self.names = rule, names
+            self.records: dict[int, list[list[float]]] = {}
+
+        def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+            if "rung" not in result or result.get("nas_state"):
+                return TrialScheduler.CONTINUE
+            rung = int(result["rung"])
+            point = [result["rung_accuracy"]] + [result[n] for n in self.names[1:]]
+            peers = self.records.setdefault(rung, [])
+            verdict = self.rule.verdict(rung, point, np.array(peers, dtype=float), self.names)
+            peers.append(point)
+            return TrialScheduler.STOP if verdict else TrialScheduler.CONTINUE
+
+    return ParetoHalvingScheduler
+
+
+def _progress_callback(objectives: list[str], quiet: bool):  # noqa: ANN202
+    import sys
+
+    from ray import tune
+
+    class Progress(tune.Callback):  # plain prints: the Tuner pickles its callbacks
+        def __init__(self) -> None:
+            self.done = 0
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self.done += 1
+            if quiet:
+                return
+            r = trial.last_result or {}
+            head = f"[{self.done}] ray trial {r.get('config', {}).get('optuna_number', '?')} {str(r.get('nas_state', 'stopped')).lower()}"
+            if r.get("nas_state") == "COMPLETE":
+                vals = "  ".join(f"{o}={r[o]:.4g}" for o in objectives if o in r)
+                print(f"{head}  {vals}", file=sys.stderr, flush=True)
+            else:
+                print(f"{head}: {r.get('fail_reason', 'early-stopped at a rung' if 'rung' in r else '')}",
+                      file=sys.stderr, flush=True)
+
+    return Progress()
+
+
+def _trainable(config: dict[str, Any]) -> None:
+    """One trial on a Ray worker: evaluate, then report objectives and metrics to the driver."""
+    from ray import tune
+
+    task = Task.from_dict(config["task"])
+    cand = Candidate.from_dict(config["candidate"])
+    names = ["accuracy"] + [o for o in task.objectives if o in COSTS]
+
+    def at_rung(epoch: int, acc: float, costs: dict[str, Any]) -> None:
+        tune.report({"rung": epoch, "rung_accuracy": acc, **{n: float(costs[n]) for n in names[1:]}})
+
+    try:
+        res = evaluate(cand, task, trial_id=f"trial-{config['optuna_number']:05d}",
+                       at_rung=at_rung if task.early_stop else None)
+    except (ConstraintViolation, EarlyStopped) as exc:
+        tune.report({"nas_state": "PRUNED", "fail_reason": str(exc)})
+        return
+    except TrialFailure as exc:
+        tune.report({"nas_state": "FAIL", "fail_reason": str(exc)})
+        return
+    except Exception as exc:  # a bug in a block, say: recorded, the study goes on
+        tune.report({"nas_state": "FAIL", "fail_reason": f"{type(exc).__name__}: {exc}"})
+        return
+    metrics = dict(res.metrics)
+    if res.artifact_dir:
+        metrics["artifact_dir"] = res.artifact_dir
+    tune.report({"nas_state": "COMPLETE", **{o: res.objectives[o] for o in task.objectives}, "nas_metrics": metrics})
+
+
+def experiment_dir(runs_dir: str | Path, study_name: str) -> Path:
+    return Path(runs_dir).resolve() / "ray" / study_name
+
+
+def run_ray(
+    space: Space,
+    task: Task,
+    *,
+    study_name: str,
+    storage_url: str,
+    sampler: str = "nsga2",
+    n_trials: int = 20,
+    workers: int = 2,
+    ray_address: str | None = None,
+    resume: bool = False,
+    runs_dir: str | Path = "runs",
+    quiet: bool = False,
+) -> optuna.Study:
+    """Run (or, with ``resume``, restore) a Ray Tune search into the Optuna study."""
+    import ray
+    from ray import tune
+
+    if "://" not in storage_url:
+        raise ConfigError(f"the Ray backend needs a database storage URL (sqlite:///... or postgresql://...), not {storage_url!r}")
+    # Workers may run in other folders (or machines): give them absolute paths.
+    if task.artifacts_dir:
+        task = dataclasses.replace(task, artifacts_dir=str(Path(task.artifacts_dir).resolve()))
+    if task.dataset.endswith(".npz"):
+        task = dataclasses.replace(task, dataset=str(Path(task.dataset).resolve()))
+    task = dataclasses.replace(task, train_threads=task.train_threads or 1)
+    storage = optuna.storages.RDBStorage(storage_url)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = create_study(study_name, storage, task, space, make_sampler(sampler, task.seed, n_trials),
+                         {"backend": "ray"})
+    exp = experiment_dir(runs_dir, study_name)
+
+    started = False
+    if not ray.is_initialized():
+        ray.init(address=ray_address, num_cpus=None if ray_address else workers, include_dashboard=False,
+                 log_to_driver=False, logging_level="warning")
+        started = True
+    logging.getLogger("ray.tune").setLevel(logging.ERROR)
+    try:
+        trainable = tune.with_resources(_trainable, {"cpu": 1})
+        if resume:
+            if not tune.Tuner.can_restore(str(exp)):
+                raise ConfigError(f"nothing to resume for study {study_name!r}: no Ray experiment in {exp}")
+            tuner = tune.Tuner.restore(str(exp), trainable=trainable, resume_unfinished=True, resume_errored=True)
+        else:
+            remaining = n_trials - finished_count(study)
+            if remaining <= 0:
+                return study
+            data = get_dataset(task.dataset, task.seed)
+            searcher = _make_searcher_class()(
+                space=DefineByRun(space, (data.in_channels, data.input_size, data.num_classes), task.to_dict()),
+                metric=list(task.objectives), mode=["max" if d == "maximize" else "min" for d in study_directions(study)],
+                sampler=make_sampler(sampler, task.seed, n_trials), study_name=study_name, storage=storage,
+            )
+            names = ["accuracy"] + [o for o in task.objectives if o in COSTS]
+            rule = task.rung_rule()
+            scheduler = _make_scheduler_class()(rule, names) if rule else None
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=remaining,
+                                            max_concurrent_trials=workers, reuse_actors=True),
+                run_config=tune.RunConfig(name=study_name, storage_path=str(exp.parent), verbose=0,
+                                          callbacks=[_progress_callback(list(task.objectives), quiet)]),
+            )
+        tuner.fit()
+    finally:
+        if started:
+            ray.shutdown()
+    # A driver killed mid-run leaves trials it had asked for but not saved: they never finish.
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        study._storage.set_trial_user_attr(t._trial_id, "fail_reason", "driver stopped before this trial was recorded")
+        study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+    return study
+
+
+def study_directions(study: optuna.Study) -> list[str]:
+    return ["maximize" if d == optuna.study.StudyDirection.MAXIMIZE else "minimize" for d in study.directions]

@@ -1,0 +1,99 @@
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+
+from nas.cli import main
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """One 2-CPU Ray head shared by every test here (starting Ray costs ~5 s)."""
+    port = _free_port()
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    subprocess.run(["ray", "start", "--head", "--num-cpus=2", f"--port={port}", "--include-dashboard=false",
+                    "--disable-usage-stats"], check=True, capture_output=True, env=env, timeout=120)
+    yield f"127.0.0.1:{port}"
+    subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=120)
+
+
+SPACE = ("name: tiny\nstem_channels: [8, 16]\nstages:\n  - block: [conv, dsconv, mbconv]\n    width: [8, 16, 24]\n"
+         "    stride: 2\n    expansion: [2]\nrecipe: {epochs: 3}\n")
+
+
+def test_ray_search_lands_in_the_same_storage_with_same_fields_and_runs_concurrently(ray_head, in_tmp):
+    (in_tmp / "space.yaml").write_text(SPACE)
+    db = f"sqlite:///{in_tmp}/s.db"
+    common = ["--space", "space.yaml", "--storage", db, "--quiet", "--no-early-stop", "--trials", "4"]
+    assert main(["search", "--backend", "ray", "--ray-address", ray_head, "--workers", "2", "--study", "ray", *common]) == 0
+    assert main(["search", "--study", "opt", *common]) == 0
+    ray_study = optuna.load_study(study_name="ray", storage=db)
+    opt_study = optuna.load_study(study_name="opt", storage=db)
+    done = [t for t in ray_study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) == 4
+    assert set(done[0].user_attrs) == set(opt_study.trials[0].user_attrs)
+    assert ray_study.user_attrs["nas"]["objectives"] == opt_study.user_attrs["nas"]["objectives"]
+    assert ray_study.user_attrs["nas"]["backend"] == "ray"
+    spans = sorted((t.datetime_start, t.datetime_complete) for t in done)
+    overlapping = any(a[1] > b[0] for a, b in zip(spans, spans[1:]))
+    assert overlapping, f"trials ran one after another: {spans}"
+    # front reads the Ray-run study unchanged
+    assert main(["front", "ray", "--storage", db, "--format", "json"]) == 0
+
+
+def _complete(db: str, name: str) -> dict[int, tuple]:
+    try:
+        study = optuna.load_study(study_name=name, storage=db)
+    except KeyError:
+        return {}
+    return {t.number: tuple(t.values) for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE}
+
+
+def test_killed_driver_resumes_keeping_every_completed_trial_once(ray_head, in_tmp):
+    (in_tmp / "space.yaml").write_text(SPACE)
+    db = f"sqlite:///{in_tmp}/k.db"
+    args = [sys.executable, "-m", "nas.cli", "search", "--backend", "ray", "--ray-address", ray_head, "--workers", "2",
+            "--study", "k", "--space", "space.yaml", "--storage", db, "--quiet", "--trials", "8", "--no-early-stop"]
+    driver = subprocess.Popen(args, cwd=in_tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and len(_complete(db, "k")) < 3:
+        time.sleep(0.5)
+    time.sleep(2.5)  # let Tune save its experiment state at least once after those trials
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    before = _complete(db, "k")
+    assert 3 <= len(before) < 8, "kill the driver mid-run"
+
+    resumed = subprocess.run([*args, "--resume"], cwd=in_tmp, capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    study = optuna.load_study(study_name="k", storage=db)
+    after = _complete(db, "k")
+    for number, values in before.items():
+        assert after[number] == values  # kept, unchanged
+    assert len(after) == 8  # the budget, each completed trial counted once
+    assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+    # trials the killed driver had started but not recorded are FAIL with a reason, never COMPLETE
+    for t in study.trials:
+        if t.state == optuna.trial.TrialState.FAIL:
+            assert t.user_attrs["fail_reason"]
+
+
+def test_resume_without_a_previous_run_is_a_clear_error(ray_head, in_tmp, capsys):
+    assert main(["search", "--backend", "ray", "--ray-address", ray_head, "--resume", "--study", "none",
+                 "--storage", f"sqlite:///{in_tmp}/n.db"]) == 2
+    assert "nothing to resume for study 'none'" in capsys.readouterr().err
