@@ -1,1 +1,27 @@
-"""nas: compression-aware neural architecture search."""
+"""nas: compression-aware neural architecture search.
+
+Architecture and compression are searched together; every cost is measured on what would
+ship (ONNX Runtime latency, bytes of the packed weights file).
+"""
+
+from nas.config import ArchConfig, BlockConfig, Candidate, CompressionConfig, Recipe
+from nas.errors import NasError
+from nas.export import load_bundle
+from nas.pipeline import Task, TrialResult, evaluate
+from nas.space import Space, load_space
+
+__all__ = [
+    "ArchConfig",
+    "BlockConfig",
+    "Candidate",
+    "CompressionConfig",
+    "NasError",
+    "Recipe",
+    "Space",
+    "Task",
+    "TrialResult",
+    "evaluate",
+    "load_bundle",
+    "load_space",
+]
+__version__ = "0.1.0"

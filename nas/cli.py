@@ -1,4 +1,4 @@
-"""``nas`` command line: search, front, report, dashboard.
+"""``nas`` command line: search, front, report, export, verify, dashboard.
 
 Every user error prints one line (``nas: error: ...``) and exits with status 2.
 """
@@ -94,6 +94,20 @@ def _build_parser() -> argparse.ArgumentParser:
     r.add_argument("studies", nargs="+", metavar="STUDY")
     r.add_argument("--storage", default=DEFAULT_STORAGE)
     r.add_argument("--out", default=None, help="output folder (default runs/reports/STUDY)")
+
+    e = sub.add_parser("export", help="write a bundle (ONNX, torch.export, packed weights, manifest, model card)")
+    e.add_argument("study")
+    e.add_argument("--storage", default=DEFAULT_STORAGE)
+    which = e.add_mutually_exclusive_group(required=True)
+    which.add_argument("--trial", type=int, help="trial number")
+    which.add_argument("--pick", help="'knee', or e.g. 'max accuracy with latency_ms <= 0.02'")
+    e.add_argument("--out", default=None, help="bundle folder (default runs/bundles/STUDY-trialN)")
+    e.add_argument("--retrain", type=_positive_int, default=None, metavar="EPOCHS",
+                   help="retrain the candidate for EPOCHS before export; both figures are reported")
+
+    v = sub.add_parser("verify", help="re-check a bundle against its manifest (exit 1 on any mismatch)")
+    v.add_argument("bundle")
+    v.add_argument("--no-latency", action="store_true", help="skip re-timing latency")
 
     d = sub.add_parser("dashboard", help="open optuna-dashboard on the study's storage (localhost only)")
     d.add_argument("study")
@@ -284,7 +298,37 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"search": cmd_search, "front": cmd_front, "report": cmd_report, "dashboard": cmd_dashboard}
+def cmd_export(args: argparse.Namespace) -> int:
+    from nas.export import export_bundle, pick_trial
+    from nas.study import load_study
+
+    study = load_study(args.study, args.storage)
+    number = args.trial if args.trial is not None else pick_trial(study, args.pick)
+    out = Path(args.out or Path("runs") / "bundles" / f"{args.study}-trial{number}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    export_bundle(study, number, out, storage_url=args.storage, retrain_epochs=args.retrain)
+    manifest = json.loads((out / "manifest.json").read_text())
+    m = manifest["metrics"]
+    print(f"trial {number} -> {out}: test accuracy {m['test_accuracy']:.4f}, latency {m['latency_ms']:.4f} ms, "
+          f"{m['size_bytes']:,} bytes ({m['deploy_precision']})")
+    if manifest["search_metrics"]:
+        s = manifest["search_metrics"]
+        print(f"  at search time: test accuracy {s['test_accuracy']:.4f}, {s['size_bytes']:,} bytes")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from nas.export import verify_bundle
+
+    result = verify_bundle(Path(args.bundle), remeasure_latency=not args.no_latency)
+    for what, ok, detail in result.checks:
+        print(f"{'ok  ' if ok else 'FAIL'} {what}: {detail}")
+    print("bundle verified" if result.ok else "bundle does NOT match its manifest")
+    return 0 if result.ok else 1
+
+
+COMMANDS = {"search": cmd_search, "front": cmd_front, "report": cmd_report, "export": cmd_export,
+            "verify": cmd_verify, "dashboard": cmd_dashboard}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,332 @@
+"""Bundles: what a user takes away from a study, and proof that it is what the search measured.
+
+A bundle folder holds ``model.onnx`` (the deployable, int8 QDQ where quantized),
+``model.pt2`` (a ``torch.export`` program of the same model), ``weights.nasp`` (the packed
+file whose length is ``size_bytes``), ``manifest.json`` (candidate, metrics, measurement
+context, data split, sha256 of every file) and ``MODEL_CARD.md``. Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import torch
+
+from nas.compress.passes import load_packed, onnx_predict
+from nas.config import Candidate
+from nas.errors import NasError
+from nas.measure import onnx_latency
+from nas.pipeline import PACKED_NAME, Task, evaluate, get_dataset
+from nas.study import front_frame, study_meta, trials_frame
+
+__all__ = ["pick_trial", "export_bundle", "verify_bundle", "load_bundle", "Bundle", "VerifyResult"]
+
+FILES = ("model.onnx", "model.pt2", PACKED_NAME)
+MANIFEST = "manifest.json"
+CARD = "MODEL_CARD.md"
+# Latency differs between processes by more than one run's IQR; the band verify accepts.
+LATENCY_BAND = "max(3 x recorded IQR, 0.25 x recorded median)"
+
+_PICK = re.compile(r"^\s*(max|min)\s+(\w+)(?:\s+(?:with|where)\s+(.+))?\s*$")
+_COND = re.compile(r"^\s*(\w+)\s*(<=|>=|<|>)\s*([-+0-9.eE]+)\s*$")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def pick_trial(study: optuna.Study, rule: str) -> int:
+    """A front member by rule: ``knee``, or ``max|min OBJECTIVE [with COND [and COND ...]]``
+    where COND is ``name <= value`` (also ``<``, ``>=``, ``>``) on any objective or metric."""
+    meta = study_meta(study)
+    front = front_frame(study)
+    if front.empty:
+        raise NasError(f"study {study.study_name!r} has no completed trials to pick from")
+    if rule.strip() == "knee":
+        names, dirs = meta["objectives"], meta["directions"]
+        v = front[names].to_numpy(dtype=float)
+        lo, hi = v.min(0), v.max(0)
+        span = np.where(hi > lo, hi - lo, 1.0)
+        norm = (v - lo) / span
+        ideal = np.array([1.0 if d == "maximize" else 0.0 for d in dirs])
+        return int(front["trial"].iloc[int(np.argmin(np.linalg.norm(norm - ideal, axis=1)))])
+    m = _PICK.match(rule)
+    if not m:
+        raise NasError(f"pick rule {rule!r} not understood (allowed: 'knee', or 'max|min NAME [with NAME <= VALUE [and ...]]')")
+    how, target, conds = m.groups()
+    df = trials_frame(study)
+    df = df[df["state"] == "COMPLETE"]
+    if target not in df.columns:
+        raise NasError(f"pick rule: unknown column {target!r} (allowed: {', '.join(c for c in df.columns if df[c].dtype.kind in 'fi')})")
+    for cond in (conds.split(" and ") if conds else []):
+        c = _COND.match(cond)
+        if not c or c.group(1) not in df.columns:
+            raise NasError(f"pick rule: condition {cond!r} not understood (like 'latency_ms <= 0.02')")
+        name, op, value = c.group(1), c.group(2), float(c.group(3))
+        col = df[name].astype(float)
+        df = df[{"<=": col <= value, "<": col < value, ">=": col >= value, ">": col > value}[op]]
+    if df.empty:
+        raise NasError(f"pick rule {rule!r}: no completed trial satisfies it")
+    row = df.sort_values(target, ascending=how == "min", kind="stable").iloc[0]
+    return int(row["trial"])
+
+
+def _context(threads: int) -> dict[str, Any]:
+    import onnx
+    import onnxruntime
+
+    return {"runtime": "onnxruntime", "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__,
+            "torch": torch.__version__.split("+")[0], "python": platform.python_version(),
+            "execution_provider": "CPUExecutionProvider", "threads": threads, "batch_size": 1,
+            "cpu": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform()}
+
+
+def _card(manifest: dict[str, Any]) -> str:
+    m, c = manifest["metrics"], Candidate.from_dict(manifest["candidate"])
+    src = manifest["source"]
+    ctx = manifest["measurement"]
+    pos = src.get("front_position", {})
+    lines = [
+        f"# {manifest['name']}",
+        "",
+        f"A {c.arch.spatial} CNN classifier for `{manifest['data']['name']}` "
+        f"(input {manifest['data']['input_shape']}, {manifest['data']['num_classes']} classes), "
+        f"found by compression-aware architecture search with `nas`.",
+        "",
+        "## How it was found",
+        f"- study `{src['study']}` (storage `{src['storage']}`), trial {src['trial']} of {src['n_trials']}, "
+        f"objectives {', '.join(src['objectives'])}",
+        f"- on the Pareto front: {'yes' if pos.get('on_front') else 'no'}"
+        + (f", one of {pos['front_size']} Pareto-optimal trials; rank {pos['accuracy_rank']} by accuracy" if pos.get("on_front") else ""),
+        f"- architecture: `{c.arch.summary()}`",
+        f"- compression: `{c.compression.summary()}`",
+        "",
+        "## Figures (measured on the files in this folder)",
+        "| metric | value |",
+        "|---|---|",
+        f"| validation accuracy | {m['val_accuracy']:.4f} |",
+        f"| test accuracy | {m['test_accuracy']:.4f} |",
+        f"| latency (ONNX Runtime, batch 1, {ctx['threads']} thread) | {m['latency_ms']:.4f} ms median, IQR {m['latency_iqr_ms']:.4f} ms |",
+        f"| size of `{PACKED_NAME}` | {m['size_bytes']:,} bytes |",
+        f"| parameters | {m['params']:,} |",
+        f"| FLOPs (fvcore, multiply-adds) | {m['flops']:,} |",
+        f"| deployed precision | {m['deploy_precision']} |",
+        f"| measured on | {ctx['cpu']}, onnxruntime {ctx['onnxruntime']} |",
+    ]
+    if manifest.get("search_metrics"):
+        s = manifest["search_metrics"]
+        lines.append(f"| at search time | val {s['val_accuracy']:.4f}, test {s['test_accuracy']:.4f}, "
+                     f"{s['size_bytes']:,} bytes (retrained for {manifest['retrain_epochs']} epochs since) |")
+    lines += [
+        "",
+        "## Use it",
+        "```python",
+        "import nas",
+        f"model, manifest = nas.load_bundle(\"{manifest['name']}\")",
+        "logits = model(x)  # x: float32 array (N, " + ", ".join(str(d) for d in manifest["data"]["input_shape"]) + "), normalized like the training data",
+        "```",
+        "Or run `model.onnx` in ONNX Runtime directly; `model.pt2` loads with `torch.export.load`.",
+        "",
+        "## Limits",
+        f"- Trained on {manifest['data']['n_train']} samples of `{manifest['data']['name']}` (split seed "
+        f"{manifest['data']['seed']}); accuracy elsewhere is unknown.",
+        f"- Inputs must be normalized with the training split's mean and std (as `nas.data` does).",
+        "- Latency was measured at batch 1 on the CPU above; other hardware will differ.",
+    ]
+    if m["deploy_precision"] == "int8" and any(p in ("int4", "int2", "ternary", "binary") for p in c.compression.precisions):
+        lines.append("- Weights below 8 bits are stored packed but run as int8 in ONNX Runtime (no sub-8-bit kernels).")
+    if c.compression.sparsity > 0:
+        lines.append("- Unstructured sparsity shrinks the file only; dense kernels run at full cost.")
+    return "\n".join(lines) + "\n"
+
+
+def _front_position(study: optuna.Study, number: int) -> dict[str, Any]:
+    front = front_frame(study)
+    on = number in set(front["trial"]) if not front.empty else False
+    out: dict[str, Any] = {"on_front": bool(on), "front_size": int(len(front))}
+    if on and "accuracy" in front.columns:
+        order = front.sort_values("accuracy", ascending=False)["trial"].tolist()
+        out["accuracy_rank"] = order.index(number) + 1
+    return out
+
+
+def export_bundle(study: optuna.Study, number: int, out: Path, *, storage_url: str = "",
+                  retrain_epochs: int | None = None) -> Path:
+    """Write the bundle of trial ``number`` into ``out`` (a new or empty folder)."""
+    trials = {t.number: t for t in study.trials}
+    if number not in trials:
+        raise NasError(f"study {study.study_name!r} has no trial {number} (trials 0..{len(trials) - 1})")
+    trial = trials[number]
+    if trial.state != optuna.trial.TrialState.COMPLETE:
+        raise NasError(f"trial {number} is {trial.state.name}, not COMPLETE: {trial.user_attrs.get('fail_reason', '')}")
+    if out.exists() and any(out.iterdir()):
+        raise NasError(f"bundle folder {out} exists and is not empty (choose another --out)")
+    meta = study_meta(study)
+    task = Task.from_dict(meta["task"])
+    cand = Candidate.from_dict(trial.user_attrs["candidate"])
+    metrics = {k: trial.user_attrs[k] for k in ("accuracy", "val_accuracy", "test_accuracy", "latency_ms",
+                                                 "latency_iqr_ms", "size_bytes", "params", "flops", "deploy_precision")}
+    search_metrics = None
+    tmp = Path(tempfile.mkdtemp(prefix=".nas-bundle-", dir=out.parent if out.parent.exists() else None))
+    try:
+        if retrain_epochs:
+            cand = dataclasses.replace(cand, recipe=dataclasses.replace(cand.recipe, epochs=retrain_epochs))
+            res = evaluate(cand, dataclasses.replace(task, artifacts_dir=str(tmp), early_stop=None, epochs=None),
+                           trial_id="retrain")
+            src = tmp / "retrain"
+            search_metrics, metrics = metrics, {k: res.metrics[k] for k in metrics}
+        else:
+            folder = trial.user_attrs.get("artifact_dir") or (
+                str(Path(task.artifacts_dir) / f"trial-{number:05d}") if task.artifacts_dir else None)
+            if not folder or not Path(folder, PACKED_NAME).is_file():
+                raise NasError(f"trial {number} has no stored artifacts (looked in {folder!r}); "
+                               "export it with --retrain EPOCHS to rebuild it")
+            src = Path(folder)
+        shutil.copy2(src / "model.onnx", tmp / "model.onnx")
+        shutil.copy2(src / PACKED_NAME, tmp / PACKED_NAME)
+        model = load_packed(cand, (tmp / PACKED_NAME).read_bytes())
+        example = torch.zeros(2, cand.arch.in_channels, *cand.arch.input_size)
+        program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+        program.example_inputs = None  # otherwise saved with torch.save (a pickle); the bundle has none
+        torch.export.save(program, str(tmp / "model.pt2"))
+        if (tmp / PACKED_NAME).stat().st_size != metrics["size_bytes"]:
+            raise NasError(f"trial {number}: packed file is {(tmp / PACKED_NAME).stat().st_size} bytes, "
+                           f"the study recorded {metrics['size_bytes']}")
+        data = get_dataset(task.dataset, task.seed)
+        manifest = {
+            "format": "nas-bundle/1",
+            "name": out.name,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "candidate": cand.to_dict(),
+            "metrics": metrics,
+            "search_metrics": search_metrics,
+            "retrain_epochs": retrain_epochs,
+            "measurement": _context(task.latency_threads),
+            "data": {**data.describe(), "dataset": task.dataset,
+                     "splits": "train/val/test fixed by seed; accuracy objective on val, test never seen by the search"},
+            "source": {"study": study.study_name, "storage": storage_url, "trial": number, "n_trials": len(trials),
+                       "objectives": meta["objectives"], "front_position": _front_position(study, number)},
+            "tolerances": {"accuracy": "exact (same data, same artifact)", "size_bytes": "exact",
+                           "latency_ms": LATENCY_BAND},
+            "files": {f: {"sha256": _sha256(tmp / f), "bytes": (tmp / f).stat().st_size} for f in FILES},
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        (tmp / CARD).write_text(_card(manifest))
+        if (tmp / "retrain").exists():
+            shutil.rmtree(tmp / "retrain")
+        if (tmp / "teachers").exists():
+            shutil.rmtree(tmp / "teachers")
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)  # the bundle appears whole or not at all
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+@dataclass
+class VerifyResult:
+    ok: bool
+    checks: list[tuple[str, bool, str]]  # (what, passed, detail)
+
+
+def verify_bundle(path: Path, *, remeasure_latency: bool = True) -> VerifyResult:
+    """Check hashes, reload every artifact, re-measure accuracy, size and latency."""
+    checks: list[tuple[str, bool, str]] = []
+    man_path = path / MANIFEST
+    if not man_path.is_file():
+        raise NasError(f"{path} is not a bundle (no {MANIFEST})")
+    manifest = json.loads(man_path.read_text())
+    for name, info in manifest["files"].items():
+        f = path / name
+        if not f.is_file():
+            checks.append((f"file {name}", False, "missing"))
+            continue
+        digest = _sha256(f)
+        checks.append((f"sha256 {name}", digest == info["sha256"],
+                       "matches" if digest == info["sha256"] else f"{digest[:16]}... != manifest {info['sha256'][:16]}..."))
+    if not all(ok for _, ok, _ in checks):
+        return VerifyResult(False, checks)
+
+    m = manifest["metrics"]
+    cand = Candidate.from_dict(manifest["candidate"])
+    size = (path / PACKED_NAME).stat().st_size
+    checks.append(("size_bytes", size == m["size_bytes"], f"{size} vs manifest {m['size_bytes']} (exact)"))
+    data = get_dataset(manifest["data"]["dataset"], manifest["data"]["seed"])
+    logits = onnx_predict(path / "model.onnx", data.x_test)
+    test_acc = float((logits.argmax(1) == data.y_test.numpy()).mean())
+    checks.append(("test_accuracy (model.onnx)", test_acc == m["test_accuracy"],
+                   f"{test_acc:.6f} vs manifest {m['test_accuracy']:.6f} (exact)"))
+    model = load_packed(cand, (path / PACKED_NAME).read_bytes())
+    program = torch.export.load(str(path / "model.pt2"))
+    with torch.no_grad():
+        x = data.x_test[:64]
+        same = torch.allclose(program.module()(x), model(x), atol=1e-5)
+    checks.append(("model.pt2 == weights.nasp", same, "outputs on 64 test inputs"))
+    agree = float((model(data.x_test).argmax(1).numpy() == logits.argmax(1)).mean())
+    allowed = 0.98 if m["deploy_precision"] == "int8" else 0.999
+    checks.append(("model.onnx vs packed PyTorch model", agree >= allowed,
+                   f"same class on {agree:.4f} of the test split (>= {allowed})"))
+    if remeasure_latency:
+        lat = onnx_latency(path / "model.onnx", (1, *manifest["data"]["input_shape"]),
+                           threads=manifest["measurement"]["threads"])
+        band = max(3 * m["latency_iqr_ms"], 0.25 * m["latency_ms"])
+        ok = abs(lat.median_ms - m["latency_ms"]) <= band
+        checks.append(("latency_ms", ok, f"{lat.median_ms:.5f} vs manifest {m['latency_ms']:.5f} (band +-{band:.5f})"))
+    return VerifyResult(all(ok for _, ok, _ in checks), checks)
+
+
+class Bundle:
+    """A loaded bundle: call it on inputs (N, C, H, W) to get logits from ``model.onnx``."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
+        self.path, self.manifest = path, manifest
+        self.candidate = Candidate.from_dict(manifest["candidate"])
+        self.torch_model = load_packed(self.candidate, (path / PACKED_NAME).read_bytes())
+
+    def __call__(self, x: Any) -> np.ndarray:
+        t = torch.as_tensor(np.asarray(x, dtype=np.float32))
+        return onnx_predict(self.path / "model.onnx", t)
+
+
+def load_bundle(path: str | os.PathLike[str]) -> tuple[Bundle, dict[str, Any]]:
+    """Load a bundle folder: ``(callable model, manifest)``.
+
+    Example:
+        >>> model, manifest = load_bundle("runs/bundles/digits-best")  # doctest: +SKIP
+        >>> logits = model(x)  # x: (N, C, H, W) float32
+    """
+    p = Path(path)
+    if not (p / MANIFEST).is_file():
+        raise NasError(f"{p} is not a bundle (no {MANIFEST})")
+    manifest = json.loads((p / MANIFEST).read_text())
+    return Bundle(p, manifest), manifest
+

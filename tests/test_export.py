@@ -1,0 +1,129 @@
+from __future__ import annotations
+
+import json
+import zipfile
+
+import numpy as np
+import onnx
+import optuna
+import pytest
+import torch
+
+import nas
+from nas.cli import main
+from nas.compress.passes import load_packed, onnx_predict
+from nas.config import Candidate
+from nas.pipeline import get_dataset
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("exp")
+    (root / "space.yaml").write_text(
+        "name: tiny\nstem_channels: 16\nstages:\n  - block: [conv, dsconv]\n    width: [16, 24]\n    stride: 2\n"
+        "recipe: {epochs: 6, lr: 0.01}\ncompression: {quant: [fp32, int8, int4]}\n")
+    db = f"sqlite:///{root}/e.db"
+    assert main(["search", "--trials", "5", "--study", "e", "--storage", db, "--quiet", "--no-early-stop",
+                 "--space", str(root / "space.yaml"), "--artifacts", str(root / "art"), "--sampler", "random"]) == 0
+    return root, db
+
+
+def _export(root, db, name, *extra):
+    out = root / name
+    assert main(["export", "e", "--storage", db, "--out", str(out), *extra]) == 0
+    return out
+
+
+def test_export_verify_then_tamper(study, capsys):
+    root, db = study
+    s = optuna.load_study(study_name="e", storage=db)
+    member = s.best_trials[0].number
+    out = _export(root, db, "b_front", "--trial", str(member))
+    assert sorted(p.name for p in out.iterdir()) == ["MODEL_CARD.md", "manifest.json", "model.onnx", "model.pt2", "weights.nasp"]
+    capsys.readouterr()
+    assert main(["verify", str(out)]) == 0
+    assert "bundle verified" in capsys.readouterr().out
+
+    data = bytearray((out / "weights.nasp").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (out / "weights.nasp").write_bytes(bytes(data))
+    assert main(["verify", str(out)]) == 1
+    text = capsys.readouterr().out
+    assert "FAIL sha256 weights.nasp" in text and "does NOT match" in text
+
+
+def test_manifest_and_card_carry_the_measured_figures(study):
+    root, db = study
+    out = _export(root, db, "b_knee", "--pick", "knee")
+    manifest = json.loads((out / "manifest.json").read_text())
+    t = optuna.load_study(study_name="e", storage=db).trials[manifest["source"]["trial"]]
+    assert manifest["metrics"]["size_bytes"] == t.user_attrs["size_bytes"] == (out / "weights.nasp").stat().st_size
+    assert manifest["metrics"]["test_accuracy"] == t.user_attrs["test_accuracy"]
+    assert manifest["measurement"]["threads"] == 1 and manifest["measurement"]["batch_size"] == 1
+    assert manifest["data"]["seed"] == 0 and manifest["data"]["name"] == "digits"
+    card = (out / "MODEL_CARD.md").read_text()
+    assert f"{manifest['metrics']['test_accuracy']:.4f}" in card
+    assert f"{manifest['metrics']['size_bytes']:,} bytes" in card
+    assert f"{manifest['metrics']['latency_ms']:.4f} ms" in card
+    assert "TODO" not in card and "nan" not in card
+
+
+def test_onnx_matches_pytorch_and_quantized_bundles_are_int8(study):
+    root, db = study
+    s = optuna.load_study(study_name="e", storage=db)
+    data = get_dataset("digits", 0)
+    seen = set()
+    for t in s.trials:
+        if t.state != optuna.trial.TrialState.COMPLETE:
+            continue
+        out = _export(root, db, f"b{t.number}", "--trial", str(t.number))
+        cand = Candidate.from_json(json.dumps(json.loads((out / "manifest.json").read_text())["candidate"]))
+        quantized = cand.compression.quant != "fp32"
+        seen.add(quantized)
+        graph = onnx.load(str(out / "model.onnx")).graph
+        ops = {n.op_type for n in graph.node}
+        has_int8 = any(i.data_type == onnx.TensorProto.INT8 for i in graph.initializer)
+        assert quantized == ({"QuantizeLinear", "DequantizeLinear"} <= ops) == has_int8
+        logits = onnx_predict(out / "model.onnx", data.x_test)
+        torch_logits = load_packed(cand, (out / "weights.nasp").read_bytes())(data.x_test).detach().numpy()
+        agree = (logits.argmax(1) == torch_logits.argmax(1)).mean()
+        if quantized:
+            assert agree >= 0.98  # int8 activations: a stated tiny fraction may flip
+        else:
+            assert agree == 1.0
+            np.testing.assert_allclose(logits, torch_logits, atol=1e-3)
+    assert seen  # at least one bundle checked
+
+
+def test_load_bundle_is_callable_and_pickle_free(study):
+    root, db = study
+    out = _export(root, db, "b_load", "--pick", "max accuracy")
+    model, manifest = nas.load_bundle(out)
+    data = get_dataset("digits", 0)
+    acc = float((model(data.x_test.numpy()).argmax(1) == data.y_test.numpy()).mean())
+    assert acc == manifest["metrics"]["test_accuracy"]
+    with zipfile.ZipFile(out / "model.pt2") as z:
+        for info in z.infolist():
+            blob = z.read(info)
+            assert not blob.startswith(b"\x80"), f"{info.filename} looks like a pickle"
+    program = torch.export.load(str(out / "model.pt2"))
+    assert program.module()(data.x_test[:3]).shape == (3, 10)
+
+
+def test_retrain_reports_both_figures(study, capsys):
+    root, db = study
+    out = _export(root, db, "b_retrain", "--trial", "0", "--retrain", "3")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["retrain_epochs"] == 3 and manifest["search_metrics"]["size_bytes"] > 0
+    assert "at search time" in capsys.readouterr().out
+    assert main(["verify", str(out), "--no-latency"]) == 0
+
+
+def test_export_errors(study, capsys):
+    root, db = study
+    assert main(["export", "e", "--storage", db, "--trial", "99", "--out", str(root / "x")]) == 2
+    assert "has no trial 99" in capsys.readouterr().err
+    assert main(["export", "e", "--storage", db, "--pick", "best please", "--out", str(root / "y")]) == 2
+    assert "pick rule 'best please' not understood" in capsys.readouterr().err
+    assert main(["export", "e", "--storage", db, "--pick", "max accuracy with latency_ms <= 0", "--out", str(root / "z")]) == 2
+    assert "no completed trial satisfies it" in capsys.readouterr().err
