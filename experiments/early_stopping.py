@@ -1,7 +1,9 @@
 """Early stopping on vs off: the same 30-trial MNIST-1D search, same sampler and seed.
 
 Reports total training time of each run and the hypervolume each reached, both at the end
-and at the same wall-clock time (the early-stopped run's duration).
+and at the same wall-clock time (the early-stopped run's duration). The two searches run at
+the same time, one process and one core each, so that whatever else loads the machine
+slows both alike.
 
     python experiments/early_stopping.py            # ~10-15 min on 2 cores
     python experiments/early_stopping.py --trials 8 --epochs 4   # a quick smoke run
@@ -14,9 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+import optuna
 
 import pandas as pd
 
@@ -53,16 +59,31 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(RESULTS / "early_stopping"))
+    ap.add_argument("--run", choices=("early_stop_on", "early_stop_off"), help=argparse.SUPPRESS)
+    ap.add_argument("--storage", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
-    space = load_space("mnist1d")
-    storage = f"sqlite:///{tempfile.mkdtemp(prefix='nas-es-')}/es.db"
-    runs = {}
-    for name, early in (("early_stop_on", {"eta": 3.0}), ("early_stop_off", None)):
-        task = Task(dataset="mnist1d", seed=args.seed, epochs=args.epochs, early_stop=early)
+    if args.run:  # one of the two searches, in its own process
+        task = Task(dataset="mnist1d", seed=args.seed, epochs=args.epochs, train_threads=1,
+                    early_stop={"eta": 3.0} if args.run == "early_stop_on" else None)
         t0 = time.perf_counter()
-        study = run_optuna(space, task, study_name=name, storage=storage, sampler="nsga2", n_trials=args.trials)
-        runs[name] = (study, time.perf_counter() - t0)
+        run_optuna(load_space("mnist1d"), task, study_name=args.run, storage=args.storage, sampler="nsga2",
+                   n_trials=args.trials)
+        print(time.perf_counter() - t0)
+        return
+
+    storage = f"sqlite:///{tempfile.mkdtemp(prefix='nas-es-')}/es.db"
+    procs = {}
+    for name in ("early_stop_on", "early_stop_off"):
+        cmd = [sys.executable, __file__, "--run", name, "--storage", storage, "--trials", str(args.trials),
+               "--seed", str(args.seed)] + (["--epochs", str(args.epochs)] if args.epochs else [])
+        procs[name] = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    runs = {}
+    for name, p in procs.items():
+        out, _ = p.communicate()
+        if p.returncode:
+            raise SystemExit(f"{name} failed")
+        runs[name] = (optuna.load_study(study_name=name, storage=storage), float(out.strip().splitlines()[-1]))
 
     rep = build_report([s for s, _ in runs.values()])
     curves = {st.name: st.hv_curve for st in rep.studies}

@@ -83,6 +83,9 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=_positive_int, default=2, help="Ray: concurrent trials (default 2)")
     s.add_argument("--ray-address", default=None, help="Ray: connect to a cluster ('auto' or host:port); default a local instance")
     s.add_argument("--resume", action="store_true", help="Ray: continue an interrupted run (Tuner.restore)")
+    s.add_argument("--max-memory-mb", type=_positive_float, default=4096.0,
+                   help="candidates estimated to need more memory to train fail in pre-flight (default 4096)")
+    s.add_argument("--config", default=None, help="experiment YAML whose keys are these flags (flags given here win)")
     s.add_argument("--quiet", action="store_true", help="no per-trial progress")
 
     f = sub.add_parser("front", help="print a study's Pareto-optimal trials")
@@ -197,6 +200,41 @@ def _progress_callback(objectives: Sequence[str], total: int, quiet: bool):  # n
     return callback
 
 
+def _apply_config(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> None:
+    """Fill flags from an experiment YAML (keys are flag names, '-' or '_'); explicit flags win."""
+    import yaml
+
+    path = Path(args.config)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise NasError(f"experiment config {path}: cannot read ({exc.strerror})") from exc
+    except yaml.YAMLError as exc:
+        raise NasError(f"experiment config {path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+    if not isinstance(raw, dict):
+        raise NasError(f"experiment config {path}: must be a mapping of flag -> value")
+    sub = next(a for a in parser._subparsers._group_actions[0].choices.values() if a.prog.endswith(" search"))
+    actions = {a.dest: a for a in sub._actions if a.dest not in ("help", "config")}
+    given = {a.dest for a in sub._actions for opt in a.option_strings if any(str(x).split("=")[0] == opt for x in (argv or []))}
+    for key, value in raw.items():
+        dest = str(key).replace("-", "_")
+        if dest not in actions:
+            raise NasError(f"experiment config {path}: unknown key {key!r} (allowed: {', '.join(sorted(actions))})")
+        if dest in given:
+            continue
+        action = actions[dest]
+        if isinstance(value, list) and dest == "objectives":
+            value = ",".join(map(str, value))
+        if action.type is not None and value is not None and not isinstance(value, bool):
+            try:
+                value = action.type(str(value))
+            except (argparse.ArgumentTypeError, ValueError) as exc:
+                raise NasError(f"experiment config {path}: {key}: {exc}") from exc
+        if action.choices is not None and value not in action.choices:
+            raise NasError(f"experiment config {path}: {key}: {value!r} is not allowed (allowed: {', '.join(map(str, action.choices))})")
+        setattr(args, dest, value)
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     from nas.backends.optuna import SAMPLERS, finished_count, run_optuna
     from nas.pipeline import Task, get_dataset
@@ -232,6 +270,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         artifacts_dir=str(Path(args.artifacts) / study_name),
         reward=reward,
         early_stop={"eta": args.eta} if args.early_stop else None,
+        max_memory_mb=args.max_memory_mb,
     )
     from rich.console import Console
 
@@ -251,6 +290,7 @@ def cmd_search(args: argparse.Namespace) -> int:
             space, task, study_name=study_name, storage=storage, sampler=args.sampler,
             n_trials=args.trials, jobs=args.jobs,
             callbacks=[_progress_callback(objectives, args.trials, args.quiet)],
+            extra_meta={"backend": "optuna", "config": {k: v for k, v in vars(args).items() if k != "func"}},
         )
     done = finished_count(study)
     sys.stdout.write(render(front_frame(study), objectives, "table", f"Pareto front of {study_name} ({done} trials)"))
@@ -332,8 +372,11 @@ COMMANDS = {"search": cmd_search, "front": cmd_front, "report": cmd_report, "exp
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _build_parser().parse_args(argv)
+    parser = _build_parser()
+    args = parser.parse_args(argv)
     try:
+        if getattr(args, "config", None):
+            _apply_config(args, parser, argv if argv is not None else sys.argv[1:])
         return COMMANDS[args.command](args)
     except NasError as exc:
         print(f"nas: error: {exc}", file=sys.stderr)

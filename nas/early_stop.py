@@ -3,9 +3,10 @@
 Successive halving on Pareto dominance: training is checked at rungs (by default after 1/4
 and 1/2 of the epochs). At a rung, a trial is compared with every trial that already reached
 the same rung on (validation accuracy at that rung, and its costs, which are known exactly
-from the pre-flight). It is stopped when more than a fraction ``1/eta`` of those peers
-dominate it, i.e. when it is clearly outside the best ``1/eta`` of its rung in the Pareto
-sense; nothing is stopped until ``min_peers`` trials have reached the rung. Stopped trials are
+from the pre-flight). Every point of the rung is scored by how many others dominate it (0 on
+the rung's Pareto front); the trial is promoted if it is on that front or if fewer than
+``ceil(n / eta)`` points score strictly better, i.e. if it ranks in the best ``1/eta`` of the
+rung in the Pareto sense. Nothing is stopped until ``min_peers`` trials have reached the rung. Stopped trials are
 recorded as PRUNED with the rung they reached.
 
 The rule is backend-neutral: a backend supplies ``peers(rung)`` (the records of other trials
@@ -61,11 +62,17 @@ class RungRule:
         for ``names`` (accuracy at the rung first, then the costs)."""
         if len(peers) < self.min_peers:
             return None
-        k = dominated_by(point, peers, [OBJECTIVES[n] for n in names])
-        allowed = math.floor(len(peers) / self.eta)
-        if k > allowed:
-            return (f"early-stopped at epoch {rung}: dominated by {k} of {len(peers)} trials at this rung "
-                    f"on ({', '.join(names)}); at most {allowed} allowed (eta={self.eta:g})")
+        dirs = [OBJECTIVES[n] for n in names]
+        k = dominated_by(point, peers, dirs)
+        if k == 0:
+            return None
+        everyone = np.vstack([peers, np.asarray(point, dtype=float)[None, :]])
+        scores = [dominated_by(p, everyone, dirs) for p in peers]
+        better = sum(s < k for s in scores)
+        keep = math.ceil(len(everyone) / self.eta)
+        if better >= keep:
+            return (f"early-stopped at epoch {rung}: dominated by {k} of {len(peers)} trials at this rung on "
+                    f"({', '.join(names)}); {better} rank better, only the best {keep} (1/eta={1 / self.eta:.2g}) go on")
         return None
 
 

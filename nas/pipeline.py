@@ -62,6 +62,7 @@ class Task:
     artifacts_dir: str | None = None
     teachers: int = 1
     teacher_epochs: int = 20
+    max_memory_mb: float = 4096.0  # candidates estimated to need more to train fail in pre-flight
     reward: dict[str, Any] | None = None  # {"on": cost name, "target": T, "form": soft|hard}
     early_stop: dict[str, Any] | None = None  # RungRule fields; None turns early stopping off
 
@@ -99,6 +100,41 @@ class TrialResult:
 def get_dataset(name: str, seed: int) -> Dataset:
     """Load once per process; every trial of a study reuses the same tensors."""
     return load_dataset(name, seed)
+
+
+def _check_downsampling(arch: ArchConfig) -> None:
+    """A stride applied to a feature map already 1 wide along that axis is an infeasible shape
+    (e.g. four stride-2 stages on an 8x8 input): reject it before building anything."""
+    h, w = arch.input_size
+    for k, b in enumerate(arch.blocks):
+        if b.stride > 1 and (w == 1 or (arch.spatial == "2d" and h == 1)):
+            n = sum(1 for x in arch.blocks if x.stride > 1)
+            raise TrialFailure(f"infeasible shape: block {k} (stage {b.stage}) downsamples a {h}x{w} feature map; "
+                               f"an input of {arch.input_size[0]}x{arch.input_size[1]} cannot take {n} strided stages")
+        if arch.spatial == "2d":
+            h = (h - 1) // b.stride + 1
+        w = (w - 1) // b.stride + 1
+
+
+def training_memory_mb(model: nn.Module, example: torch.Tensor, batch_size: int) -> float:
+    """Estimate of training memory: weights, gradients and two Adam moments, plus every layer's
+    activations (kept for backward) at the training batch size."""
+    acts = 0
+
+    def hook(_m: nn.Module, _i: Any, out: Any) -> None:
+        nonlocal acts
+        if isinstance(out, torch.Tensor):
+            acts += out.numel()
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            model.eval()(example)
+    finally:
+        for h in handles:
+            h.remove()
+    params = sum(p.numel() for p in model.parameters())
+    return (4 * params + 2 * acts * batch_size) * 4 / 2**20
 
 
 def _check_shapes(arch: ArchConfig, data: Dataset) -> None:
@@ -159,6 +195,7 @@ def evaluate(
         torch.set_num_threads(task.train_threads)
     data = get_dataset(task.dataset, task.seed)
     _check_shapes(candidate.arch, data)
+    _check_downsampling(candidate.arch)
     example = torch.zeros(1, data.in_channels, *data.input_size)
     calibration = data.x_train[:CALIBRATION_SAMPLES]
     arch = dataclasses.replace(candidate.arch, share=candidate.compression.share)
@@ -183,6 +220,9 @@ def evaluate(
     t1 = time.perf_counter()
     seed_everything(task.seed)
     model = build(arch)
+    mem = training_memory_mb(model, example, candidate.recipe.batch_size)
+    if mem > task.max_memory_mb:
+        raise TrialFailure(f"over the memory limit: training needs ~{mem:.0f} MB > max {task.max_memory_mb:.0f} MB")
     recipe = candidate.recipe if task.epochs is None else dataclasses.replace(candidate.recipe, epochs=task.epochs)
     loss_fn = _distill_loss(candidate, task, data)
     cfg = candidate.compression

@@ -9,6 +9,7 @@ read the study through this module.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ __all__ = [
 ]
 
 DEFAULT_STORAGE = "sqlite:///runs/nas.db"
+HEARTBEAT_S = 10
 META_KEY = "nas"
 JOURNAL_SUFFIXES = (".log", ".journal", ".jsonl")
 _STORAGE_HELP = "a database URL like sqlite:///runs/nas.db or postgresql://..., or a journal file path ending in .log"
@@ -61,8 +63,15 @@ def open_storage(url: str, *, create: bool) -> optuna.storages.BaseStorage:
         if not create and not sqlite.is_file():
             raise NasError(f"storage {url!r}: database file {sqlite} does not exist (run `nas search` first)")
         sqlite.parent.mkdir(parents=True, exist_ok=True)
+    heartbeat = {}
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}} if sqlite else None)
+        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna since 2.8
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            if create:  # a writer: a heartbeat lets a later run fail and retry trials of dead workers
+                heartbeat = {"heartbeat_interval": HEARTBEAT_S, "grace_period": 3 * HEARTBEAT_S,
+                             "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)}
+            return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}} if sqlite else None,
+                                              **heartbeat)
     except Exception as exc:  # SQLAlchemy raises many types for a bad URL or driver
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ConfigError(f"storage {url!r} cannot be opened: {first} (allowed: {_STORAGE_HELP})") from exc

@@ -20,13 +20,16 @@ def test_rung_rule_promotes_until_enough_peers_then_keeps_top_fraction():
     rule = RungRule(eta=3, min_peers=3)
     bad = [0.5, 1000.0]
     assert rule.verdict(2, bad, np.array([[0.9, 10.0], [0.9, 20.0]]), NAMES) is None  # too few peers
+    # peers: a front of one (0.9, 10), then (0.8, 20) dominated once, (0.7, 30) twice
     peers = np.array([[0.9, 10.0], [0.8, 20.0], [0.7, 30.0]])
     reason = rule.verdict(2, bad, peers, NAMES)
     assert reason and "epoch 2" in reason and "dominated by 3 of 3" in reason
-    # dominated by one of three: allowed = floor(3/3) = 1, so it is promoted
+    # 4 points, keep ceil(4/3) = 2: (0.85, 15) is dominated once, only (0.9, 10) ranks better -> promoted
     assert rule.verdict(2, [0.85, 15.0], peers, NAMES) is None
-    # a point on the front is always promoted
-    assert rule.verdict(2, [0.99, 5.0], peers, NAMES) is None
+    # (0.75, 25) is dominated twice; (0.9,10) and (0.8,20) rank better: 2 >= 2 -> stopped
+    assert rule.verdict(2, [0.75, 25.0], peers, NAMES)
+    # a point on the rung's front is always promoted, however many peers there are
+    assert rule.verdict(2, [0.99, 50.0], np.tile(peers, (5, 1)), NAMES) is None
 
 
 def test_rungs_are_fractions_of_the_budget():
@@ -37,7 +40,7 @@ def test_rungs_are_fractions_of_the_budget():
 
 def test_search_with_early_stopping_records_pruned_trials_with_their_rung(in_tmp):
     db = f"sqlite:///{in_tmp}/e.db"
-    # eta=100: stop any trial that a single peer dominates at its rung
+    # eta=100: keep only the rung's front (ceil(n/100) = 1 better-ranked point already stops)
     assert main(["search", "--trials", "8", "--epochs", "4", "--study", "e", "--storage", db, "--quiet",
                  "--objectives", "accuracy,params", "--sampler", "random", "--eta", "100"]) == 0
     study = optuna.load_study(study_name="e", storage=db)
@@ -54,7 +57,8 @@ def test_search_with_early_stopping_records_pruned_trials_with_their_rung(in_tmp
             peers = np.array([[p.user_attrs[key], p.user_attrs["costs"]["params"]] for p in earlier if key in p.user_attrs])
             dominated = dominated_by(me, peers, ["maximize", "minimize"]) if len(peers) else 0
             stopped_here = t.state == optuna.trial.TrialState.PRUNED and t.user_attrs.get("rung_reached") == rung
-            assert stopped_here == (len(peers) >= 4 and dominated > 0), (t.number, rung, dominated, len(peers))
+            if dominated == 0 or len(peers) < 4:  # on the rung's front, or too few peers: always promoted
+                assert not stopped_here, (t.number, rung)
             if stopped_here:
                 assert "early-stopped at epoch" in t.user_attrs["fail_reason"]
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -81,6 +83,7 @@ def make_objective(space: Space, task: Task) -> Callable[[optuna.Trial], tuple[f
     """The objective both backends run: suggest -> evaluate -> record, failures with a reason."""
 
     def objective(trial: optuna.Trial) -> tuple[float, ...]:
+        trial.set_user_attr("worker", worker_id())
         cand = suggest_candidate(trial, space, task)
         try:
             result = evaluate(cand, task, trial_id=f"trial-{trial.number:05d}", at_rung=rung_hook(trial, task))
@@ -142,7 +145,50 @@ def create_study(
 
 
 def finished_count(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=FINISHED))
+    """Trials that count towards ``--trials``: completed, pruned, or failed by the pipeline with
+    a reason. Trials whose process died (and were retried) do not count."""
+    n = 0
+    for t in study.get_trials(deepcopy=False, states=FINISHED):
+        if t.state == optuna.trial.TrialState.FAIL and (t.user_attrs.get("killed") or "fail_reason" not in t.user_attrs):
+            continue
+        n += 1
+    return n
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover_dead_trials(study: optuna.Study) -> list[int]:
+    """Fail RUNNING trials whose worker process on this host is gone (SIGKILL, OOM, power),
+    and enqueue each once more with the same parameters. Works for every storage, including
+    journal files, which have no heartbeat; RDB storages also get Optuna's heartbeat for
+    workers on other hosts."""
+    host = socket.gethostname()
+    recovered = []
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        worker = str(t.user_attrs.get("worker", ""))
+        h, _, pid = worker.rpartition(":")
+        if h != host or not pid.isdigit() or _alive(int(pid)):
+            continue
+        study._storage.set_trial_user_attr(t._trial_id, "fail_reason", f"worker {worker} died during the trial; retried")
+        study._storage.set_trial_user_attr(t._trial_id, "killed", True)
+        study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+        if "retry_of" not in t.system_attrs:  # one retry: a candidate that kills its worker twice stays failed
+            study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.WAITING, params=t.params,
+                                                      distributions=t.distributions, system_attrs={"retry_of": t.number}))
+        recovered.append(t.number)
+    return recovered
 
 
 def run_optuna(
@@ -161,14 +207,21 @@ def run_optuna(
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     logging.getLogger("optuna").setLevel(logging.ERROR)  # failed trials are reported by our callback
     study = create_study(study_name, storage, task, space, make_sampler(sampler, task.seed, n_trials), extra_meta)
+    recover_dead_trials(study)
     remaining = n_trials - finished_count(study)
+
+    def stop_at_total(study: optuna.Study, _trial: optuna.trial.FrozenTrial) -> None:
+        # other processes may be filling the same study: stop when the total is reached
+        if finished_count(study) >= n_trials:
+            study.stop()
+
     if remaining > 0:
         study.optimize(
             make_objective(space, task),
             n_trials=remaining,
             n_jobs=jobs,
             catch=(Exception,),
-            callbacks=callbacks or [],
+            callbacks=[stop_at_total, *(callbacks or [])],
             gc_after_trial=False,
         )
     return study
