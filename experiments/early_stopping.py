@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import tempfile
@@ -26,26 +25,13 @@ import optuna
 
 import pandas as pd
 
+from _common import machine
 from nas.backends.optuna import run_optuna
 from nas.pipeline import Task
 from nas.report import build_report
 from nas.space import load_space
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def machine() -> str:
-    import os
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{os.cpu_count()} cores, {cpu}, Python {platform.python_version()}"
 
 
 def hv_at(curve: pd.DataFrame, t: float) -> float:

@@ -20,6 +20,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -59,8 +60,7 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def count_flops(model: nn.Module, example: torch.Tensor) -> int:
-    """FLOPs as fvcore counts them (one per multiply-add), for one input of ``example``'s shape."""
+def _flop_analysis(model: nn.Module, example: torch.Tensor, per_module: bool) -> Any:
     from fvcore.nn import FlopCountAnalysis
 
     model.eval()
@@ -70,20 +70,17 @@ def count_flops(model: nn.Module, example: torch.Tensor) -> int:
         analysis.unsupported_ops_warnings(False)
         analysis.uncalled_modules_warnings(False)
         analysis.tracer_warnings("none")
-        return int(analysis.total())
+        return {k: int(v) for k, v in analysis.by_module().items()} if per_module else int(analysis.total())
+
+
+def count_flops(model: nn.Module, example: torch.Tensor) -> int:
+    """FLOPs as fvcore counts them (one per multiply-add), for one input of ``example``'s shape."""
+    return _flop_analysis(model, example, per_module=False)
 
 
 def flops_by_module(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
-    from fvcore.nn import FlopCountAnalysis
-
-    model.eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        analysis = FlopCountAnalysis(model, example)
-        analysis.unsupported_ops_warnings(False)
-        analysis.uncalled_modules_warnings(False)
-        analysis.tracer_warnings("none")
-        return {k: int(v) for k, v in analysis.by_module().items()}
+    """fvcore FLOPs of every submodule, by qualified name ("" is the whole model)."""
+    return _flop_analysis(model, example, per_module=True)
 
 
 def _quiet_exporter() -> None:
@@ -111,9 +108,8 @@ def _lock_path() -> Path:
 
 
 @contextlib.contextmanager
-def measure_lock() -> Iterator[None]:
-    """Hold the host-wide measurement lock (fcntl), so two timings never overlap on a node."""
-    path = _lock_path()
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive fcntl lock on ``path``: across processes and threads of one host."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
@@ -121,6 +117,11 @@ def measure_lock() -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def measure_lock() -> contextlib.AbstractContextManager[None]:
+    """Hold the host-wide measurement lock, so two timings never overlap on a node."""
+    return file_lock(_lock_path())
 
 
 def _session(path: Path, threads: int):  # noqa: ANN202

@@ -8,10 +8,8 @@ softened probabilities.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -22,6 +20,7 @@ from torch import nn
 from nas.builder import build
 from nas.config import ArchConfig, BlockConfig, Candidate, Recipe
 from nas.data import Dataset
+from nas.measure import file_lock
 from nas.train import accuracy, seed_everything, train
 
 __all__ = ["kd_loss", "teacher_arch", "get_teachers", "distill_loss_fn"]
@@ -41,21 +40,10 @@ def teacher_arch(data: Dataset) -> ArchConfig:
     return ArchConfig(data.in_channels, data.num_classes, data.input_size, data.spatial, 32, blocks)
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def _train_or_load(folder: Path, data: Dataset, seed: int, epochs: int) -> nn.Module:
     cand = Candidate(teacher_arch(data), recipe=Recipe(epochs=epochs, lr=5e-3))
     weights, meta = folder / f"teacher-{seed}.safetensors", folder / f"teacher-{seed}.json"
-    with _file_lock(folder / "teachers.lock"):
+    with file_lock(folder / "teachers.lock"):
         model = build(cand.arch)
         if weights.is_file() and meta.is_file():
             model.load_state_dict(load_file(str(weights)))

@@ -1,0 +1,169 @@
+"""Paper baselines vs a compression-aware search on MNIST-1D, plus measurement stability and
+size truth on the search's front.
+
+1. Trains the published MNIST-1D CNN (3 Conv1d layers of 25 channels, 5,210 params; the
+   paper reports 94%) and MLP (15,210 params, 68%) in the same run as a search
+   (`mnist1d_compress` space), measures them exactly like candidates (ONNX Runtime latency,
+   packed fp32 file bytes), and reports size and latency ratios against the smallest front
+   model at least as accurate.
+4. Re-measures the latency of every front member twice: median IQR/median, and the rank
+   correlation between the two passes.
+5. Exports every front member and compares the reported size_bytes with the bundle's file.
+
+    python experiments/baselines.py          # ~20 min on 2 cores
+
+Writes experiments/results/baselines.{json,csv,png}; prints a one-line summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pandas as pd
+import torch
+from scipy.stats import spearmanr
+from torch import nn
+
+from _common import RESULTS, pyplot, write_json
+from nas.backends.optuna import run_optuna
+from nas.compress.pack import WeightPlan, pack_state
+from nas.config import Recipe
+from nas.export import export_bundle
+from nas.measure import count_params, export_onnx, onnx_latency
+from nas.pipeline import Task, get_dataset
+from nas.space import load_space
+from nas.study import front_frame
+from nas.train import accuracy, seed_everything, train
+
+
+class PaperCNN(nn.Module):
+    """Greydanus (2020) MNIST-1D CNN: Conv1d(1,25,5,s2,p1) -> Conv1d(25,25,3,s2,p1) x2 -> Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 25, (1, 5), (1, 2), (0, 1))
+        self.c2 = nn.Conv2d(25, 25, (1, 3), (1, 2), (0, 1))
+        self.c3 = nn.Conv2d(25, 25, (1, 3), (1, 2), (0, 1))
+        self.fc = nn.Linear(25 * 5, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.c1(x))
+        x = torch.relu(self.c2(x))
+        x = torch.relu(self.c3(x))
+        return self.fc(torch.flatten(x, 1))
+
+
+class PaperMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(40, 100), nn.ReLU(), nn.Linear(100, 100), nn.ReLU(),
+                                 nn.Linear(100, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def measure_baseline(model: nn.Module, name: str, data, tmp: Path, epochs: int) -> dict:
+    seed_everything(0)
+    train(model, data.x_train, data.y_train, Recipe(epochs=epochs, lr=0.005), seed=0)
+    example = torch.zeros(1, 1, 1, 40)
+    onnx_path = export_onnx(model, example, tmp / f"{name}.onnx")
+    lat = onnx_latency(onnx_path, (1, 1, 1, 40))
+    blob = pack_state(model.state_dict(), {})  # fp32, the same container as candidates
+    (tmp / f"{name}.nasp").write_bytes(blob)
+    return {"name": name, "params": count_params(model), "val_accuracy": accuracy(model, data.x_val, data.y_val),
+            "test_accuracy": accuracy(model, data.x_test, data.y_test), "latency_ms": lat.median_ms,
+            "latency_iqr_ms": lat.iqr_ms, "size_bytes": (tmp / f"{name}.nasp").stat().st_size}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--trials", type=int, default=20)
+    ap.add_argument("--baseline-epochs", type=int, default=60)
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="nas-base-"))
+    storage = f"sqlite:///{tmp}/b.db"
+    data = get_dataset("mnist1d", 0)
+
+    baselines = [measure_baseline(PaperCNN(), "paper_cnn", data, tmp, args.baseline_epochs),
+                 measure_baseline(PaperMLP(), "paper_mlp", data, tmp, args.baseline_epochs)]
+    task = Task(dataset="mnist1d", artifacts_dir=str(tmp / "art"), early_stop={"eta": 3.0})
+    study = run_optuna(load_space("mnist1d_compress"), task, study_name="mnist1d_compress", storage=storage,
+                       sampler="nsga2", n_trials=args.trials)
+    front = front_frame(study)
+
+    # 1. ratios against the smallest front model at least as accurate (test accuracy)
+    ratios = {}
+    for b in baselines:
+        ok = front[front["test_accuracy"] >= b["test_accuracy"]]
+        if ok.empty:
+            ratios[b["name"]] = None
+            continue
+        smallest = ok.sort_values("size_bytes").iloc[0]
+        fastest = ok.sort_values("latency_ms").iloc[0]
+        ratios[b["name"]] = {"size_ratio": b["size_bytes"] / smallest["size_bytes"], "size_trial": int(smallest["trial"]),
+                             "latency_ratio": b["latency_ms"] / fastest["latency_ms"], "latency_trial": int(fastest["trial"]),
+                             "front_size_bytes": int(smallest["size_bytes"]), "front_test_accuracy": float(smallest["test_accuracy"])}
+
+    # 4. measurement stability: two more latency passes over the front's deployable models
+    passes = []
+    for _ in range(2):
+        passes.append([onnx_latency(Path(tmp / "art" / f"trial-{int(t):05d}" / "model.onnx"), (1, 1, 1, 40))
+                       for t in front["trial"]])
+    iqr_ratio = [lat.iqr_ms / lat.median_ms for p in passes for lat in p]
+    rho = spearmanr([lat.median_ms for lat in passes[0]], [lat.median_ms for lat in passes[1]]).statistic if len(front) > 2 else float("nan")
+
+    # 5. size truth: the exported bundle's packed file vs the reported size_bytes
+    truth = []
+    for t in front["trial"]:
+        out = export_bundle(study, int(t), tmp / "bundles" / f"t{int(t)}")
+        truth.append({"trial": int(t), "reported": int(study.trials[int(t)].user_attrs["size_bytes"]),
+                      "file_bytes": (out / "weights.nasp").stat().st_size})
+    size_exact = all(r["reported"] == r["file_bytes"] for r in truth)
+
+    cnn = ratios["paper_cnn"]
+    summary = (f"paper CNN {baselines[0]['test_accuracy']:.3f} test acc, {baselines[0]['size_bytes']:,} B; "
+               + (f"smallest front model as accurate: {cnn['front_size_bytes']:,} B ({cnn['size_ratio']:.1f}x smaller), "
+                  f"latency ratio {cnn['latency_ratio']:.2f}x" if cnn else "no front model as accurate")
+               + f"; latency re-measure IQR/median {np.median(iqr_ratio):.3f}, rank corr {rho:.2f}; "
+               f"size_bytes == file length for {sum(r['reported'] == r['file_bytes'] for r in truth)}/{len(truth)}")
+    write_json("baselines", {
+        "command": "python experiments/baselines.py", "trials": args.trials, "space": "mnist1d_compress",
+        "baselines": baselines, "ratios": ratios,
+        "front": front[["trial", "accuracy", "test_accuracy", "latency_ms", "size_bytes", "params", "arch", "compression"]].to_dict("records"),
+        "stability": {"median_iqr_over_median": float(np.median(iqr_ratio)), "max_iqr_over_median": float(np.max(iqr_ratio)),
+                      "spearman_between_passes": float(rho),
+                      "pass1_ms": [lat.median_ms for lat in passes[0]], "pass2_ms": [lat.median_ms for lat in passes[1]]},
+        "size_truth": {"all_exact": size_exact, "rows": truth},
+        "summary": summary,
+    })
+    pd.DataFrame(baselines + front.assign(name=[f"trial {t}" for t in front["trial"]]).to_dict("records")).to_csv(
+        RESULTS / "baselines.csv", index=False)
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.6), dpi=110)
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    ax.scatter([t.user_attrs["size_bytes"] for t in done], [t.user_attrs["test_accuracy"] for t in done],
+               c="lightgrey", s=18, label="searched (dominated)")
+    ax.scatter(front["size_bytes"], front["test_accuracy"], c="tab:red", s=36, edgecolors="black", linewidths=0.5,
+               label="Pareto-optimal (accuracy, latency, size)")
+    for b, marker in zip(baselines, ("s", "^")):
+        ax.scatter([b["size_bytes"]], [b["test_accuracy"]], marker=marker, s=70, c="tab:blue", edgecolors="black",
+                   label=f"{b['name']} ({b['params']:,} params)")
+    ax.set_xscale("log")
+    ax.set_xlabel("size_bytes (packed weights file, bytes)")
+    ax.set_ylabel("test accuracy (fraction)")
+    ax.set_title("MNIST-1D: searched architectures + compression vs published baselines", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "baselines.png")
+    print(summary)
+
+
+if __name__ == "__main__":
+    main()
