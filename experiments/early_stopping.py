@@ -107,7 +107,7 @@ def main() -> None:
         ax.plot(c["elapsed_s"], c["hypervolume"], marker=".", label=name)
     ax.axvline(t_on, color="grey", ls="--", lw=0.8)
     ax.set_xlabel("wall-clock since the search started (s)")
-    ax.set_ylabel("hypervolume (normalized accuracy, latency_ms, size_bytes)")
+    ax.set_ylabel("hypervolume (normalized)")
     ax.set_title(f"MNIST-1D, {args.trials} trials, NSGA-II seed {args.seed}: early stopping on vs off", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()

@@ -108,7 +108,7 @@ def main() -> None:
         curve = curves[f"{c}-s{s}"]
         ax.plot(curve["elapsed_s"], curve["hypervolume"], color=colors[c], alpha=0.8, label=c if s == 0 else None)
     ax.set_xlabel("wall-clock since the search started (s)")
-    ax.set_ylabel("hypervolume (normalized accuracy, latency_ms, size_bytes)")
+    ax.set_ylabel("hypervolume (normalized)")
     ax.set_title(f"MNIST-1D, {args.trials} trials x {args.seeds} seeds per config", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()

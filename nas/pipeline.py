@@ -206,14 +206,20 @@ def evaluate(
         preview = compress(build(arch), candidate, data, task.seed, finetune=False)
         with torch.no_grad():
             preview.eval()(example)
+        blob = pack_model(preview, candidate.compression)
     except (RuntimeError, ValueError) as exc:
         raise TrialFailure(f"infeasible candidate: {exc}") from exc
     with tempfile.TemporaryDirectory(prefix="nas-trial-") as tmp:
-        costs = _costs(preview, candidate, pack_model(preview, candidate.compression), example, calibration,
-                       Path(tmp), task.latency_threads)
+        costs = _costs(preview, candidate, blob, example, calibration, Path(tmp), task.latency_threads)
     timings["preflight_s"] = time.perf_counter() - t0
-    reason = check_constraints(costs, task.constraints)
-    if reason and not candidate.compression.huffman:  # Huffman sizes depend on trained values
+    # Sizes that depend on trained values (Huffman streams, how many low-bit codes round to
+    # zero behind a sparsity mask, codebook fill) are checked after compression instead.
+    cfg = candidate.compression
+    value_dependent = cfg.huffman or cfg.cluster_bits > 0 or (
+        cfg.sparsity > 0 and any(p not in ("fp32", "fp16") for p in cfg.precisions))
+    limits = {k: v for k, v in task.constraints.items() if not (k == "size_bytes" and value_dependent)}
+    reason = check_constraints(costs, limits)
+    if reason:
         raise ConstraintViolation(reason)
 
     # 2. train the full-width model (distillation / slimming penalty if the genes ask)
@@ -225,7 +231,6 @@ def evaluate(
         raise TrialFailure(f"over the memory limit: training needs ~{mem:.0f} MB > max {task.max_memory_mb:.0f} MB")
     recipe = candidate.recipe if task.epochs is None else dataclasses.replace(candidate.recipe, epochs=task.epochs)
     loss_fn = _distill_loss(candidate, task, data)
-    cfg = candidate.compression
     penalty = (lambda m: slimming_penalty(m, cfg.slimming_l1)) if cfg.prune == "bn" and cfg.slimming_l1 > 0 else None
     on_epoch = None
     rule = task.rung_rule()

@@ -190,3 +190,34 @@ def test_pack_aliases_shared_tensors_and_rejects_bad_magic():
     assert len(blob) < len(single) + 16  # stored once, aliased by name
     with pytest.raises(ValueError, match="bad magic"):
         unpack_state(b"XXXX" + blob[4:])
+
+
+def test_mixed_precision_deploys_float_stages_as_float(data, trained, tmp_path):
+    cfg = CompressionConfig(stage_quant=("fp32", "int8", "int8"))
+    path, precision = deploy_onnx(_fresh(trained), cfg, torch.zeros(1, 1, 8, 8), tmp_path / "m.onnx", data.x_train[:16])
+    assert precision == "mixed int8/fp32"
+    graph = onnx.load(str(path)).graph
+    producers = {o: n for n in graph.node for o in n.output}
+    convs = [n for n in graph.node if n.op_type in ("Conv", "Gemm")]
+    quantized_inputs = [any(producers.get(i) is not None and producers[i].op_type == "DequantizeLinear"
+                            for i in n.input[1:2]) for n in convs]
+    # stage 0 (stem, conv, two mbconvs of 3 convs each: 8 layers) keeps float weights;
+    # stages 1-2 and the classifier run int8
+    assert quantized_inputs[:8] == [False] * 8 and all(quantized_inputs[8:]) and len(quantized_inputs) > 8
+
+
+def test_binary_keeps_pruned_zeros_through_packing(data, trained):
+    for sparsity in (0.0, 0.6):
+        cfg = CompressionConfig(quant="binary", sparsity=sparsity, finetune_epochs=0)
+        cand = Candidate(ARCH, cfg, RECIPE)
+        model = compress(_fresh(trained), cand, data, 0)
+        w = model.body[5].conv[0].weight
+        assert ((w == 0).float().mean() > 0.5) == (sparsity > 0)
+        blob = pack_model(model, cfg)
+        torch.testing.assert_close(load_packed(cand, blob).body[5].conv[0].weight, w, atol=1e-6, rtol=1e-6)
+
+
+def test_pack_does_not_alias_distinct_views_of_one_buffer():
+    buf = torch.arange(8.0)
+    out = unpack_state(pack_state({"a": buf[:4], "b": buf[4:]}, {}))
+    assert out["b"].tolist() == [4.0, 5.0, 6.0, 7.0]

@@ -90,7 +90,6 @@ def test_two_worker_processes_share_a_journal_study(in_tmp):
     assert 6 <= len(study.trials) <= 7  # each stops at 6 finished; at most one in flight overshoots
 
 
-@register_block("test_boom")
 class _Boom(nn.Module):
     def __init__(self, cin, cfg, spatial):
         super().__init__()
@@ -102,7 +101,6 @@ class _Boom(nn.Module):
         return self.conv(x)
 
 
-@register_block("test_nan")
 class _NaN(nn.Module):
     def __init__(self, cin, cfg, spatial):
         super().__init__()
@@ -114,6 +112,8 @@ class _NaN(nn.Module):
 
 
 def test_failing_trials_are_recorded_and_the_study_goes_on(tmp_path):
+    register_block("test_boom")(_Boom)  # registered only for this test
+    register_block("test_nan")(_NaN)
     try:
         space = parse_space({"name": "f", "stem_channels": 8, "stages": [
             {"block": ["conv", "test_boom", "test_nan"], "width": 8, "stride": 2}], "recipe": {"epochs": 1}})

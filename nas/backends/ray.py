@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import optuna
 
-from nas.backends.optuna import create_study, finished_count, make_sampler
+from nas.backends.optuna import create_study, finished_count, make_sampler, worker_id
 from nas.config import Candidate
 from nas.early_stop import EarlyStopped, RungRule
 from nas.errors import ConfigError, TrialFailure
@@ -156,15 +156,16 @@ def _trainable(config: dict[str, Any]) -> None:
         res = evaluate(cand, task, trial_id=f"trial-{config['optuna_number']:05d}",
                        at_rung=at_rung if task.early_stop else None)
     except (ConstraintViolation, EarlyStopped) as exc:
-        tune.report({"nas_state": "PRUNED", "fail_reason": str(exc)})
+        tune.report({"nas_state": "PRUNED", "fail_reason": str(exc), "nas_metrics": {"worker": worker_id()}})
         return
     except TrialFailure as exc:
-        tune.report({"nas_state": "FAIL", "fail_reason": str(exc)})
+        tune.report({"nas_state": "FAIL", "fail_reason": str(exc), "nas_metrics": {"worker": worker_id()}})
         return
     except Exception as exc:  # a bug in a block, say: recorded, the study goes on
-        tune.report({"nas_state": "FAIL", "fail_reason": f"{type(exc).__name__}: {exc}"})
+        tune.report({"nas_state": "FAIL", "fail_reason": f"{type(exc).__name__}: {exc}",
+                     "nas_metrics": {"worker": worker_id()}})
         return
-    metrics = dict(res.metrics)
+    metrics = {**res.metrics, "worker": worker_id()}
     if res.artifact_dir:
         metrics["artifact_dir"] = res.artifact_dir
     tune.report({"nas_state": "COMPLETE", **{o: res.objectives[o] for o in task.objectives}, "nas_metrics": metrics})

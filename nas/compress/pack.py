@@ -89,7 +89,8 @@ def _decode_symbols(payload: bytes, entry: dict) -> np.ndarray:
 def _encode_weight(w: _Writer, entry: dict, t: torch.Tensor, plan: WeightPlan) -> None:
     flat = t.detach().float().reshape(-1)
     mask = None
-    if plan.sparse:
+    if plan.sparse or (plan.mode == "binary" and not plan.cluster_bits and bool((flat == 0).any())):
+        # (binary codes have no zero symbol: zeros need the mask)
         mask = (flat != 0).numpy()
         entry["m"] = w.put(np.packbits(mask.astype(np.uint8)).tobytes())
     if plan.cluster_bits:
@@ -159,11 +160,12 @@ def pack_state(state: dict[str, torch.Tensor], plans: dict[str, WeightPlan], oth
     (``fp32`` or ``fp16``). ``num_batches_tracked`` counters are not needed for inference."""
     w = _Writer()
     entries = []
-    first_name: dict[tuple[int, tuple[int, ...]], str] = {}
+    first_name: dict[tuple, str] = {}
     for name, t in state.items():
         if name.endswith("num_batches_tracked"):
             continue
-        key = (t.untyped_storage().data_ptr(), tuple(t.shape)) if t.numel() else (id(t), ())
+        # the same memory, shape, strides and dtype: a shared parameter (not just a view of one buffer)
+        key = (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype) if t.numel() else (id(t), (), (), t.dtype)
         entry: dict = {"n": name, "s": list(t.shape)}
         if key in first_name:  # a shared tensor: store once
             entry["a"] = first_name[key]

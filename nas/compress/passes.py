@@ -142,6 +142,22 @@ def load_packed(cand: Candidate, blob: bytes) -> Net:
     return model.eval()
 
 
+def _module_of(node) -> str:  # noqa: ANN001
+    """The top-level module an exported ONNX node came from (``stem``, ``body.3``, ``classifier``),
+    read from the scopes the torch.export-based exporter records on every node."""
+    import ast
+
+    props = {p.key: p.value for p in node.metadata_props}
+    try:
+        scopes = ast.literal_eval(props.get("pkg.torch.onnx.name_scopes", "[]"))
+    except (ValueError, SyntaxError):
+        scopes = []
+    for s in scopes:
+        if s.startswith("body.") and s.count(".") == 1:
+            return s + "."
+    return next((s for s in scopes if s), "")
+
+
 class _Calibration:
     """ONNX Runtime calibration reader over a few real training inputs."""
 
@@ -167,7 +183,11 @@ def deploy_onnx(model: nn.Module, cfg: CompressionConfig, example: torch.Tensor,
     reader_cls = type("Reader", (_Calibration, CalibrationDataReader), {})
     with tempfile.TemporaryDirectory(prefix="nas-q-") as tmp:
         fp32 = export_onnx(model, example, Path(tmp) / "fp32.onnx")
-        name = onnx.load(str(fp32)).graph.input[0].name
+        graph = onnx.load(str(fp32)).graph
+        name = graph.input[0].name
+        # mixed precision: layers of fp32/fp16 stages stay float in the deployed graph
+        exclude = [n.name for n in graph.node if n.op_type in ("Conv", "Gemm", "MatMul")
+                   and cfg.stage_precision(layer_stage(_module_of(n), model.arch)) not in INT_DEPLOY]
         out_tmp = path.with_name(path.name + ".tmp")
         root = logging.getLogger()
         level = root.level
@@ -175,11 +195,12 @@ def deploy_onnx(model: nn.Module, cfg: CompressionConfig, example: torch.Tensor,
         try:
             quantize_static(str(fp32), str(out_tmp), reader_cls(name, calibration),
                             quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
-                            weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
+                            weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+                            nodes_to_exclude=exclude)
         finally:
             root.setLevel(level)
         os.replace(out_tmp, path)
-    return path, "int8"
+    return path, "int8" if not exclude else "mixed int8/fp32"
 
 
 def onnx_predict(path: Path, x: torch.Tensor) -> np.ndarray:

@@ -53,8 +53,10 @@ def quantize_codes(w: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tens
         scale = (flat.abs() * kept).sum(1) / kept.sum(1).clamp_min(1)
         scale = torch.where(kept.sum(1) > 0, scale, torch.full_like(scale, 1e-12))
     elif mode == "binary":
-        codes = torch.where(flat >= 0, 1.0, -1.0)
-        scale = flat.abs().mean(1).clamp_min(1e-12)
+        # zeros stay zero (pruned weights keep their mask); the scale is over the live weights
+        codes = torch.sign(flat)
+        live = codes.abs().sum(1)
+        scale = (flat.abs().sum(1) / live.clamp_min(1)).clamp_min(1e-12)
     else:
         raise ValueError(f"mode {mode!r} has no integer codes (allowed: {', '.join(list(INT_BITS) + ['ternary', 'binary'])})")
     return codes.reshape(w.shape).to(torch.int8), scale
@@ -105,8 +107,18 @@ def apply_fake_quant_(model: nn.Module, modes: dict[str, str]) -> None:
 
 
 def bake_(model: nn.Module) -> None:
-    """Replace every parametrized weight by its current (quantized/masked) value, in place."""
+    """Replace every parametrized weight by its current (quantized/masked) value, in place.
+
+    Quantized weights are then snapped exactly onto their grid (the STE's ``w + (q - w)`` is
+    only equal to ``q`` up to rounding), so packing them is lossless."""
     for _, layer in list(model.named_modules()):
         if parametrize.is_parametrized(layer):
+            modes = [p.mode for p in layer.parametrizations["weight"] if isinstance(p, FakeQuant)]
             for pname in list(layer.parametrizations.keys()):
                 parametrize.remove_parametrizations(layer, pname, leave_parametrized=True)
+            for mode in modes:
+                with torch.no_grad():
+                    if mode == "fp16":
+                        layer.weight.copy_(layer.weight.half().float())
+                    elif mode != "fp32":
+                        layer.weight.copy_(dequantize_codes(*quantize_codes(layer.weight, mode)))
