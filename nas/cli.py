@@ -345,7 +345,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     study = load_study(args.study, args.storage)
     number = args.trial if args.trial is not None else pick_trial(study, args.pick)
     out = Path(args.out or Path("runs") / "bundles" / f"{args.study}-trial{number}")
-    out.parent.mkdir(parents=True, exist_ok=True)
     export_bundle(study, number, out, storage_url=args.storage, retrain_epochs=args.retrain)
     manifest = json.loads((out / "manifest.json").read_text())
     m = manifest["metrics"]

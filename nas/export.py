@@ -194,7 +194,9 @@ def export_bundle(study: optuna.Study, number: int, out: Path, *, storage_url: s
     metrics = {k: trial.user_attrs[k] for k in ("accuracy", "val_accuracy", "test_accuracy", "latency_ms",
                                                  "latency_iqr_ms", "size_bytes", "params", "flops", "deploy_precision")}
     search_metrics = None
-    tmp = Path(tempfile.mkdtemp(prefix=".nas-bundle-", dir=out.parent if out.parent.exists() else None))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # built beside its destination, then renamed into place in one step
+    tmp = Path(tempfile.mkdtemp(prefix=".nas-bundle-", dir=out.parent))
     try:
         if retrain_epochs:
             cand = dataclasses.replace(cand, recipe=dataclasses.replace(cand.recipe, epochs=retrain_epochs))

@@ -54,7 +54,7 @@ def test_export_verify_then_tamper(study, capsys):
 
 def test_manifest_and_card_carry_the_measured_figures(study):
     root, db = study
-    out = _export(root, db, "b_knee", "--pick", "knee")
+    out = _export(root, db, "nested/folder/b_knee", "--pick", "knee")  # parents are created
     manifest = json.loads((out / "manifest.json").read_text())
     t = optuna.load_study(study_name="e", storage=db).trials[manifest["source"]["trial"]]
     assert manifest["metrics"]["size_bytes"] == t.user_attrs["size_bytes"] == (out / "weights.nasp").stat().st_size
