@@ -163,7 +163,7 @@ def _param(where: str, raw: Any, elem: str, check: Any = None) -> Param:
             raise SpaceError(f"{where}: a range {{low, high}} needs numbers; give a list of choices instead")
         unknown = set(raw) - {"low", "high", "step", "log"}
         if unknown:
-            raise SpaceError(f"{where}: unknown range key(s) {sorted(unknown)} (allowed: low, high, step, log)")
+            raise SpaceError(f"{where}: unknown range key(s) {sorted(map(str, unknown))} (allowed: low, high, step, log)")
         if "low" not in raw or "high" not in raw:
             raise SpaceError(f"{where}: a range needs both 'low' and 'high'")
         low, high, step, log = raw["low"], raw["high"], raw.get("step"), raw.get("log", False)
@@ -226,7 +226,7 @@ def _stage(where: str, raw: Any, spatial: str) -> StageSpace:
         raise SpaceError(f"{where}: must be a mapping with keys {', '.join(sorted(_STAGE_KEYS))}")
     unknown = set(raw) - _STAGE_KEYS
     if unknown:
-        raise SpaceError(f"{where}: unknown key(s) {sorted(unknown)} (allowed: {', '.join(sorted(_STAGE_KEYS))})")
+        raise SpaceError(f"{where}: unknown key(s) {sorted(map(str, unknown))} (allowed: {', '.join(sorted(_STAGE_KEYS))})")
     for key in ("block", "width"):
         if key not in raw:
             raise SpaceError(f"{where}: missing required key {key!r}")
@@ -261,7 +261,7 @@ def parse_space(raw: Any, source: str = "<space>") -> Space:
         raise SpaceError(f"{source}: a space file must be a mapping with keys {', '.join(sorted(_TOP_KEYS))}")
     unknown = set(raw) - _TOP_KEYS
     if unknown:
-        raise SpaceError(f"{source}: unknown key(s) {sorted(unknown)} (allowed: {', '.join(sorted(_TOP_KEYS))})")
+        raise SpaceError(f"{source}: unknown key(s) {sorted(map(str, unknown))} (allowed: {', '.join(sorted(_TOP_KEYS))})")
     spatial = raw.get("spatial", "2d")
     if spatial not in ("1d", "2d"):
         raise SpaceError(f"{source}: spatial: {spatial!r} is not allowed (allowed: 1d, 2d)")
