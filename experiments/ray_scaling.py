@@ -1,4 +1,4 @@
-"""Ray backend throughput with 1 and 2 workers on the same trial budget (digits, 8 trials).
+"""Ray backend throughput with 1 and 2 workers on the same trial budget (digits, 12 trials).
 
     python experiments/ray_scaling.py        # ~3 min on 2 cores
 
@@ -23,8 +23,8 @@ from nas.space import load_space
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--trials", type=int, default=8)
-    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--trials", type=int, default=12)
+    ap.add_argument("--epochs", type=int, default=12)
     args = ap.parse_args()
     space = load_space("default")
     tmp = tempfile.mkdtemp(prefix="nas-ray-")

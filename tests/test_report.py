@@ -41,6 +41,7 @@ def test_report_writes_html_and_pngs_with_reference_and_layer_costs(two_studies,
             assert data[:8] == b"\x89PNG\r\n\x1a\n"
     page = (out / "report.html").read_text()
     assert "reference point" in page and '"size_bytes"' in page
+    assert "no two trials were ever timed at the same moment" in page
     front = optuna.load_study(study_name="a", storage=db).best_trials
     for t in front:
         assert f"Trial {t.number}: cost per layer" in page  # per-layer params / FLOPs / bytes
