@@ -30,7 +30,7 @@ from torch import nn
 
 from _common import RESULTS, pyplot, write_json
 from nas.backends.optuna import run_optuna
-from nas.compress.pack import WeightPlan, pack_state
+from nas.compress.pack import pack_state
 from nas.config import Recipe
 from nas.export import export_bundle
 from nas.measure import count_params, export_onnx, onnx_latency

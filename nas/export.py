@@ -157,7 +157,7 @@ def _card(manifest: dict[str, Any]) -> str:
         "## Limits",
         f"- Trained on {manifest['data']['n_train']} samples of `{manifest['data']['name']}` (split seed "
         f"{manifest['data']['seed']}); accuracy elsewhere is unknown.",
-        f"- Inputs must be normalized with the training split's mean and std (as `nas.data` does).",
+        "- Inputs must be normalized with the training split's mean and std (as `nas.data` does).",
         "- Latency was measured at batch 1 on the CPU above; other hardware will differ.",
     ]
     if m["deploy_precision"] == "int8" and any(p in ("int4", "int2", "ternary", "binary") for p in c.compression.precisions):

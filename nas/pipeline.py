@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -232,14 +231,16 @@ def evaluate(
     recipe = candidate.recipe if task.epochs is None else dataclasses.replace(candidate.recipe, epochs=task.epochs)
     loss_fn = _distill_loss(candidate, task, data)
     penalty = (lambda m: slimming_penalty(m, cfg.slimming_l1)) if cfg.prune == "bn" and cfg.slimming_l1 > 0 else None
-    on_epoch = None
+    on_epoch: Callable[[int, nn.Module], None] | None = None
     rule = task.rung_rule()
     if rule is not None and at_rung is not None:
         rungs = set(rule.rungs(recipe.epochs))
 
-        def on_epoch(epoch: int, m: nn.Module) -> None:
+        def check_rung(epoch: int, m: nn.Module) -> None:
             if epoch in rungs:
                 at_rung(epoch, accuracy(m, data.x_val, data.y_val), costs)
+
+        on_epoch = check_rung
 
     stats = train(model, data.x_train, data.y_train, recipe, task.seed, loss_fn=loss_fn, penalty=penalty,
                   on_epoch=on_epoch)

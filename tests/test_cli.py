@@ -51,7 +51,7 @@ def test_search_records_settings_and_resumes_to_total(in_tmp, capsys):
     meta = study.user_attrs["nas"]
     assert meta["objectives"] == ["accuracy", "params"] and meta["directions"] == ["maximize", "minimize"]
     assert study.metric_names == ["accuracy", "params"]
-    csv = capsys.readouterr().out
+    capsys.readouterr()
     assert main(["front", "r", "--storage", db, "--format", "csv"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith("trial,accuracy,params")

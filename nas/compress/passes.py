@@ -30,7 +30,8 @@ from nas.compress.quantize import apply_fake_quant_, bake_, quantizable_layers
 from nas.config import ArchConfig, Candidate, CompressionConfig, Recipe
 from nas.train import train
 
-__all__ = ["INT_DEPLOY", "structural_arch", "final_model", "compress", "pack_model", "load_packed", "deploy_onnx", "layer_stage"]
+__all__ = ["INT_DEPLOY", "structural_arch", "final_model", "compress", "pack_model", "load_packed", "deploy_onnx", "layer_stage",
+           "onnx_predict"]
 
 # Precisions that deploy as int8 (QDQ, real int8 kernels in ONNX Runtime).
 INT_DEPLOY = ("int8", "int4", "int2", "ternary", "binary")
