@@ -133,7 +133,7 @@ class InvertedResidual(nn.Module):
 
     def __init__(self, cin: int, cfg: BlockConfig, spatial: str) -> None:
         super().__init__()
-        mid = hidden_width(cfg, cin) if cfg.expansion != 1 else cin
+        mid = hidden_width(cfg, cin)
         layers: list[nn.Module] = []
         if cfg.expansion != 1:
             layers.append(conv_bn_act(cin, mid, (1, 1)))

@@ -40,17 +40,11 @@ class Net(nn.Module):
         super().__init__()
         self.arch = arch
         self.stem = conv_bn_act(arch.in_channels, arch.stem_channels, kernel_2d(3, arch.spatial))
-        body = []
+        body: list[nn.Module] = []
         cin = arch.stem_channels
-        shared: dict[tuple, nn.Module] = {}
-        for cfg in arch.blocks:
-            key = (cin, cfg)
-            if arch.share and key in shared:
-                # ALBERT-style cross-layer sharing: the same module (and weights) runs again.
-                body.append(shared[key])
-            else:
-                body.append(create_block(cin, cfg, arch.spatial))
-                shared[key] = body[-1]
+        for k, (cfg, owner) in enumerate(zip(arch.blocks, shared_with(arch))):
+            # ALBERT-style cross-layer sharing: a shared block runs its owner's module (and weights)
+            body.append(body[owner] if owner != k else create_block(cin, cfg, arch.spatial))
             cin = cfg.out_channels
         self.body = nn.Sequential(*body)
         if arch.head == "gap":

@@ -16,7 +16,7 @@ at that rung, from the study storage) and ``record(rung, accuracy)``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -75,5 +75,3 @@ class RungRule:
                     f"({', '.join(names)}); {better} rank better, only the best {keep} (1/eta={1 / self.eta:.2g}) go on")
         return None
 
-
-RungHook = Callable[[int, float], None]

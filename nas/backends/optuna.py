@@ -21,7 +21,7 @@ from nas.pipeline import ConstraintViolation, Task, evaluate, get_dataset
 from nas.space import Space
 from nas.study import META_KEY, open_storage
 
-__all__ = ["SAMPLERS", "make_sampler", "make_objective", "create_study", "run_optuna", "record_result"]
+__all__ = ["SAMPLERS", "make_sampler", "make_objective", "create_study", "run_optuna"]
 
 SAMPLERS = ("nsga2", "tpe", "random", "gp")
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
@@ -39,11 +39,6 @@ def make_sampler(name: str, seed: int, n_trials: int = 50) -> optuna.samplers.Ba
     if name == "gp":
         return optuna.samplers.GPSampler(seed=seed, n_startup_trials=max(4, min(10, n_trials // 3)))
     raise ConfigError(f"unknown sampler {name!r} (allowed: {', '.join(SAMPLERS)})")
-
-
-def record_result(trial: Any, metrics: dict[str, Any]) -> None:
-    for k, v in metrics.items():
-        trial.set_user_attr(k, v)
 
 
 def suggest_candidate(trial: Any, space: Space, task: Task) -> Candidate:
@@ -100,7 +95,8 @@ def make_objective(space: Space, task: Task) -> Callable[[optuna.Trial], tuple[f
         except Exception as exc:
             trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}")
             raise
-        record_result(trial, result.metrics)
+        for k, v in result.metrics.items():
+            trial.set_user_attr(k, v)
         if result.artifact_dir:
             trial.set_user_attr("artifact_dir", result.artifact_dir)
         return tuple(result.objectives[o] for o in task.objectives)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from nas.blocks import channel_roles, has_residual
+from nas.blocks import channel_roles, has_residual, hidden_width
 from nas.builder import Net, build, output_size, shared_with
 from nas.config import ArchConfig
 
@@ -65,8 +65,6 @@ def channel_groups(arch: ArchConfig) -> tuple[_UnionFind, dict[str, tuple[int, i
         info[f"i{k + 1}"] = (b.out_channels, b.stage)
         uf.find(f"i{k + 1}")
         if _has_hidden(arch, k):
-            from nas.blocks import hidden_width
-
             info[f"h{k}"] = (hidden_width(b, cin), b.stage)
             uf.find(f"h{k}")
         if b.type in ("mbconv", "skip") and has_residual(b, cin):
