@@ -38,7 +38,8 @@ FILES = ("model.onnx", "model.pt2", PACKED_NAME)
 MANIFEST = "manifest.json"
 CARD = "MODEL_CARD.md"
 # Latency differs between processes by more than one run's IQR; the band verify accepts.
-LATENCY_BAND = "max(3 x recorded IQR, 0.25 x recorded median)"
+LATENCY_BAND = ("max(3 x recorded IQR, 0.25 x recorded median), best of up to 3 runs; "
+                "not compared on a different CPU, core count, thread count or onnxruntime version")
 
 _PICK = re.compile(r"^\s*(max|min)\s+(\w+)(?:\s+(?:with|where)\s+(.+))?\s*$")
 _COND = re.compile(r"^\s*(\w+)\s*(<=|>=|<|>)\s*([-+0-9.eE]+)\s*$")
@@ -257,12 +258,12 @@ def export_bundle(study: optuna.Study, number: int, out: Path, *, storage_url: s
 @dataclass
 class VerifyResult:
     ok: bool
-    checks: list[tuple[str, bool, str]]  # (what, passed, detail)
+    checks: list[tuple[str, bool | None, str]]  # (what, passed or None when not comparable here, detail)
 
 
 def verify_bundle(path: Path, *, remeasure_latency: bool = True) -> VerifyResult:
     """Check hashes, reload every artifact, re-measure accuracy, size and latency."""
-    checks: list[tuple[str, bool, str]] = []
+    checks: list[tuple[str, bool | None, str]] = []
     man_path = path / MANIFEST
     if not man_path.is_file():
         raise NasError(f"{path} is not a bundle (no {MANIFEST})")
@@ -298,12 +299,37 @@ def verify_bundle(path: Path, *, remeasure_latency: bool = True) -> VerifyResult
     checks.append(("model.onnx vs packed PyTorch model", agree >= allowed,
                    f"same class on {agree:.4f} of the test split (>= {allowed})"))
     if remeasure_latency:
-        lat = onnx_latency(path / "model.onnx", (1, *manifest["data"]["input_shape"]),
-                           threads=manifest["measurement"]["threads"])
-        band = max(3 * m["latency_iqr_ms"], 0.25 * m["latency_ms"])
-        ok = abs(lat.median_ms - m["latency_ms"]) <= band
-        checks.append(("latency_ms", ok, f"{lat.median_ms:.5f} vs manifest {m['latency_ms']:.5f} (band +-{band:.5f})"))
-    return VerifyResult(all(ok for _, ok, _ in checks), checks)
+        checks.append(_latency_check(path, manifest))
+    return VerifyResult(all(ok is not False for _, ok, _ in checks), checks)
+
+
+# Latency is the one figure that depends on the host and on what else runs on it. Load only
+# ever makes a run slower, so a run outside the band is re-measured (fresh session) up to
+# LATENCY_RUNS times and the check passes if any run lands in the band; a bundle measured on a
+# different CPU or runtime is reported as not comparable instead of failing.
+LATENCY_RUNS = 3
+_COMPARABLE = ("cpu", "cores", "onnxruntime", "threads")
+
+
+def _latency_check(path: Path, manifest: dict[str, Any]) -> tuple[str, bool | None, str]:
+    m, recorded = manifest["metrics"], manifest["measurement"]
+    here = _context(recorded["threads"])
+    differs = [k for k in _COMPARABLE if str(here.get(k)) != str(recorded.get(k))]
+    if differs:
+        what = ", ".join(f"{k} {recorded.get(k)!r} -> {here.get(k)!r}" for k in differs)
+        return ("latency_ms", None, f"not compared: measured under different conditions ({what}); "
+                                    f"manifest {m['latency_ms']:.5f} ms")
+    band = max(3 * m["latency_iqr_ms"], 0.25 * m["latency_ms"])
+    runs = []
+    for _ in range(LATENCY_RUNS):
+        lat = onnx_latency(path / "model.onnx", (1, *manifest["data"]["input_shape"]), threads=recorded["threads"])
+        runs.append(lat.median_ms)
+        if abs(lat.median_ms - m["latency_ms"]) <= band:
+            break
+    ok = abs(runs[-1] - m["latency_ms"]) <= band
+    shown = " / ".join(f"{r:.5f}" for r in runs)
+    return ("latency_ms", ok, f"{shown} vs manifest {m['latency_ms']:.5f} (band +-{band:.5f}, "
+                              f"{len(runs)} run{'s' if len(runs) > 1 else ''})")
 
 
 class Bundle:

@@ -13,6 +13,7 @@ import nas
 from nas.cli import main
 from nas.compress.passes import load_packed, onnx_predict
 from nas.config import Candidate
+from nas.measure import Latency
 from nas.pipeline import get_dataset
 
 
@@ -41,7 +42,7 @@ def test_export_verify_then_tamper(study, capsys):
     out = _export(root, db, "b_front", "--trial", str(member))
     assert sorted(p.name for p in out.iterdir()) == ["MODEL_CARD.md", "manifest.json", "model.onnx", "model.pt2", "weights.nasp"]
     capsys.readouterr()
-    assert main(["verify", str(out)]) == 0
+    assert main(["verify", str(out), "--no-latency"]) == 0  # latency: see the test below (no timing in tests)
     assert "bundle verified" in capsys.readouterr().out
 
     data = bytearray((out / "weights.nasp").read_bytes())
@@ -50,6 +51,41 @@ def test_export_verify_then_tamper(study, capsys):
     assert main(["verify", str(out)]) == 1
     text = capsys.readouterr().out
     assert "FAIL sha256 weights.nasp" in text and "does NOT match" in text
+
+
+def test_verify_latency_band_retries_and_conditions(study, capsys, monkeypatch):
+    root, db = study
+    out = _export(root, db, "b_lat", "--pick", "knee")
+    manifest = json.loads((out / "manifest.json").read_text())
+    rec, iqr = manifest["metrics"]["latency_ms"], manifest["metrics"]["latency_iqr_ms"]
+    band = max(3 * iqr, 0.25 * rec)
+    calls = []
+
+    def fake(results):
+        def onnx_latency(path, shape, *, threads):
+            calls.append(threads)
+            return Latency(results[min(len(calls) - 1, len(results) - 1)], 0.0, 500, threads, 1)
+        return onnx_latency
+
+    def verify(results):
+        calls.clear()
+        monkeypatch.setattr("nas.export.onnx_latency", fake(results))
+        code = main(["verify", str(out)])
+        return code, [ln for ln in capsys.readouterr().out.splitlines() if "latency_ms" in ln][0]
+
+    code, line = verify([rec + 0.5 * band])
+    assert code == 0 and line.startswith("ok") and len(calls) == 1 and calls[0] == 1
+    code, line = verify([rec + 2 * band])  # persistently slower: fails after every run, figures shown
+    assert code == 1 and line.startswith("FAIL") and len(calls) == 3 and f"{rec + 2 * band:.5f}" in line
+    code, line = verify([rec * 3 + band, rec])  # one slow run under load, the re-measurement lands in the band
+    assert code == 0 and len(calls) == 2 and "2 runs" in line
+    code, line = verify([rec - 2 * band])  # much faster is a mismatch too
+    assert code == 1 and line.startswith("FAIL")
+
+    manifest["measurement"]["cpu"] = "Some Other CPU"
+    (out / "manifest.json").write_text(json.dumps(manifest))  # not hashed: the manifest is the reference
+    code, line = verify([rec * 10])
+    assert code == 0 and line.startswith("skip") and "Some Other CPU" in line and not calls
 
 
 def test_manifest_and_card_carry_the_measured_figures(study):
