@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from nas.backends.optuna import make_objective, make_sampler
+from nas.backends.optuna import make_objective, make_sampler, recover_dead_trials
 from nas.blocks import BLOCKS, register_block
 from nas.cli import main
 from nas.config import ArchConfig, BlockConfig, Candidate, CompressionConfig, Recipe
@@ -67,6 +68,32 @@ def test_sigkill_mid_trial_then_resume(in_tmp):
     retry = [t for t in trials if t.system_attrs.get("retry_of") == killed_running]
     assert len(retry) == 1 and retry[0].params == killed.params  # retried once, same candidate
     assert not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+
+
+def test_dead_trial_is_retried_once_even_when_two_processes_recover_it(tmp_path, monkeypatch):
+    import socket
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path}/r.db", study_name="r")
+    trial = study.ask({"x": optuna.distributions.IntDistribution(0, 9)})
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    trial.set_user_attr("worker", f"{socket.gethostname()}:{dead.pid}")
+    alive = study.ask()
+    alive.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+    stale = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+
+    assert recover_dead_trials(study) == [trial.number]
+    # a second process that listed the RUNNING trials before the first one recovered them
+    monkeypatch.setattr(study, "get_trials", lambda **kw: stale)
+    assert recover_dead_trials(study) == []
+    monkeypatch.undo()
+    by_state = {s: [t for t in study.get_trials() if t.state == s] for s in optuna.trial.TrialState}
+    assert [t.number for t in by_state[optuna.trial.TrialState.FAIL]] == [trial.number]
+    assert by_state[optuna.trial.TrialState.FAIL][0].user_attrs["killed"] is True
+    waiting = by_state[optuna.trial.TrialState.WAITING]
+    assert len(waiting) == 1 and waiting[0].params == {"x": trial.params["x"]}
+    assert waiting[0].system_attrs["retry_of"] == trial.number
+    assert [t.number for t in by_state[optuna.trial.TrialState.RUNNING]] == [alive.number]
 
 
 def test_two_worker_processes_share_a_journal_study(in_tmp):

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import optuna
+from optuna.exceptions import UpdateFinishedTrialError
 
 from nas.config import Candidate
 from nas.errors import ConfigError, TrialFailure
@@ -177,9 +178,12 @@ def recover_dead_trials(study: optuna.Study) -> list[int]:
         h, _, pid = worker.rpartition(":")
         if h != host or not pid.isdigit() or _alive(int(pid)):
             continue
-        study._storage.set_trial_user_attr(t._trial_id, "fail_reason", f"worker {worker} died during the trial; retried")
-        study._storage.set_trial_user_attr(t._trial_id, "killed", True)
-        study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+        try:
+            study._storage.set_trial_user_attr(t._trial_id, "fail_reason", f"worker {worker} died during the trial; retried")
+            study._storage.set_trial_user_attr(t._trial_id, "killed", True)
+            study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+        except UpdateFinishedTrialError:
+            continue  # another process recovered it first and enqueued the retry
         if "retry_of" not in t.system_attrs:  # one retry: a candidate that kills its worker twice stays failed
             study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.WAITING, params=t.params,
                                                       distributions=t.distributions, system_attrs={"retry_of": t.number}))
