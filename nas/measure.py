@@ -31,6 +31,7 @@ __all__ = [
     "count_params",
     "count_flops",
     "export_onnx",
+    "Exported",
     "onnx_latency",
     "measure_lock",
     "NOISY_IQR_RATIO",
@@ -89,18 +90,74 @@ def _quiet_exporter() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+class Exported:
+    """A model traced once by the torch.export-based ONNX exporter, re-weightable.
+
+    Graph shape and latency do not depend on weight values, so a trial traces its final-shape
+    model once (in pre-flight, untrained) and writes the trained weights into that graph with
+    ``ONNXProgram.apply_weights`` instead of tracing again (tracing is the slowest step of a
+    trial outside training). The graph is kept *unoptimized*, so every weight is still an
+    initializer named after its state-dict key; each save re-weights a copy and then runs the
+    exporter's own optimizer (which folds BatchNorm into the convolutions). :meth:`save_with`
+    checks the result against the model on real inputs and traces afresh if they disagree.
+    """
+
+    def __init__(self, model: nn.Module, example: torch.Tensor) -> None:
+        import onnx_ir
+
+        _quiet_exporter()
+        model.eval()
+        self.example = example
+        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        with warnings.catch_warnings(), contextlib.redirect_stdout(open(os.devnull, "w")):
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(model, (example,), dynamo=True, verbose=False, optimize=False)
+        self.initializers = set(program.model.graph.initializers)
+        self._proto = onnx_ir.serde.serialize_model(program.model)
+        self.last_reused = False  # whether the last save_with re-used this graph (recorded per trial)
+
+    def save(self, path: str | os.PathLike[str], state: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write the optimized graph with ``state``'s weights (default: the traced model's)."""
+        import onnx_ir
+
+        program = torch.onnx.ONNXProgram(onnx_ir.serde.deserialize_model(self._proto), None)
+        state = self.state if state is None else state
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        with warnings.catch_warnings(), contextlib.redirect_stdout(open(os.devnull, "w")):
+            warnings.simplefilter("ignore")
+            program.apply_weights({k: v.detach() for k, v in state.items() if k in self.initializers})
+            program.optimize()
+            program.save(str(tmp), external_data=False)
+        os.replace(tmp, path)  # atomic: a crash never leaves a half-written model behind
+        return path
+
+    def save_with(self, model: nn.Module, path: str | os.PathLike[str], check: torch.Tensor) -> tuple[Path, bool]:
+        """Write ``model``'s weights into this graph and save it; returns (path, reused).
+
+        Re-used only if the state-dict keys and shapes match, every dotted (weight-derived)
+        initializer has a value in the state dict, and ONNX Runtime's outputs on ``check``
+        match the model's; otherwise ``model`` is traced afresh."""
+        model.eval()
+        state = model.state_dict()
+        same = state.keys() == self.state.keys() and all(v.shape == self.state[k].shape for k, v in state.items())
+        if same and all(k in state for k in self.initializers if "." in k):
+            path = self.save(path, state)
+            with torch.no_grad():
+                want = model(check).numpy()
+            sess = _session(Path(path), 1)
+            name = sess.get_inputs()[0].name
+            got = np.concatenate([sess.run(None, {name: check[i : i + 1].numpy()})[0] for i in range(len(check))])
+            if np.allclose(got, want, rtol=1e-4, atol=1e-4):
+                self.last_reused = True
+                return path, True
+        self.last_reused = False
+        return export_onnx(model, self.example, path), False
+
+
 def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike[str]) -> Path:
     """Export ``model`` for batch-1 inference with the torch.export-based ONNX exporter."""
-    _quiet_exporter()
-    model.eval()
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with warnings.catch_warnings(), contextlib.redirect_stdout(open(os.devnull, "w")):
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(model, (example,), dynamo=True, verbose=False, optimize=True)
-        program.save(str(tmp), external_data=False)
-    os.replace(tmp, path)  # atomic: a crash never leaves a half-written model behind
-    return path
+    return Exported(model, example).save(path)
 
 
 def _lock_path() -> Path:

@@ -32,7 +32,7 @@ from nas.compress.prune import slimming_penalty
 from nas.config import ArchConfig, Candidate
 from nas.data import Dataset, load_dataset
 from nas.errors import ConfigError, TrialFailure
-from nas.measure import count_flops, count_params, onnx_latency
+from nas.measure import Exported, count_flops, count_params, onnx_latency
 from nas.early_stop import RungRule
 from nas.objectives import DEFAULT_OBJECTIVES, check_constraints, mnasnet_reward
 from nas.train import accuracy, seed_everything, train
@@ -147,9 +147,10 @@ def _check_shapes(arch: ArchConfig, data: Dataset) -> None:
 
 
 def _costs(model: nn.Module, cand: Candidate, blob: bytes, example: torch.Tensor, calibration: torch.Tensor,
-           workdir: Path, threads: int) -> dict[str, Any]:
+           workdir: Path, threads: int, exported: Exported) -> dict[str, Any]:
     """Every cost of the shipped form: deployable ONNX latency, packed-file bytes, FLOPs, params."""
-    onnx_path, precision = deploy_onnx(model, cand.compression, example, workdir / "model.onnx", calibration)
+    onnx_path, precision = deploy_onnx(model, cand.compression, example, workdir / "model.onnx", calibration,
+                                       exported)
     lat = onnx_latency(onnx_path, tuple(example.shape), threads=threads)
     size = write_file(workdir / PACKED_NAME, blob)
     return {
@@ -206,10 +207,12 @@ def evaluate(
         with torch.no_grad():
             preview.eval()(example)
         blob = pack_model(preview, candidate.compression)
+        preview = load_packed(candidate, blob)  # time exactly the structure that will ship
+        exported = Exported(preview, example)
     except (RuntimeError, ValueError) as exc:
         raise TrialFailure(f"infeasible candidate: {exc}") from exc
     with tempfile.TemporaryDirectory(prefix="nas-trial-") as tmp:
-        costs = _costs(preview, candidate, blob, example, calibration, Path(tmp), task.latency_threads)
+        costs = _costs(preview, candidate, blob, example, calibration, Path(tmp), task.latency_threads, exported)
     timings["preflight_s"] = time.perf_counter() - t0
     # Sizes that depend on trained values (Huffman streams, how many low-bit codes round to
     # zero behind a sparsity mask, codebook fill) are checked after compression instead.
@@ -260,7 +263,8 @@ def evaluate(
         folder = out or Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
         size = write_file(folder / PACKED_NAME, blob)
-        onnx_path, precision = deploy_onnx(shipped, candidate.compression, example, folder / "model.onnx", calibration)
+        onnx_path, precision = deploy_onnx(shipped, candidate.compression, example, folder / "model.onnx", calibration,
+                                           exported)
         pred = onnx_predict(onnx_path, torch.cat([data.x_val, data.x_test])).argmax(1)  # one ORT session
         val_pred, test_pred = pred[: len(data.y_val)], pred[len(data.y_val) :]
         if out is not None:
@@ -272,6 +276,7 @@ def evaluate(
     timings["total_s"] = time.perf_counter() - t0
 
     costs["preflight_size_bytes"] = costs["size_bytes"]
+    costs["onnx_graph_reused"] = exported.last_reused  # pre-flight graph re-weighted, not exported again
     costs["size_bytes"] = size
     reason = check_constraints(costs, task.constraints)
     if reason:

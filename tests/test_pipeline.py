@@ -26,6 +26,35 @@ def test_evaluate_measures_costs_and_learns(tmp_path):
     weights = Path(res.artifact_dir) / "weights.nasp"
     assert weights.is_file() and weights.stat().st_size == m["size_bytes"] == res.objectives["size_bytes"]
     assert set(res.objectives) == {"accuracy", "latency_ms", "size_bytes", "flops", "params"}
+    assert m["onnx_graph_reused"] is True  # the pre-flight graph, re-weighted with the trained weights
+    assert m["val_accuracy"] == pytest.approx(m["packed_val_accuracy"], abs=1e-6)  # fp32: the ONNX model is the packed model
+
+
+def test_exported_graph_is_reweighted_or_exported_afresh(tmp_path, monkeypatch):
+    from nas.builder import build
+    from nas.compress.passes import onnx_predict
+    from nas.config import ArchConfig
+    from nas.measure import Exported
+
+    arch = _candidate().arch
+    x = torch.randn(6, 1, 8, 8)
+    torch.manual_seed(0)
+    exported = Exported(build(arch).eval(), torch.zeros(1, 1, 8, 8))
+
+    def check(model, name, reused):
+        path, was = exported.save_with(model.eval(), tmp_path / name, x)
+        assert was is reused
+        with torch.no_grad():
+            assert torch.allclose(torch.from_numpy(onnx_predict(path, x)), model(x), atol=1e-4)
+
+    torch.manual_seed(1)
+    check(build(arch), "same_shape.onnx", True)
+    wider = ArchConfig(1, 10, (8, 8), "2d", 8, (BlockConfig("dsconv", 32, 3, 1, stage=0), BlockConfig("conv", 24, 3, 2, stage=1)))
+    check(build(wider), "other_shape.onnx", False)
+    # weights that did not reach the graph are caught by the output check, and the model is exported afresh
+    monkeypatch.setattr(torch.onnx.ONNXProgram, "apply_weights", lambda self, state: None)
+    torch.manual_seed(2)
+    check(build(arch), "stale.onnx", False)
 
 
 def test_evaluate_is_reproducible_except_latency():

@@ -10,6 +10,7 @@ import time
 import optuna
 import pytest
 
+from nas.backends.ray import experiment_dir
 from nas.cli import main
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -68,16 +69,21 @@ def test_killed_driver_resumes_keeping_every_completed_trial_once(ray_head, in_t
     (in_tmp / "space.yaml").write_text(SPACE)
     db = f"sqlite:///{in_tmp}/k.db"
     args = [sys.executable, "-m", "nas.cli", "search", "--backend", "ray", "--ray-address", ray_head, "--workers", "2",
-            "--study", "k", "--space", "space.yaml", "--storage", db, "--quiet", "--trials", "8", "--no-early-stop"]
+            "--study", "k", "--space", "space.yaml", "--storage", db, "--quiet", "--trials", "12", "--no-early-stop"]
     driver = subprocess.Popen(args, cwd=in_tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 240
     while time.time() < deadline and len(_complete(db, "k")) < 3:
-        time.sleep(0.5)
-    time.sleep(2.5)  # let Tune save its experiment state at least once after those trials
+        time.sleep(0.2)
+    # kill as soon as Tune has saved its experiment state once after those trials (not after a
+    # fixed sleep: how many trials finish in a fixed time depends on the machine)
+    mark = time.time()
+    state_dir = experiment_dir(in_tmp / "runs", "k")
+    while time.time() < mark + 60 and not any(f.stat().st_mtime > mark for f in state_dir.glob("experiment_state*.json")):
+        time.sleep(0.1)
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
     before = _complete(db, "k")
-    assert 3 <= len(before) < 8, "kill the driver mid-run"
+    assert 3 <= len(before) < 12, "kill the driver mid-run"
 
     resumed = subprocess.run([*args, "--resume"], cwd=in_tmp, capture_output=True, text=True, timeout=400)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -85,7 +91,7 @@ def test_killed_driver_resumes_keeping_every_completed_trial_once(ray_head, in_t
     after = _complete(db, "k")
     for number, values in before.items():
         assert after[number] == values  # kept, unchanged
-    assert len(after) == 8  # the budget, each completed trial counted once
+    assert len(after) == 12  # the budget, each completed trial counted once
     assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
     # trials the killed driver had started but not recorded are FAIL with a reason, never COMPLETE
     for t in study.trials:

@@ -184,6 +184,7 @@ def test_same_seed_same_accuracy_and_size_with_compression():
     a, b = evaluate(cand, Task()).metrics, evaluate(cand, Task()).metrics
     for k in ("val_accuracy", "test_accuracy", "size_bytes", "params", "flops"):
         assert a[k] == b[k], k
+    assert a["deploy_precision"] == "int8" and a["onnx_graph_reused"]  # pruned+sparse graph re-weighted, not re-exported
 
 
 def test_experiment_config_file(in_tmp, capsys):

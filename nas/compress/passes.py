@@ -16,6 +16,7 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -29,6 +30,9 @@ from nas.compress.prune import apply_sparsity_, prune_structured, pruned_arch, t
 from nas.compress.quantize import apply_fake_quant_, bake_, quantizable_layers
 from nas.config import ArchConfig, Candidate, CompressionConfig, Recipe
 from nas.train import train
+
+if TYPE_CHECKING:
+    from nas.measure import Exported
 
 __all__ = ["INT_DEPLOY", "structural_arch", "final_model", "compress", "pack_model", "load_packed", "deploy_onnx", "layer_stage",
            "onnx_predict"]
@@ -170,20 +174,28 @@ class _Calibration:
 
 
 def deploy_onnx(model: nn.Module, cfg: CompressionConfig, example: torch.Tensor, path: Path,
-                calibration: torch.Tensor) -> tuple[Path, str]:
+                calibration: torch.Tensor, exported: Exported | None = None) -> tuple[Path, str]:
     """Write the deployable ONNX model: int8 QDQ (static, calibrated, per-channel weights)
-    where the precision is integer, else fp32. Returns (path, deployed precision)."""
+    where the precision is integer, else fp32. Returns (path, deployed precision).
+
+    ``exported``: an earlier export of a model of the same shape (the pre-flight one); its
+    graph is re-weighted with ``model``'s weights instead of exporting again."""
     from nas.measure import export_onnx
 
+    def fp32_onnx(dest: Path) -> Path:
+        if exported is None:
+            return export_onnx(model, example, dest)
+        return exported.save_with(model, dest, calibration[:16])[0]
+
     if not any(p in INT_DEPLOY for p in cfg.precisions):
-        return export_onnx(model, example, path), "fp32"
+        return fp32_onnx(path), "fp32"
     import onnx
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)
 
     reader_cls = type("Reader", (_Calibration, CalibrationDataReader), {})
     with tempfile.TemporaryDirectory(prefix="nas-q-") as tmp:
-        fp32 = export_onnx(model, example, Path(tmp) / "fp32.onnx")
+        fp32 = fp32_onnx(Path(tmp) / "fp32.onnx")
         graph = onnx.load(str(fp32)).graph
         name = graph.input[0].name
         # mixed precision: layers of fp32/fp16 stages stay float in the deployed graph
