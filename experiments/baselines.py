@@ -6,7 +6,7 @@ size truth on the search's front.
    (`mnist1d_compress` space), measures them exactly like candidates (ONNX Runtime latency,
    packed fp32 file bytes), and reports the size ratio against the smallest front model at
    least as accurate and the latency ratio against the fastest one (baselines and front
-   timed in the same interleaved passes).
+   timed one after the other within the same two passes).
 4. Re-measures the latency of every front member twice: median IQR/median, and the rank
    correlation between the two passes.
 5. Exports every front member and compares the reported size_bytes with the bundle's file.
@@ -100,7 +100,7 @@ def main() -> None:
     front = front_frame(study)
 
     # 4. measurement stability: two more latency passes over the front's deployable models, with
-    # the baselines' models timed in the same passes (interleaved), so a latency ratio never
+    # the baselines' models timed within the same passes, so a latency ratio never
     # compares figures taken minutes apart on a shared machine whose speed drifts.
     models = {b["name"]: Path(b.pop("onnx")) for b in baselines}
     models.update({int(t): tmp / "art" / f"trial-{int(t):05d}" / "model.onnx" for t in front["trial"]})

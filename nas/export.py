@@ -28,7 +28,7 @@ import torch
 from nas.compress.passes import load_packed, onnx_predict
 from nas.config import Candidate
 from nas.errors import NasError
-from nas.measure import onnx_latency
+from nas.measure import LATENCY_HOST_KEYS, cpu_model, latency_host, onnx_latency
 from nas.pipeline import PACKED_NAME, Task, evaluate, get_dataset
 from nas.study import front_frame, study_meta, trials_frame
 
@@ -38,8 +38,9 @@ FILES = ("model.onnx", "model.pt2", PACKED_NAME)
 MANIFEST = "manifest.json"
 CARD = "MODEL_CARD.md"
 # Latency differs between processes by more than one run's IQR; the band verify accepts.
-LATENCY_BAND = ("max(3 x recorded IQR, 0.25 x recorded median), best of up to 3 runs; "
-                "not compared on a different CPU, core count, thread count or onnxruntime version")
+LATENCY_BAND = ("within max(3 x recorded IQR, 0.25 x recorded median) either way; a slower run is re-timed "
+                "up to 3 times; not compared on a host with another CPU model, core count or onnxruntime version "
+                "than the one that timed it")
 
 _PICK = re.compile(r"^\s*(max|min)\s+(\w+)(?:\s+(?:with|where)\s+(.+))?\s*$")
 _COND = re.compile(r"^\s*(\w+)\s*(<=|>=|<|>)\s*([-+0-9.eE]+)\s*$")
@@ -51,16 +52,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def pick_trial(study: optuna.Study, rule: str) -> int:
@@ -139,7 +130,8 @@ def _card(manifest: dict[str, Any]) -> str:
         f"| parameters | {m['params']:,} |",
         f"| FLOPs (fvcore, multiply-adds) | {m['flops']:,} |",
         f"| deployed precision | {m['deploy_precision']} |",
-        f"| measured on | {ctx['cpu']}, onnxruntime {ctx['onnxruntime']} |",
+        f"| latency timed on | {m.get('latency_cpu', ctx['cpu'])}, {m.get('latency_cores', ctx['cores'])} cores, "
+        f"onnxruntime {m.get('latency_onnxruntime', ctx['onnxruntime'])} |",
     ]
     if manifest.get("search_metrics"):
         s = manifest["search_metrics"]
@@ -194,6 +186,7 @@ def export_bundle(study: optuna.Study, number: int, out: Path, *, storage_url: s
     cand = Candidate.from_dict(trial.user_attrs["candidate"])
     metrics = {k: trial.user_attrs[k] for k in ("accuracy", "val_accuracy", "test_accuracy", "latency_ms",
                                                  "latency_iqr_ms", "size_bytes", "params", "flops", "deploy_precision")}
+    metrics.update({k: trial.user_attrs[k] for k in LATENCY_HOST_KEYS if k in trial.user_attrs})
     search_metrics = None
     out.parent.mkdir(parents=True, exist_ok=True)
     # built beside its destination, then renamed into place in one step
@@ -204,7 +197,7 @@ def export_bundle(study: optuna.Study, number: int, out: Path, *, storage_url: s
             res = evaluate(cand, dataclasses.replace(task, artifacts_dir=str(tmp), early_stop=None, epochs=None),
                            trial_id="retrain")
             src = tmp / "retrain"
-            search_metrics, metrics = metrics, {k: res.metrics[k] for k in metrics}
+            search_metrics, metrics = metrics, {k: res.metrics[k] for k in (*metrics, *LATENCY_HOST_KEYS) if k in res.metrics}
         else:
             folder = trial.user_attrs.get("artifact_dir") or (
                 str(Path(task.artifacts_dir) / f"trial-{number:05d}") if task.artifacts_dir else None)
@@ -303,28 +296,33 @@ def verify_bundle(path: Path, *, remeasure_latency: bool = True) -> VerifyResult
     return VerifyResult(all(ok is not False for _, ok, _ in checks), checks)
 
 
-# Latency is the one figure that depends on the host and on what else runs on it. Load only
-# ever makes a run slower, so a run outside the band is re-measured (fresh session) up to
-# LATENCY_RUNS times and the check passes if any run lands in the band; a bundle measured on a
-# different CPU or runtime is reported as not comparable instead of failing.
+# Latency is the one figure that depends on the host and on what else runs on it. It is
+# compared only on the kind of host that timed it (CPU model, core count, onnxruntime version,
+# recorded with the timing), otherwise reported as not comparable. Load only ever slows a run
+# down, so a run slower than the band is re-timed (fresh session) up to LATENCY_RUNS times; a
+# run faster than the band fails at once (re-timing cannot make it slower).
 LATENCY_RUNS = 3
-_COMPARABLE = ("cpu", "cores", "onnxruntime", "threads")
 
 
 def _latency_check(path: Path, manifest: dict[str, Any]) -> tuple[str, bool | None, str]:
-    m, recorded = manifest["metrics"], manifest["measurement"]
-    here = _context(recorded["threads"])
-    differs = [k for k in _COMPARABLE if str(here.get(k)) != str(recorded.get(k))]
+    m = manifest["metrics"]
+    recorded = {k: m.get(k) for k in LATENCY_HOST_KEYS}
+    if any(v is None for v in recorded.values()):
+        return ("latency_ms", None, f"not compared: the manifest does not record the host that timed it; "
+                                    f"manifest {m['latency_ms']:.5f} ms")
+    here = latency_host()
+    differs = [k for k in LATENCY_HOST_KEYS if str(here[k]) != str(recorded[k])]
     if differs:
-        what = ", ".join(f"{k} {recorded.get(k)!r} -> {here.get(k)!r}" for k in differs)
-        return ("latency_ms", None, f"not compared: measured under different conditions ({what}); "
+        what = ", ".join(f"{k.removeprefix('latency_')} {recorded[k]!r} -> {here[k]!r}" for k in differs)
+        return ("latency_ms", None, f"not compared: timed on another kind of host ({what}); "
                                     f"manifest {m['latency_ms']:.5f} ms")
     band = max(3 * m["latency_iqr_ms"], 0.25 * m["latency_ms"])
     runs = []
     for _ in range(LATENCY_RUNS):
-        lat = onnx_latency(path / "model.onnx", (1, *manifest["data"]["input_shape"]), threads=recorded["threads"])
+        lat = onnx_latency(path / "model.onnx", (1, *manifest["data"]["input_shape"]),
+                           threads=manifest["measurement"]["threads"])
         runs.append(lat.median_ms)
-        if abs(lat.median_ms - m["latency_ms"]) <= band:
+        if lat.median_ms <= m["latency_ms"] + band:  # in the band, or faster than it: no re-timing
             break
     ok = abs(runs[-1] - m["latency_ms"]) <= band
     shown = " / ".join(f"{r:.5f}" for r in runs)

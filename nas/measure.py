@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import platform
 import statistics
 import tempfile
 import time
@@ -33,6 +34,8 @@ __all__ = [
     "export_onnx",
     "Exported",
     "onnx_latency",
+    "latency_host",
+    "cpu_model",
     "measure_lock",
     "NOISY_IQR_RATIO",
 ]
@@ -55,6 +58,27 @@ class Latency:
 
     def to_dict(self) -> dict[str, float | int | bool]:
         return {**asdict(self), "noisy": self.noisy}
+
+
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+LATENCY_HOST_KEYS = ("latency_cpu", "latency_cores", "latency_onnxruntime")
+
+
+def latency_host() -> dict[str, Any]:
+    """What a latency figure depends on besides the model: stored with every timing, so a
+    later re-timing (``nas verify``) knows whether it is comparable."""
+    import onnxruntime
+
+    return dict(zip(LATENCY_HOST_KEYS, (cpu_model(), os.cpu_count(), onnxruntime.__version__)))
 
 
 def count_params(model: nn.Module) -> int:
@@ -90,6 +114,14 @@ def _quiet_exporter() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """The exporter prints progress on stdout and warns on every call."""
+    with open(os.devnull, "w") as null, warnings.catch_warnings(), contextlib.redirect_stdout(null):
+        warnings.simplefilter("ignore")
+        yield
+
+
 class Exported:
     """A model traced once by the torch.export-based ONNX exporter, re-weightable.
 
@@ -97,9 +129,10 @@ class Exported:
     model once (in pre-flight, untrained) and writes the trained weights into that graph with
     ``ONNXProgram.apply_weights`` instead of tracing again (tracing is the slowest step of a
     trial outside training). The graph is kept *unoptimized*, so every weight is still an
-    initializer named after its state-dict key; each save re-weights a copy and then runs the
-    exporter's own optimizer (which folds BatchNorm into the convolutions). :meth:`save_with`
-    checks the result against the model on real inputs and traces afresh if they disagree.
+    initializer named after a state-dict key (tied weights: one of their keys); each save
+    re-weights a copy and then runs the exporter's own optimizer (which folds BatchNorm into
+    the convolutions). :meth:`save_with` checks the result against the model on real inputs
+    and traces afresh if they disagree.
     """
 
     def __init__(self, model: nn.Module, example: torch.Tensor) -> None:
@@ -109,8 +142,7 @@ class Exported:
         model.eval()
         self.example = example
         self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        with warnings.catch_warnings(), contextlib.redirect_stdout(open(os.devnull, "w")):
-            warnings.simplefilter("ignore")
+        with _quiet():
             program = torch.onnx.export(model, (example,), dynamo=True, verbose=False, optimize=False)
         self.initializers = set(program.model.graph.initializers)
         self._proto = onnx_ir.serde.serialize_model(program.model)
@@ -124,34 +156,44 @@ class Exported:
         state = self.state if state is None else state
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
-        with warnings.catch_warnings(), contextlib.redirect_stdout(open(os.devnull, "w")):
-            warnings.simplefilter("ignore")
+        with _quiet():
             program.apply_weights({k: v.detach() for k, v in state.items() if k in self.initializers})
             program.optimize()
             program.save(str(tmp), external_data=False)
         os.replace(tmp, path)  # atomic: a crash never leaves a half-written model behind
         return path
 
-    def save_with(self, model: nn.Module, path: str | os.PathLike[str], check: torch.Tensor) -> tuple[Path, bool]:
-        """Write ``model``'s weights into this graph and save it; returns (path, reused).
+    def _matches(self, state: dict[str, torch.Tensor]) -> bool:
+        return (state.keys() == self.state.keys()
+                and all(v.shape == self.state[k].shape and v.dtype == self.state[k].dtype for k, v in state.items())
+                and all(k in state for k in self.initializers if "." in k))
 
-        Re-used only if the state-dict keys and shapes match, every dotted (weight-derived)
-        initializer has a value in the state dict, and ONNX Runtime's outputs on ``check``
-        match the model's; otherwise ``model`` is traced afresh."""
+    def save_with(self, model: nn.Module, path: str | os.PathLike[str], check: torch.Tensor) -> tuple[Path, bool]:
+        """Write ``model``'s weights into this graph and save it at ``path``; returns (path, reused).
+
+        Re-used only if the state-dict keys, shapes and dtypes match and ONNX Runtime's outputs
+        on ``check`` match the model's; the candidate file is checked before it replaces
+        ``path``. Otherwise ``model`` is traced afresh."""
         model.eval()
         state = model.state_dict()
-        same = state.keys() == self.state.keys() and all(v.shape == self.state[k].shape for k, v in state.items())
-        if same and all(k in state for k in self.initializers if "." in k):
-            path = self.save(path, state)
-            with torch.no_grad():
-                want = model(check).numpy()
-            sess = _session(Path(path), 1)
-            name = sess.get_inputs()[0].name
-            got = np.concatenate([sess.run(None, {name: check[i : i + 1].numpy()})[0] for i in range(len(check))])
-            if np.allclose(got, want, rtol=1e-4, atol=1e-4):
-                self.last_reused = True
-                return path, True
+        path = Path(path)
         self.last_reused = False
+        if self._matches(state):
+            trial = path.with_name(path.name + ".reused")
+            try:
+                self.save(trial, state)
+                with torch.no_grad():
+                    want = model(check).numpy()
+                sess = _session(trial, 1)
+                name = sess.get_inputs()[0].name
+                got = np.concatenate([sess.run(None, {name: check[i : i + 1].numpy()})[0] for i in range(len(check))])
+                self.last_reused = bool(np.allclose(got, want, rtol=1e-4, atol=1e-4))
+            except Exception:  # noqa: BLE001 - any failure of the shortcut means: trace afresh
+                self.last_reused = False
+            if self.last_reused:
+                os.replace(trial, path)
+                return path, True
+            trial.unlink(missing_ok=True)
         return export_onnx(model, self.example, path), False
 
 

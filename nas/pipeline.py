@@ -32,7 +32,7 @@ from nas.compress.prune import slimming_penalty
 from nas.config import ArchConfig, Candidate
 from nas.data import Dataset, load_dataset
 from nas.errors import ConfigError, TrialFailure
-from nas.measure import Exported, count_flops, count_params, onnx_latency
+from nas.measure import Exported, count_flops, count_params, latency_host, onnx_latency
 from nas.early_stop import RungRule
 from nas.objectives import DEFAULT_OBJECTIVES, check_constraints, mnasnet_reward
 from nas.train import accuracy, seed_everything, train
@@ -159,6 +159,7 @@ def _costs(model: nn.Module, cand: Candidate, blob: bytes, example: torch.Tensor
         "latency_noisy": lat.noisy,
         "latency_attempts": lat.attempts,
         "latency_threads": lat.threads,
+        **latency_host(),
         "size_bytes": size,
         "onnx_bytes": onnx_path.stat().st_size,
         "deploy_precision": precision,
@@ -208,9 +209,9 @@ def evaluate(
             preview.eval()(example)
         blob = pack_model(preview, candidate.compression)
         preview = load_packed(candidate, blob)  # time exactly the structure that will ship
-        exported = Exported(preview, example)
     except (RuntimeError, ValueError) as exc:
         raise TrialFailure(f"infeasible candidate: {exc}") from exc
+    exported = Exported(preview, example)
     with tempfile.TemporaryDirectory(prefix="nas-trial-") as tmp:
         costs = _costs(preview, candidate, blob, example, calibration, Path(tmp), task.latency_threads, exported)
     timings["preflight_s"] = time.perf_counter() - t0

@@ -273,7 +273,7 @@ def parse_space(raw: Any, source: str = "<space>") -> Space:
     if isinstance(comp, dict) and "per_stage" in comp:
         comp = dict(comp)
         ps = comp.pop("per_stage")
-        if not isinstance(ps, list) or any(g not in PER_STAGE for g in ps):
+        if not isinstance(ps, list) or any(not isinstance(g, str) or g not in PER_STAGE for g in ps):
             raise SpaceError(f"{source}: compression.per_stage: {ps!r} must be a list of genes from: {', '.join(PER_STAGE)}")
         missing = [g for g in ps if g not in comp]
         if missing:

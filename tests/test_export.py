@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import zipfile
 
 import numpy as np
@@ -77,15 +78,22 @@ def test_verify_latency_band_retries_and_conditions(study, capsys, monkeypatch):
     assert code == 0 and line.startswith("ok") and len(calls) == 1 and calls[0] == 1
     code, line = verify([rec + 2 * band])  # persistently slower: fails after every run, figures shown
     assert code == 1 and line.startswith("FAIL") and len(calls) == 3 and f"{rec + 2 * band:.5f}" in line
-    code, line = verify([rec * 3 + band, rec])  # one slow run under load, the re-measurement lands in the band
+    code, line = verify([rec * 3 + band, rec])  # one slow run under load, the re-timing lands in the band
     assert code == 0 and len(calls) == 2 and "2 runs" in line
-    code, line = verify([rec - 2 * band])  # much faster is a mismatch too
-    assert code == 1 and line.startswith("FAIL")
+    code, line = verify([rec - 2 * band, rec])  # much faster is a mismatch too, and re-timing cannot fix it
+    assert code == 1 and line.startswith("FAIL") and len(calls) == 1
 
-    manifest["measurement"]["cpu"] = "Some Other CPU"
-    (out / "manifest.json").write_text(json.dumps(manifest))  # not hashed: the manifest is the reference
+    assert manifest["metrics"]["latency_cores"] == os.cpu_count()  # the host that timed it, from the trial
+    for key, value, shown in (("latency_cpu", "Some Other CPU", "Some Other CPU"), ("latency_cores", 64, "64")):
+        changed = json.loads(json.dumps(manifest))
+        changed["metrics"][key] = value
+        (out / "manifest.json").write_text(json.dumps(changed))  # not hashed: the manifest is the reference
+        code, line = verify([rec * 10])
+        assert code == 0 and line.startswith("skip") and shown in line and not calls
+    del changed["metrics"]["latency_cpu"]  # a manifest that does not say where it was timed
+    (out / "manifest.json").write_text(json.dumps(changed))
     code, line = verify([rec * 10])
-    assert code == 0 and line.startswith("skip") and "Some Other CPU" in line and not calls
+    assert code == 0 and line.startswith("skip") and "does not record" in line and not calls
 
 
 def test_manifest_and_card_carry_the_measured_figures(study):

@@ -55,6 +55,16 @@ def test_exported_graph_is_reweighted_or_exported_afresh(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.onnx.ONNXProgram, "apply_weights", lambda self, state: None)
     torch.manual_seed(2)
     check(build(arch), "stale.onnx", False)
+    monkeypatch.undo()
+    # a shortcut that breaks (here: ONNX Runtime refuses the file) falls back too, leaving no stray file
+    import nas.measure
+
+    def broken(*a, **k):
+        raise RuntimeError("Type Error")
+
+    monkeypatch.setattr(nas.measure, "_session", broken)
+    path, was = exported.save_with(build(arch).eval(), tmp_path / "broken.onnx", x)
+    assert not was and path.is_file() and not list(tmp_path.glob("*.reused"))
 
 
 def test_evaluate_is_reproducible_except_latency():

@@ -80,6 +80,7 @@ def test_killed_driver_resumes_keeping_every_completed_trial_once(ray_head, in_t
     state_dir = experiment_dir(in_tmp / "runs", "k")
     while time.time() < mark + 60 and not any(f.stat().st_mtime > mark for f in state_dir.glob("experiment_state*.json")):
         time.sleep(0.1)
+    time.sleep(1.0)  # Tune writes the searcher's state right after; do not kill it mid-write
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
     before = _complete(db, "k")
