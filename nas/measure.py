@@ -164,20 +164,22 @@ class Exported:
         return path
 
     def _matches(self, state: dict[str, torch.Tensor]) -> bool:
-        return (state.keys() == self.state.keys()
-                and all(v.shape == self.state[k].shape and v.dtype == self.state[k].dtype for k, v in state.items())
-                and all(k in state for k in self.initializers if "." in k))
+        return state.keys() == self.state.keys() and all(
+            v.shape == self.state[k].shape and v.dtype == self.state[k].dtype for k, v in state.items())
 
     def save_with(self, model: nn.Module, path: str | os.PathLike[str], check: torch.Tensor) -> tuple[Path, bool]:
         """Write ``model``'s weights into this graph and save it at ``path``; returns (path, reused).
 
         Re-used only if the state-dict keys, shapes and dtypes match and ONNX Runtime's outputs
         on ``check`` match the model's; the candidate file is checked before it replaces
-        ``path``. Otherwise ``model`` is traced afresh."""
+        ``path``. Otherwise ``model`` is traced afresh. The traced model's own weights are
+        saved as they are (reused is False: nothing was re-weighted)."""
         model.eval()
         state = model.state_dict()
         path = Path(path)
         self.last_reused = False
+        if self._matches(state) and all(torch.equal(v, self.state[k]) for k, v in state.items()):
+            return self.save(path), False  # the traced weights themselves: this is the trace, no check needed
         if self._matches(state):
             trial = path.with_name(path.name + ".reused")
             try:
