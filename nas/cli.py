@@ -19,6 +19,7 @@ import pandas as pd
 from nas.errors import NasError
 from nas.objectives import DEFAULT_OBJECTIVES, parse_constraints, parse_objectives
 from nas.study import DEFAULT_STORAGE
+from nas.trust import redact_url
 
 __all__ = ["main"]
 
@@ -37,6 +38,26 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if v < 1:
         raise argparse.ArgumentTypeError(f"{text} must be >= 1")
+    return v
+
+
+def _seed(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= v < 2**32:
+        raise argparse.ArgumentTypeError(f"{text} must be in 0..4294967295")
+    return v
+
+
+def _eta(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (v > 1 and v < float("inf")):
+        raise argparse.ArgumentTypeError(f"{text} must be > 1 (it keeps the best 1/eta of each rung)")
     return v
 
 
@@ -63,7 +84,7 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sampler", default="nsga2", help="nsga2 (default), tpe, random, gp")
     s.add_argument("--objectives", default=",".join(DEFAULT_OBJECTIVES),
                    help="comma list of accuracy, latency_ms, size_bytes, flops, params")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=_seed, default=0, help="seeds the data splits, the sampler and training (default 0)")
     s.add_argument("--epochs", type=_positive_int, default=None, help="override the space's training epochs")
     s.add_argument("--jobs", type=_positive_int, default=1, help="concurrent trials in this process")
     s.add_argument("--latency-threads", type=_positive_int, default=1, help="ONNX Runtime threads when timing")
@@ -78,7 +99,7 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--reward-target", type=_positive_float, default=None, help="target T of the reward's cost")
     s.add_argument("--no-early-stop", dest="early_stop", action="store_false",
                    help="train every trial to its full budget (default: Pareto successive halving)")
-    s.add_argument("--eta", type=_positive_float, default=3.0, help="early stopping keeps ~1/eta of each rung (default 3)")
+    s.add_argument("--eta", type=_eta, default=3.0, help="early stopping keeps ~1/eta of each rung (default 3)")
     s.add_argument("--backend", choices=("optuna", "ray"), default="optuna", help="optuna (default, in-process) or ray (Ray Tune)")
     s.add_argument("--workers", type=_positive_int, default=2, help="Ray: concurrent trials (default 2)")
     s.add_argument("--ray-address", default=None, help="Ray: connect to a cluster ('auto' or host:port); default a local instance")
@@ -123,9 +144,9 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _fmt(col: str, v: Any) -> str:
-    if v is None or (isinstance(v, float) and pd.isna(v)):
+    if v is None or v is pd.NA or (isinstance(v, float) and pd.isna(v)):
         return ""
-    if col in ("accuracy", "test_accuracy", "val_accuracy"):
+    if col in ("accuracy", "test_accuracy", "val_accuracy", "packed_val_accuracy", "packed_test_accuracy"):
         return f"{v:.4f}"
     if col in ("latency_ms", "latency_iqr_ms"):
         return f"{v:.4f}"
@@ -141,14 +162,20 @@ def _columns(df: pd.DataFrame, objectives: Sequence[str], full: bool) -> list[st
     for extra in ("accuracy", "test_accuracy", "latency_ms", "latency_iqr_ms", "params", "flops", "size_bytes", "arch", "compression"):
         if extra not in cols and extra in df.columns:
             cols.append(extra)
-    if full:
-        cols.append("fail_reason")
+    if full:  # the packed model's accuracy beside the deployed one (they differ where int8 QDQ quantizes activations)
+        cols += ["packed_val_accuracy", "packed_test_accuracy", "deploy_precision", "fail_reason"]
     return [c for c in cols if c in df.columns]
+
+
+COUNTS = ("trial", "size_bytes", "params", "flops", "latency_threads")
 
 
 def render(df: pd.DataFrame, objectives: Sequence[str], fmt: str, title: str, full: bool = False) -> str:
     cols = _columns(df, objectives, full)
-    view = df[cols] if not df.empty else pd.DataFrame(columns=cols)
+    view = df[cols].copy() if not df.empty else pd.DataFrame(columns=cols)
+    for c in COUNTS:  # counts are integers in every format (NaN-safe)
+        if c in view.columns and not view.empty:
+            view[c] = pd.to_numeric(view[c], errors="coerce").round().astype("Int64")
     if fmt == "csv":
         return view.to_csv(index=False)
     if fmt == "json":
@@ -200,6 +227,19 @@ def _progress_callback(objectives: Sequence[str], total: int, quiet: bool):  # n
     return callback
 
 
+def _given_dests(sub: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
+    """The flags the command line really gave (abbreviations included): parse it again with
+    every default suppressed, so only given flags land in the namespace."""
+    import copy
+
+    quiet = copy.deepcopy(sub)
+    for a in quiet._actions:
+        a.default = argparse.SUPPRESS
+        a.required = False
+    ns, _ = quiet.parse_known_args(list(argv))
+    return set(vars(ns))
+
+
 def _apply_config(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> None:
     """Fill flags from an experiment YAML (keys are flag names, '-' or '_'); explicit flags win."""
     import yaml
@@ -209,13 +249,16 @@ def _apply_config(args: argparse.Namespace, parser: argparse.ArgumentParser, arg
         raw = yaml.safe_load(path.read_text())
     except OSError as exc:
         raise NasError(f"experiment config {path}: cannot read ({exc.strerror})") from exc
+    except UnicodeDecodeError as exc:
+        raise NasError(f"experiment config {path}: not UTF-8 text") from exc
     except yaml.YAMLError as exc:
         raise NasError(f"experiment config {path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
     if not isinstance(raw, dict):
         raise NasError(f"experiment config {path}: must be a mapping of flag -> value")
     sub = next(a for a in parser._subparsers._group_actions[0].choices.values() if a.prog.endswith(" search"))
     actions = {a.dest: a for a in sub._actions if a.dest not in ("help", "config")}
-    given = {a.dest for a in sub._actions for opt in a.option_strings if any(str(x).split("=")[0] == opt for x in (argv or []))}
+    argv = list(argv or [])
+    given = _given_dests(sub, argv[argv.index("search") + 1 :] if "search" in argv else argv)
     for key, value in raw.items():
         dest = str(key).replace("-", "_")
         if dest not in actions:
@@ -223,13 +266,25 @@ def _apply_config(args: argparse.Namespace, parser: argparse.ArgumentParser, arg
         if dest in given:
             continue
         action = actions[dest]
-        if isinstance(value, list) and dest == "objectives":
-            value = ",".join(map(str, value))
-        if action.type is not None and value is not None and not isinstance(value, bool):
+        if isinstance(value, list) and dest == "objectives" and all(isinstance(v, str) for v in value):
+            value = ",".join(value)
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            if not isinstance(value, bool):
+                raise NasError(f"experiment config {path}: {key}: {value!r} is not allowed (allowed: true, false)")
+            setattr(args, dest, value)
+            continue
+        if value is None:
+            continue
+        if isinstance(value, (bool, list, dict)) or not isinstance(value, (str, int, float)):
+            raise NasError(f"experiment config {path}: {key}: {value!r} is not allowed "
+                           f"(give a single {'number' if action.type not in (None, str) else 'string'})")
+        if action.type is not None:
             try:
                 value = action.type(str(value))
             except (argparse.ArgumentTypeError, ValueError) as exc:
                 raise NasError(f"experiment config {path}: {key}: {exc}") from exc
+        else:
+            value = str(value)
         if action.choices is not None and value not in action.choices:
             raise NasError(f"experiment config {path}: {key}: {value!r} is not allowed (allowed: {', '.join(map(str, action.choices))})")
         setattr(args, dest, value)
@@ -259,23 +314,28 @@ def cmd_search(args: argparse.Namespace) -> int:
         raise NasError(f"space {space.name!r} is for {space.spatial} inputs but dataset {data.name} is {data.spatial}")
     study_name = args.study or f"{data.name}-{space.name}"
     storage = open_storage(args.storage, create=True)
+    # Paths are stored absolute, so export/report work from any folder that can read the storage.
+    dataset = str(Path(args.dataset).resolve()) if Path(args.dataset).suffix == ".npz" else args.dataset
     task = Task(
-        dataset=args.dataset,
+        dataset=dataset,
         seed=args.seed,
         objectives=objectives,
         constraints=constraints,
         latency_threads=args.latency_threads,
         train_threads=args.train_threads,
         epochs=args.epochs,
-        artifacts_dir=str(Path(args.artifacts) / study_name),
+        artifacts_dir=str(Path(args.artifacts).resolve() / study_name),
         reward=reward,
         early_stop={"eta": args.eta} if args.early_stop else None,
         max_memory_mb=args.max_memory_mb,
     )
     from rich.console import Console
 
+    from nas.backends.optuna import check_existing
+
+    check_existing(study_name, storage, task, space)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
-    err.print(f"study {study_name!r} in {args.storage}: dataset {data.name} {data.describe()['input_shape']}, "
+    err.print(f"study {study_name!r} in {redact_url(args.storage)}: dataset {data.name} {data.describe()['input_shape']}, "
               f"space {space.name}, sampler {args.sampler}, objectives {','.join(objectives)}")
     if args.backend == "ray":
         from nas.backends.ray import run_ray
@@ -290,11 +350,12 @@ def cmd_search(args: argparse.Namespace) -> int:
             space, task, study_name=study_name, storage=storage, sampler=args.sampler,
             n_trials=args.trials, jobs=args.jobs,
             callbacks=[_progress_callback(objectives, args.trials, args.quiet)],
-            extra_meta={"backend": "optuna", "config": {k: v for k, v in vars(args).items() if k != "func"}},
+            extra_meta={"backend": "optuna", "config": {k: redact_url(v) if k == "storage" else v
+                                                        for k, v in vars(args).items() if k != "func"}},
         )
     done = finished_count(study)
     sys.stdout.write(render(front_frame(study), objectives, "table", f"Pareto front of {study_name} ({done} trials)"))
-    err.print(f"see it again: nas front {study_name} --storage {args.storage}")
+    err.print(f"see it again: nas front {study_name} --storage {redact_url(args.storage)}")
     return 0
 
 

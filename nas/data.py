@@ -128,6 +128,8 @@ def _check_xy(path: Path, x: np.ndarray, y: np.ndarray, xk: str, yk: str) -> Non
         raise DataError(f"{path}: '{yk}' must have shape (N,), got {y.shape}")
     if len(x) == 0:
         raise DataError(f"{path}: '{xk}' is empty (need at least one sample per split)")
+    if 0 in x.shape[1:]:
+        raise DataError(f"{path}: '{xk}' samples have a zero-sized axis {x.shape[1:]} (C, H and W must be >= 1)")
     if len(x) != len(y):
         raise DataError(f"{path}: '{xk}' has {len(x)} samples but '{yk}' has {len(y)}")
     if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):

@@ -6,7 +6,7 @@ Every error a user can cause (a bad space file, an unknown dataset, a malformed 
 
 from __future__ import annotations
 
-__all__ = ["NasError", "SpaceError", "DataError", "ConfigError", "TrialFailure"]
+__all__ = ["NasError", "SpaceError", "DataError", "ConfigError", "BundleError", "TrialFailure"]
 
 
 class NasError(ValueError):
@@ -23,6 +23,10 @@ class DataError(NasError):
 
 class ConfigError(NasError):
     """A configuration value (experiment file, flag, stored config) that cannot be used."""
+
+
+class BundleError(NasError):
+    """A bundle (or another handed-over file) that is malformed or unsafe to load."""
 
 
 class TrialFailure(RuntimeError):

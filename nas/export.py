@@ -25,16 +25,21 @@ import numpy as np
 import optuna
 import torch
 
-from nas.compress.passes import load_packed, onnx_predict
+from nas.compress.passes import load_packed, onnx_predict, weights_off_packed
 from nas.config import Candidate
-from nas.errors import NasError
-from nas.measure import LATENCY_HOST_KEYS, cpu_model, latency_host, onnx_latency
+from nas.errors import BundleError, NasError
+from nas.measure import LATENCY_HOST_KEYS, cpu_model, export_onnx, latency_host, onnx_latency
 from nas.pipeline import PACKED_NAME, Task, evaluate, get_dataset
 from nas.study import front_frame, study_meta, trials_frame
+from nas.trust import check_onnx, check_pt2, inside, no_unpickling, read_json_file, redact_url
 
 __all__ = ["pick_trial", "export_bundle", "verify_bundle", "load_bundle", "Bundle", "VerifyResult"]
 
 FILES = ("model.onnx", "model.pt2", PACKED_NAME)
+BUNDLE_FORMAT = "nas-bundle/1"
+# int8 QDQ quantizes activations too; the share of test predictions that must still agree
+# with the packed float model (the weights themselves are the packed ones exactly).
+INT8_AGREEMENT = 0.9
 MANIFEST = "manifest.json"
 CARD = "MODEL_CARD.md"
 # Latency differs between processes by more than one run's IQR; the band verify accepts.
@@ -54,9 +59,25 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+# Columns a pick rule may select or filter on: validation accuracy and the measured costs.
+# Test accuracy is reported, never chosen on (it would leak the test split into selection).
+PICKABLE = ("accuracy", "val_accuracy", "packed_val_accuracy", "reward", "latency_ms", "latency_iqr_ms",
+            "size_bytes", "flops", "params")
+
+
+def _pick_column(name: str, df: Any, rule: str) -> str:
+    if name.startswith("test") or "test_" in name:
+        raise NasError(f"pick rule {rule!r}: {name} is never used for selection (the test split is only reported; "
+                       f"allowed: {', '.join(c for c in PICKABLE if c in df.columns)})")
+    if name not in PICKABLE or name not in df.columns:
+        raise NasError(f"pick rule {rule!r}: unknown column {name!r} (allowed: {', '.join(c for c in PICKABLE if c in df.columns)})")
+    return name
+
+
 def pick_trial(study: optuna.Study, rule: str) -> int:
-    """A front member by rule: ``knee``, or ``max|min OBJECTIVE [with COND [and COND ...]]``
-    where COND is ``name <= value`` (also ``<``, ``>=``, ``>``) on any objective or metric."""
+    """A front member by rule: ``knee``, or ``max|min NAME [with COND [and COND ...]]`` where
+    COND is ``NAME <= VALUE`` (also ``<``, ``>=``, ``>``) and NAME is validation accuracy or a
+    cost (:data:`PICKABLE`). Test accuracy is never a selection criterion."""
     meta = study_meta(study)
     front = front_frame(study)
     if front.empty:
@@ -75,13 +96,18 @@ def pick_trial(study: optuna.Study, rule: str) -> int:
     how, target, conds = m.groups()
     df = trials_frame(study)
     df = df[df["state"] == "COMPLETE"]
-    if target not in df.columns:
-        raise NasError(f"pick rule: unknown column {target!r} (allowed: {', '.join(c for c in df.columns if df[c].dtype.kind in 'fi')})")
+    target = _pick_column(target, df, rule)
     for cond in (conds.split(" and ") if conds else []):
         c = _COND.match(cond)
-        if not c or c.group(1) not in df.columns:
+        if not c:
             raise NasError(f"pick rule: condition {cond!r} not understood (like 'latency_ms <= 0.02')")
-        name, op, value = c.group(1), c.group(2), float(c.group(3))
+        name, op = _pick_column(c.group(1), df, rule), c.group(2)
+        try:
+            value = float(c.group(3))
+        except ValueError:
+            raise NasError(f"pick rule: condition {cond!r}: {c.group(3)!r} is not a number") from None
+        if not np.isfinite(value):
+            raise NasError(f"pick rule: condition {cond!r}: the value must be a finite number")
         col = df[name].astype(float)
         df = df[{"<=": col <= value, "<": col < value, ">=": col >= value, ">": col > value}[op]]
     if df.empty:
@@ -113,7 +139,7 @@ def _card(manifest: dict[str, Any]) -> str:
         f"found by compression-aware architecture search with `nas`.",
         "",
         "## How it was found",
-        f"- study `{src['study']}` (storage `{src['storage']}`), trial {src['trial']} of {src['n_trials']}, "
+        f"- study `{src['study']}` (storage `{redact_url(src['storage'])}`), trial {src['trial']} of {src['n_trials']}, "
         f"objectives {', '.join(src['objectives'])}",
         f"- on the Pareto front: {'yes' if pos.get('on_front') else 'no'}"
         + (f", one of {pos['front_size']} Pareto-optimal trials; rank {pos['accuracy_rank']} by accuracy" if pos.get("on_front") else ""),
@@ -125,7 +151,10 @@ def _card(manifest: dict[str, Any]) -> str:
         "|---|---|",
         f"| validation accuracy | {m['val_accuracy']:.4f} |",
         f"| test accuracy | {m['test_accuracy']:.4f} |",
-        f"| latency (ONNX Runtime, batch 1, {ctx['threads']} thread) | {m['latency_ms']:.4f} ms median, IQR {m['latency_iqr_ms']:.4f} ms |",
+        *([f"| packed PyTorch model (weights only, float activations) | val {m['packed_val_accuracy']:.4f}, "
+           f"test {m['packed_test_accuracy']:.4f} |"] if "packed_test_accuracy" in m else []),
+        f"| latency (ONNX Runtime, batch 1, {m.get('latency_threads', ctx['threads'])} thread"
+        f"{'s' if m.get('latency_threads', ctx['threads']) != 1 else ''}) | {m['latency_ms']:.4f} ms median, IQR {m['latency_iqr_ms']:.4f} ms |",
         f"| size of `{PACKED_NAME}` | {m['size_bytes']:,} bytes |",
         f"| parameters | {m['params']:,} |",
         f"| FLOPs (fvcore, multiply-adds) | {m['flops']:,} |",
@@ -186,6 +215,8 @@ def export_bundle(study: optuna.Study, number: int, out: Path, *, storage_url: s
     cand = Candidate.from_dict(trial.user_attrs["candidate"])
     metrics = {k: trial.user_attrs[k] for k in ("accuracy", "val_accuracy", "test_accuracy", "latency_ms",
                                                  "latency_iqr_ms", "size_bytes", "params", "flops", "deploy_precision")}
+    metrics.update({k: trial.user_attrs[k] for k in ("packed_val_accuracy", "packed_test_accuracy", "latency_threads")
+                    if k in trial.user_attrs})
     metrics.update({k: trial.user_attrs[k] for k in LATENCY_HOST_KEYS if k in trial.user_attrs})
     search_metrics = None
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -217,7 +248,7 @@ def export_bundle(study: optuna.Study, number: int, out: Path, *, storage_url: s
                            f"the study recorded {metrics['size_bytes']}")
         data = get_dataset(task.dataset, task.seed)
         manifest = {
-            "format": "nas-bundle/1",
+            "format": BUNDLE_FORMAT,
             "name": out.name,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "candidate": cand.to_dict(),
@@ -227,7 +258,7 @@ def export_bundle(study: optuna.Study, number: int, out: Path, *, storage_url: s
             "measurement": _context(task.latency_threads),
             "data": {**data.describe(), "dataset": task.dataset,
                      "splits": "train/val/test fixed by seed; accuracy objective on val, test never seen by the search"},
-            "source": {"study": study.study_name, "storage": storage_url, "trial": number, "n_trials": len(trials),
+            "source": {"study": study.study_name, "storage": redact_url(storage_url), "trial": number, "n_trials": len(trials),
                        "objectives": meta["objectives"], "front_position": _front_position(study, number)},
             "tolerances": {"accuracy": "exact (same data, same artifact)", "size_bytes": "exact",
                            "latency_ms": LATENCY_BAND},
@@ -254,46 +285,156 @@ class VerifyResult:
     checks: list[tuple[str, bool | None, str]]  # (what, passed or None when not comparable here, detail)
 
 
+def _need(d: Any, key: str, kind: type | tuple[type, ...], where: str, man: Path) -> Any:
+    v = d.get(key) if isinstance(d, dict) else None
+    if not isinstance(v, kind) or (isinstance(v, bool) and kind is not bool and bool not in (kind if isinstance(kind, tuple) else (kind,))):
+        names = "/".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise BundleError(f"{man}: manifest field {where}{key} is missing or not a {names}")
+    return v
+
+
+def read_manifest(path: Path) -> tuple[dict[str, Any], Candidate]:
+    """The bundle's manifest, checked field by field; every path it names stays in the bundle
+    and every required file is listed and present. Raises :class:`BundleError` (one line)."""
+    if not path.is_dir():
+        raise BundleError(f"{path} is not a bundle folder")
+    man = inside(path, MANIFEST, f"{path}")
+    if not man.is_file():
+        raise BundleError(f"{path} is not a bundle (no {MANIFEST})")
+    manifest = read_json_file(man, "manifest")
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{man}: manifest must be a JSON object, got {type(manifest).__name__}")
+    if manifest.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"{man}: format {manifest.get('format')!r} is not supported (expected {BUNDLE_FORMAT!r})")
+    files = _need(manifest, "files", dict, "", man)
+    for name, info in files.items():
+        inside(path, name, str(man))
+        if name not in FILES:
+            raise BundleError(f"{man}: lists {name!r}, which is not a bundle file (allowed: {', '.join(FILES)})")
+        sha = _need(info, "sha256", str, f"files.{name}.", man)
+        if not re.fullmatch(r"[0-9a-f]{64}", sha):
+            raise BundleError(f"{man}: files.{name}.sha256 is not a sha256 hex digest")
+    for name in FILES:
+        if name not in files:
+            raise BundleError(f"{man}: required file {name} is not listed with its sha256")
+        f = inside(path, name, str(man))
+        if f.is_symlink() or not f.is_file():
+            raise BundleError(f"{path}: required file {name} is missing (or not a regular file)")
+    m = _need(manifest, "metrics", dict, "", man)
+    for k in ("val_accuracy", "test_accuracy", "latency_ms", "latency_iqr_ms"):
+        _need(m, k, (int, float), "metrics.", man)
+    for k in ("size_bytes", "params", "flops"):
+        _need(m, k, int, "metrics.", man)
+    _need(m, "deploy_precision", str, "metrics.", man)
+    data = _need(manifest, "data", dict, "", man)
+    _need(data, "dataset", str, "data.", man)
+    seed = _need(data, "seed", int, "data.", man)
+    shape = _need(data, "input_shape", list, "data.", man)
+    if seed < 0 or not shape or not all(isinstance(d, int) and not isinstance(d, bool) and 0 < d <= 4096 for d in shape):
+        raise BundleError(f"{man}: data.seed or data.input_shape is out of range")
+    threads = _need(_need(manifest, "measurement", dict, "", man), "threads", int, "measurement.", man)
+    if not 1 <= threads <= 256:
+        raise BundleError(f"{man}: measurement.threads {threads} is out of range (1..256)")
+    try:
+        cand = Candidate.from_dict(_need(manifest, "candidate", dict, "", man))
+    except BundleError:
+        raise
+    except (NasError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise BundleError(f"{man}: candidate cannot be read ({exc})") from exc
+    return manifest, cand
+
+
+def _decode(cand: Candidate, path: Path) -> torch.nn.Module:
+    try:
+        return load_packed(cand, path.read_bytes())
+    except Exception as exc:  # noqa: BLE001 - a malformed packed file fails in many ways
+        raise BundleError(f"{path}: {path.name} does not decode into the manifest's candidate "
+                          f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
+
+
+def _load_pt2(path: Path) -> Any:
+    """torch.export.load of an archive already checked to hold nothing pickled, with every
+    unpickling entry point disabled while it loads."""
+    check_pt2(path)
+    try:
+        with no_unpickling():
+            return torch.export.load(str(path))
+    except BundleError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise BundleError(f"{path}: {path.name} does not load as a torch.export program ({type(exc).__name__})") from exc
+
+
 def verify_bundle(path: Path, *, remeasure_latency: bool = True) -> VerifyResult:
-    """Check hashes, reload every artifact, re-measure accuracy, size and latency."""
+    """Check hashes, reload every artifact, re-measure accuracy, size and latency.
+
+    Structure and safety come first (:func:`read_manifest`, :func:`nas.trust.check_onnx`,
+    :func:`nas.trust.check_pt2`): a malformed or unsafe bundle raises :class:`BundleError`
+    before anything in it is loaded. Nothing is ever unpickled."""
+    manifest, cand = read_manifest(path)
     checks: list[tuple[str, bool | None, str]] = []
-    man_path = path / MANIFEST
-    if not man_path.is_file():
-        raise NasError(f"{path} is not a bundle (no {MANIFEST})")
-    manifest = json.loads(man_path.read_text())
+    extra = sorted(p.name for p in path.iterdir() if p.name not in (*FILES, MANIFEST, CARD))
+    if extra:
+        checks.append(("bundle contents", False, f"files the manifest does not list: {', '.join(extra)}"))
     for name, info in manifest["files"].items():
-        f = path / name
-        if not f.is_file():
-            checks.append((f"file {name}", False, "missing"))
-            continue
-        digest = _sha256(f)
+        digest = _sha256(path / name)
         checks.append((f"sha256 {name}", digest == info["sha256"],
                        "matches" if digest == info["sha256"] else f"{digest[:16]}... != manifest {info['sha256'][:16]}..."))
     if not all(ok for _, ok, _ in checks):
         return VerifyResult(False, checks)
+    check_onnx(path / "model.onnx")
+    program = _load_pt2(path / "model.pt2")
 
     m = manifest["metrics"]
-    cand = Candidate.from_dict(manifest["candidate"])
     size = (path / PACKED_NAME).stat().st_size
     checks.append(("size_bytes", size == m["size_bytes"], f"{size} vs manifest {m['size_bytes']} (exact)"))
+    model = _decode(cand, path / PACKED_NAME)
     data = get_dataset(manifest["data"]["dataset"], manifest["data"]["seed"])
-    logits = onnx_predict(path / "model.onnx", data.x_test)
+    if list(data.x_test.shape[1:]) != manifest["data"]["input_shape"]:
+        raise BundleError(f"{path / MANIFEST}: data.input_shape {manifest['data']['input_shape']} does not match "
+                          f"dataset {manifest['data']['dataset']!r} ({list(data.x_test.shape[1:])})")
+    try:
+        logits = onnx_predict(path / "model.onnx", data.x_test)
+        with torch.no_grad():
+            x = data.x_test[:64]
+            same = torch.allclose(program.module()(x), model(x), atol=1e-5)
+            packed_pred = model(data.x_test).argmax(1).numpy()
+    except Exception as exc:  # noqa: BLE001 - a graph that does not fit the manifest's data
+        raise BundleError(f"{path}: the bundle's models do not run on {manifest['data']['dataset']!r} inputs "
+                          f"({type(exc).__name__})") from exc
     test_acc = float((logits.argmax(1) == data.y_test.numpy()).mean())
     checks.append(("test_accuracy (model.onnx)", test_acc == m["test_accuracy"],
                    f"{test_acc:.6f} vs manifest {m['test_accuracy']:.6f} (exact)"))
-    model = load_packed(cand, (path / PACKED_NAME).read_bytes())
-    program = torch.export.load(str(path / "model.pt2"))
-    with torch.no_grad():
-        x = data.x_test[:64]
-        same = torch.allclose(program.module()(x), model(x), atol=1e-5)
     checks.append(("model.pt2 == weights.nasp", same, "outputs on 64 test inputs"))
-    agree = float((model(data.x_test).argmax(1).numpy() == logits.argmax(1)).mean())
-    allowed = 0.98 if m["deploy_precision"] == "int8" else 0.999
+    checks.append(_weights_check(path / "model.onnx", model, manifest))
+    agree = float((packed_pred == logits.argmax(1)).mean())
+    # The deployed weights are the packed ones (checked above). fp32 deploys then agree on every
+    # prediction; int8 QDQ also quantizes activations, which moves a few (its accuracy is the
+    # deployed one, the packed model's is stored beside it).
+    allowed = 1.0 if "int8" not in m["deploy_precision"] else INT8_AGREEMENT
     checks.append(("model.onnx vs packed PyTorch model", agree >= allowed,
                    f"same class on {agree:.4f} of the test split (>= {allowed})"))
     if remeasure_latency:
         checks.append(_latency_check(path, manifest))
     return VerifyResult(all(ok is not False for _, ok, _ in checks), checks)
+
+
+def _weights_check(onnx_path: Path, model: torch.nn.Module, manifest: dict[str, Any]) -> tuple[str, bool, str]:
+    """Every layer of ``model.onnx`` holds exactly the decoded packed weights: compared with a
+    fresh fp32 export of the packed model (int8 weights after their own dequantization)."""
+    import onnx
+
+    example = torch.zeros(1, *manifest["data"]["input_shape"])
+    with tempfile.TemporaryDirectory(prefix="nas-verify-") as tmp:
+        ref = onnx.load(str(export_onnx(model, example, Path(tmp) / "ref.onnx"))).graph
+    layers = sum(n.op_type in ("Conv", "Gemm", "MatMul") for n in ref.node)
+    deployed = onnx.load(str(onnx_path)).graph
+    n_deployed = sum(n.op_type in ("Conv", "Gemm", "MatMul") for n in deployed.node)
+    if n_deployed != layers:
+        return ("model.onnx weights == weights.nasp", False, f"{n_deployed} weighted layers, the packed model has {layers}")
+    off = weights_off_packed(onnx_path, ref)
+    return ("model.onnx weights == weights.nasp", not off,
+            f"all {layers} layers exact" if not off else f"differ in {', '.join(off)}")
 
 
 # Latency is the one figure that depends on the host and on what else runs on it. It is
@@ -333,10 +474,10 @@ def _latency_check(path: Path, manifest: dict[str, Any]) -> tuple[str, bool | No
 class Bundle:
     """A loaded bundle: call it on inputs (N, C, H, W) to get logits from ``model.onnx``."""
 
-    def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
+    def __init__(self, path: Path, manifest: dict[str, Any], candidate: Candidate) -> None:
         self.path, self.manifest = path, manifest
-        self.candidate = Candidate.from_dict(manifest["candidate"])
-        self.torch_model = load_packed(self.candidate, (path / PACKED_NAME).read_bytes())
+        self.candidate = candidate
+        self.torch_model = _decode(self.candidate, path / PACKED_NAME)
 
     def __call__(self, x: Any) -> np.ndarray:
         t = torch.as_tensor(np.asarray(x, dtype=np.float32))
@@ -351,8 +492,7 @@ def load_bundle(path: str | os.PathLike[str]) -> tuple[Bundle, dict[str, Any]]:
         >>> logits = model(x)  # x: (N, C, H, W) float32
     """
     p = Path(path)
-    if not (p / MANIFEST).is_file():
-        raise NasError(f"{p} is not a bundle (no {MANIFEST})")
-    manifest = json.loads((p / MANIFEST).read_text())
-    return Bundle(p, manifest), manifest
+    manifest, cand = read_manifest(p)
+    check_onnx(p / "model.onnx")
+    return Bundle(p, manifest, cand), manifest
 

@@ -172,7 +172,8 @@ def _distill_loss(cand: Candidate, task: Task, data: Dataset) -> Callable | None
     cfg = cand.compression
     if cfg.distill_alpha <= 0:
         return None
-    folder = Path(task.artifacts_dir or tempfile.gettempdir()) / "teachers"
+    # the study's own folder (never a shared temp folder other users could write into)
+    folder = Path(task.artifacts_dir) / "teachers" if task.artifacts_dir else None
     teachers = get_teachers(folder, data, task.teachers, task.teacher_epochs)
     return distill_loss_fn(teachers, cfg.distill_alpha, cfg.distill_T)
 
@@ -272,7 +273,10 @@ def evaluate(
             (folder / "candidate.json").write_text(candidate.to_json())
     val_acc = float((val_pred == data.y_val.numpy()).mean())
     test_acc = float((test_pred == data.y_test.numpy()).mean())
+    # the packed model in PyTorch (float activations): differs from the deployed one only where
+    # int8 QDQ quantizes activations; stored beside the deployed figures, never selected on
     packed_acc = accuracy(shipped, data.x_val, data.y_val)
+    packed_test_acc = accuracy(shipped, data.x_test, data.y_test)
     timings["eval_s"] = time.perf_counter() - t3
     timings["total_s"] = time.perf_counter() - t0
 
@@ -292,6 +296,7 @@ def evaluate(
         "val_accuracy": val_acc,
         "test_accuracy": test_acc,
         "packed_val_accuracy": packed_acc,
+        "packed_test_accuracy": packed_test_acc,
         "epochs": stats.epochs,
         "final_loss": stats.final_loss,
         **timings,

@@ -223,6 +223,15 @@ def _html_table(df: pd.DataFrame) -> str:
     return df.to_html(index=False, border=0, classes="t", float_format=lambda v: f"{v:.4g}")
 
 
+def _threads_text(rep: Report) -> str:
+    """The thread counts the trials were actually timed with (recorded per trial)."""
+    counts = sorted({int(v) for st in rep.studies if "latency_threads" in st.trials.columns
+                     for v in st.trials["latency_threads"].dropna()})
+    if not counts:
+        return "thread count not recorded"
+    return " / ".join(str(c) for c in counts) + (" thread" if counts == [1] else " threads")
+
+
 def _html(rep: Report) -> str:
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
@@ -255,7 +264,7 @@ def _html(rep: Report) -> str:
              "Hypervolume on normalized objectives; reference point: "
              + html.escape(json.dumps({k: round(v, 6) for k, v in rep.reference.items()}), quote=False) + ".</p>",
              "<p>Measurement: latency_ms is the median of 500 timed runs of the deployable ONNX model in ONNX "
-             "Runtime on CPU (batch 1, 1 thread, 50 warm-up runs, re-measured when IQR/median &gt; 0.10); timings "
+             f"Runtime on CPU (batch 1, {html.escape(_threads_text(rep))}, 50 warm-up runs, re-measured when IQR/median &gt; 0.10); timings "
              "hold a host-wide lock, so no two trials were ever timed at the same moment, whatever ran in "
              "parallel. size_bytes is the length of the packed weights file. accuracy is the deployable "
              "model's, on the validation split.</p>",
@@ -266,7 +275,8 @@ def _html(rep: Report) -> str:
         counts = st.trials["state"].value_counts().to_dict() if not st.trials.empty else {}
         parts.append(f"<h2>{html.escape(st.name)}</h2><p>{len(st.trials)} trials {html.escape(json.dumps(counts))}; "
                      f"final hypervolume {final_hv:.4f}</p>")
-        cols = [c for c in ["trial", *rep.objectives, "test_accuracy", "latency_iqr_ms", "params", "flops", "size_bytes",
+        cols = [c for c in ["trial", *rep.objectives, "test_accuracy", "packed_val_accuracy", "packed_test_accuracy",
+                            "deploy_precision", "latency_iqr_ms", "params", "flops", "size_bytes",
                             "arch", "compression"] if c in st.front.columns]
         cols = list(dict.fromkeys(cols))
         parts.append("<h3>Pareto-optimal trials</h3>" + _html_table(st.front[cols]))

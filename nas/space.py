@@ -45,6 +45,31 @@ _HEADS = ("gap", "flatten")
 PER_STAGE = {"prune_ratio": "stage_prune_ratios", "quant": "stage_quant"}
 
 
+def _precisions(g: dict[str, Any]) -> tuple[str, ...]:
+    return g.get("stage_quant") or (g.get("quant", "fp32"),)
+
+
+# Genes that only have an effect when others take certain values; they are sampled only then
+# (otherwise they keep their default), so two candidates that would build, train and ship the
+# same model are never drawn as different points. The order below samples every gene after
+# the ones it depends on.
+GENE_MATTERS: dict[str, Any] = {
+    "prune_ratio": lambda g: g.get("prune", "none") != "none",
+    "stage_prune_ratios": lambda g: g.get("prune", "none") != "none",
+    "prune_rounds": lambda g: g.get("prune", "none") != "none",
+    "slimming_l1": lambda g: g.get("prune", "none") == "bn",
+    "quant": lambda g: not g.get("cluster_bits", 0),  # a codebook replaces the precision
+    "huffman": lambda g: bool(g.get("cluster_bits", 0)) or any(p not in ("fp32", "fp16") for p in _precisions(g)),
+    "distill_T": lambda g: g.get("distill_alpha", 0.0) > 0,
+}
+_GENE_ORDER = ("prune", "prune_ratio", "prune_rounds", "slimming_l1", "lowrank", "share", "sparsity", "cluster_bits",
+               "quant", "huffman", "distill_alpha", "distill_T", "finetune_epochs")
+
+
+def _gene_rank(name: str) -> int:
+    return _GENE_ORDER.index(name) if name in _GENE_ORDER else len(_GENE_ORDER)
+
+
 @dataclass(frozen=True)
 class Param:
     """One searchable value: fixed, a categorical choice, or an int/float range."""
@@ -95,6 +120,12 @@ class Space:
     per_stage: tuple[str, ...] = ()
     source: str = ""
 
+    def fingerprint(self) -> str:
+        """A digest of everything this space can sample (not where it was loaded from)."""
+        import hashlib
+
+        return hashlib.sha256(repr(dataclasses.replace(self, source="")).encode()).hexdigest()[:16]
+
     def suggest(self, trial: Any, *, in_channels: int, input_size: tuple[int, int], num_classes: int) -> Candidate:
         """Sample a candidate define-by-run; conditional genes are only asked when they matter."""
         blocks: list[BlockConfig] = []
@@ -122,7 +153,10 @@ class Space:
         )
         recipe = Recipe(**{k: p.suggest(trial, "recipe." + k) for k, p in self.recipe.items()})
         genes: dict[str, Any] = {}
-        for k, p in self.compression.items():
+        for k in sorted(self.compression, key=_gene_rank):
+            p = self.compression[k]
+            if k in GENE_MATTERS and not GENE_MATTERS[k](genes):
+                continue  # no effect at these settings: not sampled, left at its default
             if k in self.per_stage:  # mixed precision / per-stage pruning: one gene per stage
                 genes[PER_STAGE[k]] = tuple(p.suggest(trial, f"compress.s{i}.{k}") for i in range(len(self.stages)))
             else:

@@ -20,6 +20,7 @@ import pandas as pd
 from nas.config import CompressionConfig
 from nas.errors import ConfigError, NasError
 from nas.pareto import non_dominated_ranks
+from nas.trust import redact_text, redact_url
 
 __all__ = [
     "DEFAULT_STORAGE",
@@ -45,36 +46,40 @@ def _sqlite_path(url: str) -> Path | None:
     return None
 
 
-def open_storage(url: str, *, create: bool) -> optuna.storages.BaseStorage:
+def open_storage(url: str, *, create: bool, heartbeat: bool = True) -> optuna.storages.BaseStorage:
     """Open an Optuna storage; with ``create=False`` a missing SQLite/journal file is an error
-    (opening it would silently create an empty database)."""
+    (opening it would silently create an empty database). Writers (``create=True``) get a
+    heartbeat unless ``heartbeat=False`` (Ray's ask/tell driver runs no optimize() loop).
+    Errors show the URL with its password masked."""
+    shown = redact_url(url)
     if url.endswith(JOURNAL_SUFFIXES) and "://" not in url:
         path = Path(url)
         if not create and not path.is_file():
-            raise NasError(f"storage {url!r}: journal file does not exist")
+            raise NasError(f"storage {shown!r}: journal file does not exist")
         path.parent.mkdir(parents=True, exist_ok=True)
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
         return JournalStorage(JournalFileBackend(str(path)))
     if "://" not in url:
-        raise ConfigError(f"storage {url!r} is not usable (allowed: {_STORAGE_HELP})")
+        raise ConfigError(f"storage {shown!r} is not usable (allowed: {_STORAGE_HELP})")
     sqlite = _sqlite_path(url)
     if sqlite is not None:
         if not create and not sqlite.is_file():
-            raise NasError(f"storage {url!r}: database file {sqlite} does not exist (run `nas search` first)")
+            raise NasError(f"storage {shown!r}: database file {sqlite} does not exist (run `nas search` first)")
         sqlite.parent.mkdir(parents=True, exist_ok=True)
-    heartbeat = {}
+    beat: dict[str, Any] = {}
     try:
         with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna since 2.8
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            if create:  # a writer: a heartbeat lets a later run fail and retry trials of dead workers
-                heartbeat = {"heartbeat_interval": HEARTBEAT_S, "grace_period": 3 * HEARTBEAT_S,
+            if create and heartbeat:  # a writer: a heartbeat lets a later run fail and retry trials of dead workers
+                beat = {"heartbeat_interval": HEARTBEAT_S, "grace_period": 3 * HEARTBEAT_S,
                              "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)}
             return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}} if sqlite else None,
-                                              **heartbeat)
+                                              **beat)
     except Exception as exc:  # SQLAlchemy raises many types for a bad URL or driver
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ConfigError(f"storage {url!r} cannot be opened: {first} (allowed: {_STORAGE_HELP})") from exc
+        first = redact_text(first, url)
+        raise ConfigError(f"storage {shown!r} cannot be opened: {first} (allowed: {_STORAGE_HELP})") from exc
 
 
 def load_study(name: str, storage_url: str) -> optuna.Study:
@@ -82,7 +87,7 @@ def load_study(name: str, storage_url: str) -> optuna.Study:
     names = [s.study_name for s in optuna.study.get_all_study_summaries(storage, include_best_trial=False)]
     if name not in names:
         existing = ", ".join(sorted(names)) or "none"
-        raise NasError(f"study {name!r} not found in {storage_url} (existing: {existing})")
+        raise NasError(f"study {name!r} not found in {redact_url(storage_url)} (existing: {existing})")
     return optuna.load_study(study_name=name, storage=storage)
 
 
@@ -118,9 +123,11 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
         values = t.values if t.state == optuna.trial.TrialState.COMPLETE and t.values else None
         for i, n in enumerate(names):
             row[n] = values[i] if values else np.nan
-        for k in ("accuracy", "test_accuracy", "latency_ms", "latency_iqr_ms", "size_bytes", "flops", "params"):
+        for k in ("accuracy", "test_accuracy", "packed_val_accuracy", "packed_test_accuracy", "latency_ms",
+                  "latency_iqr_ms", "latency_threads", "size_bytes", "flops", "params"):
             if k not in row:
                 row[k] = ua.get(k, np.nan) if values else np.nan
+        row["deploy_precision"] = ua.get("deploy_precision", "") if values else ""
         cand = ua.get("candidate")
         row["arch"] = ua.get("summary", "")
         row["compression"] = _compression_summary(cand)

@@ -82,6 +82,104 @@ BAD_ARGS = [
 ]
 
 
+CONFIGS = [
+    ("dataset: [1, 2]\n", "dataset: [1, 2] is not allowed"),
+    ("storage: 5\n", "storage '5' is not usable"),
+    ("objectives: {a: 1}\n", "objectives: {'a': 1} is not allowed"),
+    ("trials: 2.5\n", "trials: '2.5' is not an integer"),
+    ("seed: -3\n", "seed: -3 must be in 0..4294967295"),
+    ("eta: 0.5\n", "eta: 0.5 must be > 1"),
+    ("early_stop: maybe\n", "early_stop: 'maybe' is not allowed (allowed: true, false)"),
+    ("[1, 2]\n", "must be a mapping of flag -> value"),
+    ("bogus: 1\n", "unknown key 'bogus'"),
+]
+BAD_FLAGS = [  # argparse-level: SystemExit(2) with one line
+    (["search", "--seed", "-1"], "--seed: -1 must be in 0..4294967295"),
+    (["search", "--eta", "0.5"], "must be > 1"),
+    (["search", "--eta", "nan"], "must be > 1"),
+]
+
+
+def _exit_code(argv) -> int:
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return int(exc.code)
+
+
+@pytest.mark.parametrize("argv,message", BAD_FLAGS)
+def test_bad_flag_values_are_one_line_and_exit_2(capsys, argv, message):
+    assert _exit_code(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+
+
+@pytest.mark.parametrize("text,message", CONFIGS)
+def test_bad_config_files_are_one_line_and_exit_2(in_tmp, capsys, text, message):
+    (in_tmp / "c.yaml").write_text(text)
+    assert _exit_code(["search", "--config", "c.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("nas: error: ") and message in err, err
+
+
+def test_flags_win_over_the_config_also_abbreviated(in_tmp):
+    import argparse
+
+    from nas.cli import _apply_config, _build_parser
+
+    (in_tmp / "c.yaml").write_text("sampler: tpe\ntrials: 7\nseed: 3\nearly_stop: false\n")
+    parser = _build_parser()
+    for argv in (["search", "--config", "c.yaml", "--sam", "random", "--tri", "2"],
+                 ["search", "--config=c.yaml", "--sampler=random", "--trials=2"]):
+        args = parser.parse_args(argv)
+        _apply_config(args, parser, argv)
+        assert (args.sampler, args.trials, args.seed, args.early_stop) == ("random", 2, 3, False)
+    assert isinstance(args, argparse.Namespace)
+
+
+def test_resume_refuses_settings_that_change_splits_space_or_recipe(in_tmp, capsys):
+    (in_tmp / "s.yaml").write_text("name: s\nstem_channels: 8\nstages:\n  - block: conv\n    width: 8\n    stride: 2\n")
+    db = f"sqlite:///{in_tmp}/r.db"
+    base = ["search", "--space", "s.yaml", "--study", "r", "--storage", db, "--quiet", "--epochs", "1", "--no-early-stop"]
+    assert main([*base, "--trials", "1"]) == 0
+    before = [(t.number, t.values) for t in optuna.load_study(study_name="r", storage=db).trials]
+    capsys.readouterr()
+    for extra, needle in ((["--seed", "1"], "--seed 0; this run gives 1"),
+                          (["--epochs", "2"], "--epochs 1; this run gives 2"),
+                          (["--objectives", "accuracy,size_bytes"], "--objectives accuracy,latency_ms,size_bytes"),
+                          (["--latency-threads", "2"], "--latency-threads 1; this run gives 2")):
+        assert main([*base, *extra, "--trials", "2"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and needle in err, err
+    (in_tmp / "s.yaml").write_text("name: s\nstem_channels: 8\nstages:\n  - block: conv\n    width: 16\n    stride: 2\n")
+    assert main([*base, "--trials", "2"]) == 2
+    assert "a changed space file 's'" in capsys.readouterr().err
+    assert [(t.number, t.values) for t in optuna.load_study(study_name="r", storage=db).trials] == before
+
+
+def test_front_json_counts_are_integers(in_tmp, capsys):
+    db = f"sqlite:///{in_tmp}/j.db"
+    assert main(["search", "--trials", "1", "--epochs", "1", "--study", "j", "--storage", db, "--quiet"]) == 0
+    capsys.readouterr()
+    for extra in ([], ["--all"]):
+        assert main(["front", "j", "--storage", db, "--format", "json", *extra]) == 0
+        row = json.loads(capsys.readouterr().out)[0]
+        for k in ("trial", "size_bytes", "params", "flops"):
+            assert isinstance(row[k], int), (k, row[k])
+    assert main(["front", "j", "--storage", db, "--format", "csv"]) == 0
+    assert ".0," not in capsys.readouterr().out.splitlines()[1].split(",stem")[0].replace("0.0", "")
+
+
+def test_artifacts_are_found_from_another_folder(in_tmp, capsys, monkeypatch):
+    db = f"sqlite:///{in_tmp}/a.db"
+    assert main(["search", "--trials", "1", "--epochs", "1", "--study", "a", "--storage", db, "--quiet"]) == 0
+    elsewhere = in_tmp / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["export", "a", "--storage", db, "--trial", "0", "--out", "b"]) == 0
+    assert (elsewhere / "b" / "weights.nasp").is_file()
+
+
 @pytest.mark.parametrize("argv,message", BAD_ARGS)
 def test_bad_input_is_one_line_and_exit_2(in_tmp, capsys, argv, message):
     assert main(argv) == 2
@@ -101,7 +199,8 @@ def test_unknown_study_names_existing_ones(in_tmp, capsys):
     db = f"sqlite:///{in_tmp}/u.db"
     optuna.create_study(study_name="real", storage=db)
     assert main(["front", "ghost", "--storage", db]) == 2
-    assert "study 'ghost' not found" in capsys.readouterr().err and "existing: real"
+    err = capsys.readouterr().err
+    assert "study 'ghost' not found" in err and "existing: real" in err
 
 
 def test_bad_flag_value_exits_2(capsys):

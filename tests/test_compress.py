@@ -129,9 +129,16 @@ def test_pruning_removes_the_least_important_channels_exactly(trained):
     torch.testing.assert_close(pruned(x), model(x), atol=1e-5, rtol=1e-5)
 
 
+def _packed(state, cfg, data):
+    """What the pipeline deploys: the trained model compressed and decoded from its packed file."""
+    cand = Candidate(ARCH, cfg, RECIPE)
+    return load_packed(cand, pack_model(compress(_fresh(state), cand, data, 0, finetune=False), cfg))
+
+
 def test_int8_export_has_quantized_ops_and_runs(data, trained, tmp_path):
     cfg = CompressionConfig(quant="int8")
-    path, precision = deploy_onnx(_fresh(trained), cfg, torch.zeros(1, 1, 8, 8), tmp_path / "m.onnx", data.x_train[:32])
+    path, precision = deploy_onnx(_packed(trained, cfg, data), cfg, torch.zeros(1, 1, 8, 8), tmp_path / "m.onnx",
+                                  data.x_train[:32])
     graph = onnx.load(str(path)).graph
     ops = {n.op_type for n in graph.node}
     assert precision == "int8" and {"QuantizeLinear", "DequantizeLinear"} <= ops
@@ -140,6 +147,50 @@ def test_int8_export_has_quantized_ops_and_runs(data, trained, tmp_path):
     logits = onnx_predict(path, data.x_val)
     fp32 = predict(_fresh(trained), data.x_val).numpy()
     assert (logits.argmax(1) == fp32.argmax(1)).mean() > 0.95
+
+
+@pytest.mark.parametrize("cfg", [CompressionConfig(quant=q) for q in ("int8", "int4", "int2", "ternary", "binary")]
+                         + [CompressionConfig(stage_quant=("int4", "fp16", "ternary")),
+                            CompressionConfig(quant="int2", sparsity=0.5, huffman=True)], ids=str)
+def test_deployed_int8_weights_are_exactly_the_packed_codes(data, trained, tmp_path, cfg):
+    """The deployed QDQ graph dequantizes to the packed model's weights (per-channel scales of
+    the packed codes); ONNX Runtime's own int8 scale would put sub-8-bit codes on another grid."""
+    from nas.compress.passes import weights_off_packed
+    from nas.measure import export_onnx
+
+    model = _packed(trained, cfg, data)
+    path, precision = deploy_onnx(model, cfg, torch.zeros(1, 1, 8, 8), tmp_path / "m.onnx", data.x_train[:32])
+    assert "int8" in precision
+    ref = onnx.load(str(export_onnx(model, torch.zeros(1, 1, 8, 8), tmp_path / "ref.onnx"))).graph
+    assert weights_off_packed(path, ref) == []
+    n_int8 = sum(i.data_type == onnx.TensorProto.INT8 for i in onnx.load(str(path)).graph.initializer)
+    assert n_int8 >= (3 if cfg.stage_quant else 7)
+
+
+def test_requantized_weights_are_caught(data, trained, tmp_path):
+    """The check behind the deploy and `nas verify`: an int4 model quantized by ONNX Runtime's
+    default scales (what the deploy did before) is reported as not carrying the packed weights."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    from nas.compress.passes import _Calibration, weights_off_packed
+    from nas.measure import export_onnx
+
+    model = _packed(trained, CompressionConfig(quant="int4"), data)
+    fp32 = export_onnx(model, torch.zeros(1, 1, 8, 8), tmp_path / "f.onnx")
+    from onnxruntime.quantization import CalibrationDataReader
+
+    reader = type("R", (_Calibration, CalibrationDataReader), {})(onnx.load(str(fp32)).graph.input[0].name, data.x_train[:8])
+    quantize_static(str(fp32), str(tmp_path / "q.onnx"), reader, quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    assert len(weights_off_packed(tmp_path / "q.onnx", onnx.load(str(fp32)).graph)) >= 6
+
+
+def test_clustered_weights_deploy_as_exact_fp32(data, trained, tmp_path):
+    cfg = CompressionConfig(cluster_bits=4)
+    model = _packed(trained, cfg, data)
+    path, precision = deploy_onnx(model, cfg, torch.zeros(1, 1, 8, 8), tmp_path / "m.onnx", data.x_train[:4])
+    assert precision == "fp32 (clustered weights)"
+    np.testing.assert_array_equal(onnx_predict(path, data.x_val).argmax(1), predict(model, data.x_val).numpy().argmax(1))
 
 
 def test_fp32_deploy_matches_pytorch(data, trained, tmp_path):
@@ -193,7 +244,7 @@ def test_pack_aliases_shared_tensors_and_rejects_bad_magic():
 
 def test_mixed_precision_deploys_float_stages_as_float(data, trained, tmp_path):
     cfg = CompressionConfig(stage_quant=("fp32", "int8", "int8"))
-    path, precision = deploy_onnx(_fresh(trained), cfg, torch.zeros(1, 1, 8, 8), tmp_path / "m.onnx", data.x_train[:16])
+    path, precision = deploy_onnx(_packed(trained, cfg, data), cfg, torch.zeros(1, 1, 8, 8), tmp_path / "m.onnx", data.x_train[:16])
     assert precision == "mixed int8/fp32"
     graph = onnx.load(str(path)).graph
     producers = {o: n for n in graph.node for o in n.output}
@@ -220,3 +271,28 @@ def test_pack_does_not_alias_distinct_views_of_one_buffer():
     buf = torch.arange(8.0)
     out = unpack_state(pack_state({"a": buf[:4], "b": buf[4:]}, {}))
     assert out["b"].tolist() == [4.0, 5.0, 6.0, 7.0]
+
+
+def test_teacher_cache_is_keyed_by_data_and_recipe_inside_the_given_folder(tmp_path):
+    """Distillation teachers are cached in the study's own folder, named by the training data's
+    content and the recipe: another dataset with the same seed never reuses a cached teacher."""
+    import tempfile
+    from pathlib import Path
+
+    from nas.compress.distill import get_teachers
+
+    digits = get_dataset("digits", 0)
+    shifted = dataclasses.replace(digits, x_train=digits.x_train.flip(-1))
+    folder = tmp_path / "art" / "teachers"
+    t1 = get_teachers(folder, digits, 1, 1)
+    files = sorted(p.name for p in folder.glob("teacher-*.safetensors"))
+    assert len(files) == 1 and "teacher-1000" not in files[0]  # not keyed by seed alone
+    assert get_teachers(folder, digits, 1, 1)[0] is t1[0]  # the same data and recipe: reused
+    get_teachers(folder, shifted, 1, 1)
+    assert len(list(folder.glob("teacher-*.safetensors"))) == 2  # other content: another teacher
+    get_teachers(folder, digits, 1, 2)
+    assert len(list(folder.glob("teacher-*.safetensors"))) == 3  # another recipe: another teacher
+    shared = Path(tempfile.gettempdir()) / "teachers"
+    before = set(tmp_path.rglob("*")), set(shared.glob("*")) if shared.exists() else set()
+    get_teachers(None, digits, 1, 3)  # no study folder: memory only, nothing written anywhere shared
+    assert (set(tmp_path.rglob("*")), set(shared.glob("*")) if shared.exists() else set()) == before

@@ -54,6 +54,8 @@ BAD_NPZ = [
     ({"x": np.zeros((10, 1, 4, 4)), "y": -np.ones(10, int)}, "labels must be 0..K-1"),
     ({"x": np.full((10, 1, 4, 4), np.nan), "y": np.zeros(10, int)}, "NaN"),
     ({"x": np.zeros((10, 1, 4, 4)), "y": np.full(10, 0.5)}, "integer class labels"),
+    ({"x": np.zeros((10, 1, 0, 4)), "y": np.arange(10) % 2}, "zero-sized axis"),
+    ({"x": np.zeros((10, 0, 4, 4)), "y": np.arange(10) % 2}, "zero-sized axis"),
 ]
 
 
@@ -72,3 +74,14 @@ def test_missing_and_corrupt_npz(tmp_path):
     p.write_bytes(b"not a zip")
     with pytest.raises(DataError, match="cannot read"):
         load_dataset(str(p))
+
+
+def test_zero_sized_images_fail_before_a_study_exists(tmp_path, capsys, monkeypatch):
+    from nas.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    np.savez(tmp_path / "z.npz", x=np.zeros((20, 1, 8, 0)), y=np.arange(20) % 2)
+    assert main(["search", "--dataset", "z.npz"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "zero-sized axis" in err
+    assert not (tmp_path / "runs").exists()  # nothing created

@@ -171,3 +171,96 @@ def test_export_errors(study, capsys):
     assert "pick rule 'best please' not understood" in capsys.readouterr().err
     assert main(["export", "e", "--storage", db, "--pick", "max accuracy with latency_ms <= 0", "--out", str(root / "z")]) == 2
     assert "no completed trial satisfies it" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("rule,message", [
+    ("max test_accuracy", "test_accuracy is never used for selection"),
+    ("max accuracy with test_accuracy >= 0.5", "test_accuracy is never used for selection"),
+    ("max packed_test_accuracy", "is never used for selection"),
+    ("max arch", "unknown column 'arch'"),
+    ("max accuracy with latency_ms <= 1e", "'1e' is not a number"),
+    ("max accuracy with latency_ms <= .", "'.' is not a number"),
+    ("min latency_ms with size_bytes <= --", "is not a number"),
+])
+def test_pick_rules_select_on_validation_only_and_reject_bad_rules(study, capsys, rule, message):
+    root, db = study
+    assert main(["export", "e", "--storage", db, "--pick", rule, "--out", str(root / "never")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+    assert not (root / "never").exists()
+
+
+def _fake_study():
+    """A study with nas metadata and a few COMPLETE trials: enough to exercise pick rules."""
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
+    study.set_user_attr("nas", {"objectives": ["accuracy", "latency_ms", "size_bytes"],
+                                "directions": ["maximize", "minimize", "minimize"]})
+    dists = {"x": optuna.distributions.FloatDistribution(0, 1)}
+    for i, (a, lat, size) in enumerate([(0.9, 0.02, 9000), (0.8, 0.01, 5000), (0.95, 0.05, 20000), (0.7, 0.009, 800)]):
+        attrs = {"accuracy": a, "test_accuracy": 1 - a, "latency_ms": lat, "latency_iqr_ms": 0.001,
+                 "size_bytes": size, "flops": 100 * (i + 1), "params": 10 * (i + 1), "packed_val_accuracy": a}
+        study.add_trial(optuna.trial.create_trial(values=[a, lat, size], params={"x": i / 10}, distributions=dists,
+                                                  user_attrs=attrs))
+    return study
+
+
+def test_pick_never_chooses_on_test_accuracy():
+    from nas.export import pick_trial
+
+    study = _fake_study()
+    assert pick_trial(study, "max accuracy") == 2  # 0.95 val (its test accuracy is the lowest)
+    assert pick_trial(study, "min latency_ms with accuracy >= 0.8") == 1
+    assert pick_trial(study, "knee") in {0, 1, 2, 3}
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_TOKENS = st.sampled_from(["max", "min", "knee", "accuracy", "test_accuracy", "latency_ms", "size_bytes", "arch",
+                           "with", "where", "and", "<=", ">=", "<", ">", "=", "1e", "0.5", "-1", "1e9", "nan", ".",
+                           "--", "1e-3", "trial", "flops", "()", "'", "é"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.lists(_TOKENS, max_size=8).map(" ".join), st.text(max_size=40)))
+def test_pick_parser_fuzz_only_raises_nas_errors(rule):
+    from nas.errors import NasError
+    from nas.export import pick_trial
+
+    study = _fake_study()
+    try:
+        number = pick_trial(study, rule)
+    except NasError as exc:
+        assert "\n" not in str(exc)
+    else:
+        assert number in {0, 1, 2, 3}
+        assert "test_accuracy" not in rule  # a rule naming the test split never selects
+
+
+def test_every_front_member_of_a_compressed_study_verifies(tmp_path, capsys):
+    """Sub-8-bit, ternary/binary, mixed, clustered and sparse members exported as they are:
+    verify passes on the whole front (the deployed graph carries exactly the packed weights)."""
+    (tmp_path / "space.yaml").write_text(
+        "name: c\nstem_channels: 8\nstages:\n  - block: [conv, dsconv]\n    width: [8, 16]\n    stride: 2\n"
+        "  - block: conv\n    width: 16\n    stride: 2\nrecipe: {epochs: 3, lr: 0.01}\n"
+        "compression:\n  quant: [int4, int2, ternary, binary, fp16, int8]\n  per_stage: [quant]\n"
+        "  cluster_bits: [0, 0, 4]\n  sparsity: [0.0, 0.8]\n  huffman: [false, true]\n  finetune_epochs: 1\n")
+    db = f"sqlite:///{tmp_path}/c.db"
+    assert main(["search", "--trials", "6", "--study", "c", "--storage", db, "--quiet", "--no-early-stop",
+                 "--space", str(tmp_path / "space.yaml"), "--artifacts", str(tmp_path / "art"), "--sampler", "random",
+                 "--seed", "3"]) == 0
+    study = optuna.load_study(study_name="c", storage=db)
+    front = [t.number for t in study.best_trials]
+    precisions = set()
+    for n in front:
+        out = tmp_path / f"b{n}"
+        assert main(["export", "c", "--storage", db, "--trial", str(n), "--out", str(out)]) == 0
+        capsys.readouterr()
+        assert main(["verify", str(out), "--no-latency"]) == 0, capsys.readouterr().out
+        text = capsys.readouterr().out
+        assert "ok   model.onnx weights == weights.nasp" in text
+        manifest = json.loads((out / "manifest.json").read_text())
+        precisions.add(manifest["metrics"]["deploy_precision"])
+        m = manifest["metrics"]
+        assert "packed_test_accuracy" in m and f"{m['packed_test_accuracy']:.4f}" in (out / "MODEL_CARD.md").read_text()
+    assert len(front) >= 2 and precisions

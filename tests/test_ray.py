@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,21 +15,20 @@ from nas.cli import main
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
-    """One 2-CPU Ray head shared by every test here (starting Ray costs ~5 s)."""
-    port = _free_port()
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    subprocess.run(["ray", "start", "--head", "--num-cpus=2", f"--port={port}", "--include-dashboard=false",
-                    "--disable-usage-stats"], check=True, capture_output=True, env=env, timeout=120)
-    yield f"127.0.0.1:{port}"
-    subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=120)
+    """One 2-CPU Ray instance of this test module's own, shared by every test here (starting
+    Ray costs ~5 s): a new local instance (``address="local"``: never a cluster that is already
+    running on this machine) with its own temp folder, stopped by ``ray.shutdown()``, which ends
+    only the processes it started."""
+    import ray
+
+    ctx = ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+                   logging_level="warning", _temp_dir=str(tmp_path_factory.mktemp("ray")))
+    try:
+        yield ctx.address_info["gcs_address"]
+    finally:
+        ray.shutdown()
 
 
 SPACE = ("name: tiny\nstem_channels: [8, 16]\nstages:\n  - block: [conv, dsconv, mbconv]\n    width: [8, 16, 24]\n"
@@ -53,6 +51,8 @@ def test_ray_search_lands_in_the_same_storage_with_same_fields_and_runs_concurre
     spans = sorted((t.datetime_start, t.datetime_complete) for t in done)
     overlapping = any(a[1] > b[0] for a, b in zip(spans, spans[1:]))
     assert overlapping, f"trials ran one after another: {spans}"
+    workers = {t.user_attrs["worker"] for t in done}  # what the trials recorded, not only the clock
+    assert len(workers) >= 2, f"every trial ran in one worker process: {workers}"
     # front reads the Ray-run study unchanged
     assert main(["front", "ray", "--storage", db, "--format", "json"]) == 0
 
@@ -104,3 +104,34 @@ def test_resume_without_a_previous_run_is_a_clear_error(ray_head, in_tmp, capsys
     assert main(["search", "--backend", "ray", "--ray-address", ray_head, "--resume", "--study", "none",
                  "--storage", f"sqlite:///{in_tmp}/n.db"]) == 2
     assert "nothing to resume for study 'none'" in capsys.readouterr().err
+
+
+def test_ray_scheduler_judges_rungs_from_the_study_storage(in_tmp):
+    """The Ray scheduler compares against every trial recorded at the rung in the storage (as the
+    Optuna backend does), so a resumed driver stops the same trials; it starts with no memory."""
+    from ray.tune.schedulers import TrialScheduler
+
+    from nas.backends.ray import _make_scheduler_class
+    from nas.early_stop import RungRule
+
+    db = f"sqlite:///{in_tmp}/r.db"
+    study = optuna.create_study(study_name="r", storage=db, directions=["maximize", "minimize"])
+    for i in range(6):  # earlier trials (another driver, before a resume): accurate and cheap
+        t = study.ask()
+        t.set_user_attr("rung_2", 0.9 + i / 100)
+        t.set_user_attr("costs", {"latency_ms": 0.01, "size_bytes": 1000.0, "flops": 1.0, "params": 1.0})
+        study.tell(t, state=optuna.trial.TrialState.PRUNED)
+    judged = study.ask()
+    names = ["accuracy", "latency_ms"]
+
+    class FakeTrial:
+        config = {"optuna_number": judged.number}
+
+    scheduler = _make_scheduler_class()(RungRule(), names, db, "r")
+    verdict = scheduler.on_trial_result(None, FakeTrial(), {"rung": 2, "rung_accuracy": 0.2, "latency_ms": 0.05})
+    assert verdict == TrialScheduler.STOP
+    recorded = optuna.load_study(study_name="r", storage=db).trials[judged.number].user_attrs
+    assert recorded["rung_2"] == 0.2 and recorded["costs"]["latency_ms"] == 0.05  # written for later drivers
+    best = study.ask()
+    assert scheduler.on_trial_result(None, type("T", (), {"config": {"optuna_number": best.number}})(),
+                                     {"rung": 2, "rung_accuracy": 0.99, "latency_ms": 0.001}) == TrialScheduler.CONTINUE

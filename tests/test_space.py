@@ -136,8 +136,34 @@ def test_compression_genes_sampled_per_stage_and_globally():
     assert set(space.per_stage) == {"quant"}
     for cand in _sample(space, 6, (1, (1, 40))):
         cfg = cand.compression
-        assert len(cfg.stage_quant) == len(space.stages) and cfg.prune in ("none", "l1", "bn")
+        # per stage, unless a codebook replaces the precision (then quant is not sampled at all)
+        assert len(cfg.stage_quant) == (0 if cfg.cluster_bits else len(space.stages))
+        assert cfg.prune in ("none", "l1", "bn")
         assert cfg.finetune_epochs == 3
+
+
+def test_genes_without_effect_are_not_sampled():
+    """quant under a codebook, prune settings without pruning, distill_T without distillation,
+    Huffman over float weights: never sampled, so equivalent candidates are not drawn twice."""
+    import optuna
+
+    space = load_space("mnist1d_compress")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    seen = set()
+    for _ in range(150):
+        trial = study.ask()
+        cfg = space.suggest(trial, in_channels=1, input_size=(1, 40), num_classes=10).compression
+        params = trial.params
+        quant_params = [k for k in params if k.endswith(".quant") or k == "compress.quant"]
+        assert bool(quant_params) == (cfg.cluster_bits == 0)
+        assert ("compress.prune_ratio" in params) == (cfg.prune != "none")
+        assert ("compress.slimming_l1" in params) == (cfg.prune == "bn")
+        assert ("compress.distill_T" in params) == (cfg.distill_alpha > 0)
+        codes = cfg.cluster_bits > 0 or any(p not in ("fp32", "fp16") for p in cfg.precisions)
+        assert ("compress.huffman" in params) == codes
+        seen.add(cfg.cluster_bits > 0)
+        study.tell(trial, 0.0)
+    assert seen == {True, False}
 
 
 @pytest.mark.parametrize("genes,message", [

@@ -9,18 +9,17 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 
 from nas.config import Candidate
-from nas.errors import ConfigError, TrialFailure
+from nas.errors import ConfigError
 from nas.early_stop import EarlyStopped
-from nas.objectives import COSTS
 from nas.objectives import directions as objective_directions
-from nas.pipeline import ConstraintViolation, Task, evaluate, get_dataset
+from nas.pipeline import Task, evaluate, get_dataset
 from nas.space import Space
 from nas.study import META_KEY, open_storage
+from nas.trial import outcome, record_rung_and_judge, rung_names
 
 __all__ = ["SAMPLERS", "make_sampler", "make_objective", "create_study", "run_optuna"]
 
@@ -57,18 +56,10 @@ def rung_hook(trial: Any, task: Task) -> Callable[[int, float, dict[str, Any]], 
     rule = task.rung_rule()
     if rule is None:
         return None
-    names = ["accuracy"] + [o for o in task.objectives if o in COSTS]
+    names = rung_names(task.objectives)
 
     def at_rung(epoch: int, acc: float, costs: dict[str, Any]) -> None:
-        key = f"rung_{epoch}"
-        trial.set_user_attr("costs", {n: float(costs[n]) for n in COSTS})
-        trial.set_user_attr(key, acc)
-        peers = [
-            [t.user_attrs[key]] + [t.user_attrs["costs"][n] for n in names[1:]]
-            for t in trial.study.get_trials(deepcopy=False)
-            if t.number != trial.number and key in t.user_attrs and "costs" in t.user_attrs
-        ]
-        reason = rule.verdict(epoch, [acc] + [float(costs[n]) for n in names[1:]], np.array(peers, dtype=float), names)
+        reason = record_rung_and_judge(trial.study, trial._trial_id, trial.number, rule, names, epoch, acc, costs)
         if reason:
             raise EarlyStopped(reason, epoch)
 
@@ -83,18 +74,12 @@ def make_objective(space: Space, task: Task) -> Callable[[optuna.Trial], tuple[f
         cand = suggest_candidate(trial, space, task)
         try:
             result = evaluate(cand, task, trial_id=f"trial-{trial.number:05d}", at_rung=rung_hook(trial, task))
-        except EarlyStopped as exc:
-            trial.set_user_attr("fail_reason", str(exc))
-            trial.set_user_attr("rung_reached", exc.rung)
-            raise optuna.TrialPruned(str(exc)) from exc
-        except ConstraintViolation as exc:
-            trial.set_user_attr("fail_reason", str(exc))
-            raise optuna.TrialPruned(str(exc)) from exc
-        except TrialFailure as exc:
-            trial.set_user_attr("fail_reason", str(exc))
-            raise
         except Exception as exc:
-            trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}")
+            state, attrs = outcome(exc)
+            for k, v in attrs.items():
+                trial.set_user_attr(k, v)
+            if state == "PRUNED":
+                raise optuna.TrialPruned(attrs["fail_reason"]) from exc
             raise
         for k, v in result.metrics.items():
             trial.set_user_attr(k, v)
@@ -126,19 +111,58 @@ def create_study(
             "objectives": list(task.objectives),
             "directions": dirs,
             "task": task.to_dict(),
-            "space": {"name": space.name, "source": space.source},
+            "space": {"name": space.name, "source": space.source, "fingerprint": space.fingerprint()},
             **(extra_meta or {}),
         }
         study.set_user_attr(META_KEY, meta)
         with warnings.catch_warnings():  # experimental since 3.2, but it is what labels the dashboard
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names(list(task.objectives))
-    elif meta["objectives"] != list(task.objectives) or meta["task"]["dataset"] != task.dataset:
-        raise ConfigError(
-            f"study {study_name!r} already exists with objectives {','.join(meta['objectives'])} on dataset "
-            f"{meta['task']['dataset']}; resume it with the same settings or choose another --study name"
-        )
+    else:
+        check_resume(study_name, meta, task, space)
     return study
+
+
+# Settings a resumed study must keep: they decide the data splits (dataset, seed), what is
+# searched (space, objectives) and how candidates are trained and timed. Changing one would
+# mix incomparable trials, or make earlier trials' validation/test data later trials' training
+# data. (Limits, early stopping, jobs and workers may change between runs.)
+RESUME_FIXED = {"dataset": "--dataset", "seed": "--seed", "objectives": "--objectives", "epochs": "--epochs",
+                "latency_threads": "--latency-threads", "teachers": "teachers", "teacher_epochs": "teacher epochs",
+                "reward": "--reward/--reward-on/--reward-target"}
+
+
+def check_resume(study_name: str, meta: dict[str, Any], task: Task, space: Space) -> None:
+    """Refuse (one line, naming the setting and both values) to resume ``study_name`` with a
+    setting that changes the splits, the space, the objectives or the recipe."""
+    old, new = meta.get("task", {}), task.to_dict()
+    hint = "resume with the same value, or choose another --study name"
+    for key, flag in RESUME_FIXED.items():
+        if key in old and old[key] != new.get(key):
+            raise ConfigError(f"study {study_name!r} was created with {flag} {_show(old[key])}; this run gives "
+                              f"{_show(new.get(key))} ({hint})")
+    old_space = meta.get("space", {})
+    if "fingerprint" in old_space and old_space["fingerprint"] != space.fingerprint():
+        what = "another space" if old_space.get("name") != space.name else "a changed space file"
+        raise ConfigError(f"study {study_name!r} was created with --space {old_space.get('name')!r} "
+                          f"({old_space.get('source')}); this run gives {what} {space.name!r} ({space.source}) ({hint})")
+
+
+def check_existing(study_name: str, storage: optuna.storages.BaseStorage, task: Task, space: Space) -> None:
+    """Before any work or output: if the study exists, refuse settings it cannot resume with."""
+    names = {s.study_name: s for s in optuna.study.get_all_study_summaries(storage, include_best_trial=False)}
+    if study_name in names:
+        meta = names[study_name].user_attrs.get(META_KEY)
+        if meta:
+            check_resume(study_name, meta, task, space)
+
+
+def _show(v: Any) -> str:
+    if v is None:
+        return "(unset)"
+    if isinstance(v, (list, tuple)):
+        return ",".join(map(str, v))
+    return str(v)
 
 
 def finished_count(study: optuna.Study) -> int:

@@ -17,16 +17,16 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import optuna
 
 from nas.backends.optuna import create_study, finished_count, make_sampler, worker_id
 from nas.config import Candidate
-from nas.early_stop import EarlyStopped, RungRule
-from nas.errors import ConfigError, TrialFailure
-from nas.objectives import COSTS
-from nas.pipeline import ConstraintViolation, Task, evaluate, get_dataset
+from nas.early_stop import RungRule
+from nas.errors import ConfigError
+from nas.pipeline import Task, evaluate, get_dataset
 from nas.space import Space
+from nas.study import open_storage
+from nas.trial import outcome, record_rung_and_judge, rung_names
 
 __all__ = ["run_ray", "experiment_dir"]
 
@@ -96,21 +96,36 @@ def _make_scheduler_class():  # noqa: ANN202
     from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
     class ParetoHalvingScheduler(FIFOScheduler):
-        """Successive halving on Pareto dominance (see nas.early_stop), as a Ray scheduler."""
+        """Successive halving on Pareto dominance (see nas.early_stop), as a Ray scheduler.
 
-        def __init__(self, rule: RungRule, names: list[str]) -> None:
+        Rung records are written to and read from the study storage (:mod:`nas.trial`), as the
+        Optuna backend does: a resumed driver, or another process on the same study, compares
+        against every trial recorded at the rung, not only those this scheduler has seen."""
+
+        def __init__(self, rule: RungRule, names: list[str], storage_url: str, study_name: str) -> None:
             super().__init__()
             self.rule, self.names = rule, names
-            self.records: dict[int, list[list[float]]] = {}
+            self.storage_url, self.study_name = storage_url, study_name
+            self._study: optuna.Study | None = None
+
+        def __getstate__(self) -> dict[str, Any]:  # Tune pickles its scheduler: not the open storage
+            return {**self.__dict__, "_study": None}
+
+        def study(self) -> optuna.Study:
+            if self._study is None:
+                self._study = optuna.load_study(study_name=self.study_name,
+                                                storage=open_storage(self.storage_url, create=True, heartbeat=False))
+            return self._study
 
         def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
             if "rung" not in result or result.get("nas_state"):
                 return TrialScheduler.CONTINUE
-            rung = int(result["rung"])
-            point = [result["rung_accuracy"]] + [result[n] for n in self.names[1:]]
-            peers = self.records.setdefault(rung, [])
-            verdict = self.rule.verdict(rung, point, np.array(peers, dtype=float), self.names)
-            peers.append(point)
+            study = self.study()
+            number = int(trial.config["optuna_number"])
+            trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
+            costs = {n: result[n] for n in self.names[1:]}
+            verdict = record_rung_and_judge(study, trial_id, number, self.rule, self.names, int(result["rung"]),
+                                            float(result["rung_accuracy"]), costs)
             return TrialScheduler.STOP if verdict else TrialScheduler.CONTINUE
 
     return ParetoHalvingScheduler
@@ -147,7 +162,7 @@ def _trainable(config: dict[str, Any]) -> None:
 
     task = Task.from_dict(config["task"])
     cand = Candidate.from_dict(config["candidate"])
-    names = ["accuracy"] + [o for o in task.objectives if o in COSTS]
+    names = rung_names(task.objectives)
 
     def at_rung(epoch: int, acc: float, costs: dict[str, Any]) -> None:
         tune.report({"rung": epoch, "rung_accuracy": acc, **{n: float(costs[n]) for n in names[1:]}})
@@ -155,15 +170,10 @@ def _trainable(config: dict[str, Any]) -> None:
     try:
         res = evaluate(cand, task, trial_id=f"trial-{config['optuna_number']:05d}",
                        at_rung=at_rung if task.early_stop else None)
-    except (ConstraintViolation, EarlyStopped) as exc:
-        tune.report({"nas_state": "PRUNED", "fail_reason": str(exc), "nas_metrics": {"worker": worker_id()}})
-        return
-    except TrialFailure as exc:
-        tune.report({"nas_state": "FAIL", "fail_reason": str(exc), "nas_metrics": {"worker": worker_id()}})
-        return
     except Exception as exc:  # a bug in a block, say: recorded, the study goes on
-        tune.report({"nas_state": "FAIL", "fail_reason": f"{type(exc).__name__}: {exc}",
-                     "nas_metrics": {"worker": worker_id()}})
+        state, attrs = outcome(exc)
+        tune.report({"nas_state": state, "fail_reason": attrs["fail_reason"],
+                     "nas_metrics": {"worker": worker_id(), **{k: v for k, v in attrs.items() if k != "fail_reason"}}})
         return
     metrics = {**res.metrics, "worker": worker_id()}
     if res.artifact_dir:
@@ -201,7 +211,7 @@ def run_ray(
     if task.dataset.endswith(".npz"):
         task = dataclasses.replace(task, dataset=str(Path(task.dataset).resolve()))
     task = dataclasses.replace(task, train_threads=task.train_threads or 1)
-    storage = optuna.storages.RDBStorage(storage_url)
+    storage = open_storage(storage_url, create=True, heartbeat=False)  # Tune asks/tells: no optimize() heartbeat
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = create_study(study_name, storage, task, space, make_sampler(sampler, task.seed, n_trials),
                          {"backend": "ray"})
@@ -209,7 +219,8 @@ def run_ray(
 
     started = False
     if not ray.is_initialized():
-        ray.init(address=ray_address, num_cpus=None if ray_address else workers, include_dashboard=False,
+        # "local": a new instance of our own, never silently a cluster someone else started
+        ray.init(address=ray_address or "local", num_cpus=None if ray_address else workers, include_dashboard=False,
                  log_to_driver=False, logging_level="warning")
         started = True
     logging.getLogger("ray.tune").setLevel(logging.ERROR)
@@ -229,9 +240,8 @@ def run_ray(
                 metric=list(task.objectives), mode=["max" if d == "maximize" else "min" for d in study_directions(study)],
                 sampler=make_sampler(sampler, task.seed, n_trials), study_name=study_name, storage=storage,
             )
-            names = ["accuracy"] + [o for o in task.objectives if o in COSTS]
             rule = task.rung_rule()
-            scheduler = _make_scheduler_class()(rule, names) if rule else None
+            scheduler = _make_scheduler_class()(rule, rung_names(task.objectives), storage_url, study_name) if rule else None
             tuner = tune.Tuner(
                 trainable,
                 tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=remaining,

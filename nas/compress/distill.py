@@ -1,13 +1,16 @@
 """Knowledge distillation (Hinton et al.): soft targets at temperature T, weighted with the
 hard labels; the soft term is scaled by T^2 so its gradients keep their size as T changes.
 
-Teachers are trained once per study and cached as files beside the study's artifacts (a
-file lock stops two workers training the same teacher); an ensemble averages the teachers'
-softened probabilities.
+Teachers are trained once per study and cached as files in the study's own artifacts folder,
+named by a digest of the training data's content and the teacher's recipe (architecture,
+epochs, seed): a cached teacher is only ever reused for the same data and recipe. A file lock
+stops two workers training the same teacher; an ensemble averages the teachers' softened
+probabilities. Without an artifacts folder, teachers are kept in memory for the process only.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -40,21 +43,43 @@ def teacher_arch(data: Dataset) -> ArchConfig:
     return ArchConfig(data.in_channels, data.num_classes, data.input_size, data.spatial, 32, blocks)
 
 
-def _train_or_load(folder: Path, data: Dataset, seed: int, epochs: int) -> nn.Module:
+def data_digest(data: Dataset) -> str:
+    """sha256 of the training split's content (inputs and labels)."""
+    h = hashlib.sha256()
+    for t in (data.x_train, data.y_train):
+        h.update(str((tuple(t.shape), str(t.dtype))).encode())
+        h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def teacher_key(data: Dataset, cand: Candidate, seed: int) -> str:
+    return hashlib.sha256(f"{data_digest(data)}|{cand.to_json()}|{seed}".encode()).hexdigest()[:24]
+
+
+def _train(data: Dataset, cand: Candidate, seed: int) -> nn.Module:
+    seed_everything(seed)
+    model = build(cand.arch)
+    train(model, data.x_train, data.y_train, cand.recipe, seed)
+    return model
+
+
+def _train_or_load(folder: Path | None, data: Dataset, seed: int, epochs: int) -> nn.Module:
     cand = Candidate(teacher_arch(data), recipe=Recipe(epochs=epochs, lr=5e-3))
-    weights, meta = folder / f"teacher-{seed}.safetensors", folder / f"teacher-{seed}.json"
+    if folder is None:
+        return _train(data, cand, seed).eval()
+    key = teacher_key(data, cand, seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    weights, meta = folder / f"teacher-{key}.safetensors", folder / f"teacher-{key}.json"
     with file_lock(folder / "teachers.lock"):
         model = build(cand.arch)
         if weights.is_file() and meta.is_file():
             model.load_state_dict(load_file(str(weights)))
         else:
-            seed_everything(seed)
-            model = build(cand.arch)
-            train(model, data.x_train, data.y_train, cand.recipe, seed)
+            model = _train(data, cand, seed)
             tmp = weights.with_suffix(".tmp")
             save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
             tmp.replace(weights)
-            meta.write_text(json.dumps({"candidate": cand.to_dict(), "seed": seed,
+            meta.write_text(json.dumps({"candidate": cand.to_dict(), "seed": seed, "data_sha256": data_digest(data),
                                         "val_accuracy": accuracy(model, data.x_val, data.y_val)}))
     return model.eval()
 
@@ -62,11 +87,13 @@ def _train_or_load(folder: Path, data: Dataset, seed: int, epochs: int) -> nn.Mo
 _TEACHERS: dict[tuple, tuple[nn.Module, ...]] = {}
 
 
-def get_teachers(folder: str | Path, data: Dataset, n: int = 1, epochs: int = 20) -> Sequence[nn.Module]:
-    """The study's ``n`` teachers: trained on first use, then loaded from ``folder``."""
-    key = (str(folder), data.name, data.seed, n, epochs)
+def get_teachers(folder: str | Path | None, data: Dataset, n: int = 1, epochs: int = 20) -> Sequence[nn.Module]:
+    """The study's ``n`` teachers: trained on first use, then loaded from ``folder`` (the
+    study's artifacts; ``None``: this process's memory only)."""
+    key = (str(folder), data_digest(data), data.seed, n, epochs)
     if key not in _TEACHERS:
-        _TEACHERS[key] = tuple(_train_or_load(Path(folder), data, data.seed + 1000 + i, epochs) for i in range(n))
+        where = Path(folder) if folder is not None else None
+        _TEACHERS[key] = tuple(_train_or_load(where, data, data.seed + 1000 + i, epochs) for i in range(n))
     return _TEACHERS[key]
 
 

@@ -1,0 +1,60 @@
+"""Backend-neutral trial bookkeeping: what both the Optuna and the Ray backends do with a trial.
+
+- :func:`record_rung_and_judge`: store a trial's accuracy at an early-stopping rung (and its
+  pre-flight costs) in the study storage, then apply the Pareto rung rule against every other
+  trial recorded at that rung, read back from the same storage. Because the comparison data
+  lives in the storage, it is shared by parallel workers, by both backends and across resumes.
+- :func:`outcome`: how a pipeline exception maps to a trial state and a recorded reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import optuna
+
+from nas.early_stop import EarlyStopped, RungRule
+from nas.errors import TrialFailure
+from nas.objectives import COSTS
+
+__all__ = ["rung_names", "record_rung_and_judge", "outcome"]
+
+
+def rung_names(objectives: Sequence[str]) -> list[str]:
+    """What a rung compares: accuracy at the rung, then the study's cost objectives."""
+    return ["accuracy"] + [o for o in objectives if o in COSTS]
+
+
+def record_rung_and_judge(study: optuna.Study, trial_id: int, number: int, rule: RungRule, names: Sequence[str],
+                          epoch: int, acc: float, costs: Mapping[str, Any]) -> str | None:
+    """Record (accuracy at ``epoch``, costs) on trial ``trial_id`` and return the rung rule's
+    stop reason against the other trials recorded at that rung (``None``: go on)."""
+    key = f"rung_{epoch}"
+    storage = study._storage  # user attributes are written through the storage, as Trial.set_user_attr does
+    storage.set_trial_user_attr(trial_id, "costs", {n: float(costs[n]) for n in COSTS if n in costs})
+    storage.set_trial_user_attr(trial_id, key, float(acc))
+    peers = [
+        [t.user_attrs[key]] + [t.user_attrs["costs"][n] for n in names[1:]]
+        for t in study.get_trials(deepcopy=False)
+        if t.number != number and key in t.user_attrs and "costs" in t.user_attrs
+    ]
+    point = [float(acc)] + [float(costs[n]) for n in names[1:]]
+    return rule.verdict(epoch, point, np.array(peers, dtype=float), list(names))
+
+
+def outcome(exc: BaseException) -> tuple[str, dict[str, Any]]:
+    """Trial state (``PRUNED`` or ``FAIL``) and user attributes for a pipeline exception.
+
+    Early-stopped and constraint-rejected trials are PRUNED (they carry information: a rung
+    accuracy, or costs over a limit); every other failure is FAIL with its reason."""
+    from nas.pipeline import ConstraintViolation
+
+    if isinstance(exc, EarlyStopped):
+        return "PRUNED", {"fail_reason": str(exc), "rung_reached": exc.rung}
+    if isinstance(exc, ConstraintViolation):
+        return "PRUNED", {"fail_reason": str(exc)}
+    if isinstance(exc, TrialFailure):
+        return "FAIL", {"fail_reason": str(exc)}
+    return "FAIL", {"fail_reason": f"{type(exc).__name__}: {exc}"}

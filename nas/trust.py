@@ -1,0 +1,186 @@
+"""Files a user is handed stay data: checks that run before anything is loaded.
+
+A bundle (or any file a user passes in) is untrusted. Its manifest's hashes come from the same
+untrusted folder, so they prove nothing about safety; what they name and what the archives
+hold are checked here *before* any loader sees them:
+
+- every path a manifest names resolves inside the bundle folder (no ``..``, no absolute
+  paths, no symlinks leading out), and the bundle's required files are present;
+- ``model.pt2`` (a zip archive written by ``torch.export.save``) holds only the entries that
+  our exporter writes: JSON configs and raw tensor bytes, no entry marked for pickle, no
+  sample inputs, constants, custom objects, extra files or AOTInductor shared libraries.
+  :func:`no_unpickling` then guards the load itself: any unpickling attempted inside it raises;
+- ``model.onnx`` names no external data file and uses only the standard ONNX domains;
+- storage URLs are shown with their password masked (:func:`redact_url`).
+
+Every failure is a :class:`~nas.errors.BundleError`: one line naming the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import pickle
+import re
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from nas.errors import BundleError
+
+__all__ = ["redact_url", "redact_text", "inside", "check_pt2", "check_onnx", "no_unpickling", "read_json_file"]
+
+_URL_PASSWORD = re.compile(r"^(?P<head>[A-Za-z][\w+.-]*://[^/@:]*:)(?P<pw>.*)(?P<tail>@[^@]*)$")
+
+
+def redact_url(url: str) -> str:
+    """``postgresql://user:secret@host/db`` -> ``postgresql://user:***@host/db``; other text as is."""
+    m = _URL_PASSWORD.match(str(url))
+    return f"{m['head']}***{m['tail']}" if m else str(url)
+
+
+def redact_text(text: str, url: str) -> str:
+    """``text`` (an error message, say) with ``url``'s password masked wherever it appears."""
+    m = _URL_PASSWORD.match(str(url))
+    text = str(text).replace(str(url), redact_url(url))
+    return text.replace(m["pw"], "***") if m and m["pw"] else text
+
+
+def inside(root: Path, name: Any, what: str) -> Path:
+    """``root / name`` if ``name`` is a plain relative path that stays inside ``root`` (symlinks
+    resolved); otherwise a :class:`BundleError` naming ``what``."""
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise BundleError(f"{what}: file name {name!r} is not a relative path")
+    p = Path(name)
+    if p.is_absolute() or ".." in p.parts or name.startswith(("/", "\\")) or ":" in p.parts[0]:
+        raise BundleError(f"{what}: file name {name!r} points outside the bundle")
+    full = root / p
+    base = root.resolve()
+    if not full.resolve().is_relative_to(base):
+        raise BundleError(f"{what}: file {name!r} resolves outside the bundle (a link to {full.resolve()})")
+    return full
+
+
+def read_json_file(path: Path, what: str) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise BundleError(f"{path}: cannot read {what} ({exc.strerror})") from exc
+    except UnicodeDecodeError as exc:
+        raise BundleError(f"{path}: {what} is not UTF-8 text") from exc
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise BundleError(f"{path}: {what} is not valid JSON ({exc})") from exc
+
+
+# What ``torch.export.save`` writes for a plain module (checked on torch 2.5-2.13): the archive
+# root folder, then these entries. Anything else (pickled weights or constants, sample inputs,
+# custom objects, extra files, AOTInductor libraries) is refused.
+_PT2_FIXED = {"archive_format", "archive_version", "byteorder", ".data/version", ".data/serialization_id",
+              ".data/serialization_id.txt", "data/weights/model_weights_config.json",
+              "data/constants/model_constants_config.json", "models/model.json"}
+_PT2_WEIGHT = re.compile(r"^data/weights/weight_\d+$")
+_PT2_EMPTY = {"data/sample_inputs/model.pt"}  # present but must be empty (it would be torch.load-ed)
+MAX_PT2_BYTES = 512 * 2**20
+
+
+def check_pt2(path: Path) -> None:
+    """Refuse a ``.pt2`` archive that ``torch.export.load`` would unpickle anything from."""
+    name = path.name
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise BundleError(f"{path}: {name} is not a torch.export archive ({exc})") from exc
+    with zf:
+        infos = zf.infolist()
+        if not infos:
+            raise BundleError(f"{path}: {name} is an empty archive")
+        roots = {i.filename.split("/", 1)[0] for i in infos}
+        if len(roots) != 1:
+            raise BundleError(f"{path}: {name} has entries under several roots ({', '.join(sorted(roots))})")
+        root = roots.pop()
+        if sum(i.file_size for i in infos) > MAX_PT2_BYTES:
+            raise BundleError(f"{path}: {name} unpacks to more than {MAX_PT2_BYTES >> 20} MiB")
+        for info in infos:
+            rel = info.filename[len(root) + 1 :]
+            if rel in _PT2_FIXED or _PT2_WEIGHT.match(rel):
+                continue
+            if rel in _PT2_EMPTY:
+                if info.file_size:
+                    raise BundleError(f"{path}: {name} carries pickled sample inputs ({info.filename}); refused")
+                continue
+            raise BundleError(f"{path}: {name} holds an entry nas never writes ({info.filename}); refused")
+        for cfg_name in ("data/weights/model_weights_config.json", "data/constants/model_constants_config.json"):
+            try:
+                cfg = json.loads(zf.read(f"{root}/{cfg_name}"))
+            except KeyError:
+                raise BundleError(f"{path}: {name} lacks {cfg_name}") from None
+            except (ValueError, RecursionError) as exc:
+                raise BundleError(f"{path}: {name}: {cfg_name} is not valid JSON") from exc
+            entries = cfg.get("config") if isinstance(cfg, dict) else None
+            if not isinstance(entries, dict):
+                raise BundleError(f"{path}: {name}: {cfg_name} has no 'config' mapping")
+            if cfg_name.startswith("data/constants") and entries:
+                raise BundleError(f"{path}: {name} carries constants ({', '.join(map(str, entries))}); refused")
+            for key, meta in entries.items():
+                if not isinstance(meta, dict) or meta.get("use_pickle") is not False:
+                    raise BundleError(f"{path}: {name}: entry {key!r} is marked for unpickling; refused")
+
+
+@contextlib.contextmanager
+def no_unpickling() -> Iterator[None]:
+    """Inside this block every unpickling entry point raises (defence in depth around a loader
+    of untrusted files whose contents were already checked)."""
+    import torch
+
+    def refuse(*_a: Any, **_k: Any) -> Any:
+        raise BundleError("refused to unpickle data from an untrusted file")
+
+    patches = [(pickle, "load"), (pickle, "loads"), (torch, "load"), (torch._C, "_pickle_load_obj")]
+    saved = [(obj, attr, getattr(obj, attr)) for obj, attr in patches if hasattr(obj, attr)]
+    try:
+        for obj, attr, _ in saved:
+            setattr(obj, attr, refuse)
+        yield
+    finally:
+        for obj, attr, orig in saved:
+            setattr(obj, attr, orig)
+
+
+_ONNX_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "pkg.onnxscript.torch_lib.common"}
+
+
+def check_onnx(path: Path) -> None:
+    """Refuse an ONNX file that would make ONNX Runtime read other files (external data) or
+    that uses operator domains outside the standard ones."""
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - the protobuf parser raises several types
+        raise BundleError(f"{path}: {path.name} is not an ONNX model ({type(exc).__name__})") from exc
+
+    def graphs(g: Any) -> Iterator[Any]:
+        yield g
+        for node in g.node:
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    yield from graphs(attr.g)
+                for sub in attr.graphs:
+                    yield from graphs(sub)
+
+    for g in graphs(model.graph):
+        for t in list(g.initializer) + [a.t for n in g.node for a in n.attribute if a.HasField("t")]:
+            if uses_external_data(t):
+                raise BundleError(f"{path}: {path.name}: tensor {t.name!r} names an external data file; refused")
+        for node in g.node:
+            if node.domain not in _ONNX_DOMAINS:
+                raise BundleError(f"{path}: {path.name}: operator {node.op_type!r} of domain {node.domain!r} "
+                                  f"is not a standard ONNX operator; refused")
+    if model.functions:
+        for fn in model.functions:
+            if fn.domain not in _ONNX_DOMAINS:
+                raise BundleError(f"{path}: {path.name}: function domain {fn.domain!r} is not allowed; refused")

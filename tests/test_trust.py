@@ -1,0 +1,215 @@
+"""Crafted bundles: everything a malicious or broken bundle can hold is refused with one line,
+exit status 2, and nothing in it is executed (nas.trust, nas.export.read_manifest)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import shutil
+import zipfile
+from pathlib import Path
+
+import onnx
+import pytest
+
+import nas
+from nas.cli import main
+from nas.errors import BundleError
+from nas.trust import check_pt2, no_unpickling, redact_text, redact_url
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trust")
+    (root / "space.yaml").write_text("name: t\nstem_channels: 8\nstages:\n  - block: conv\n    width: 8\n    stride: 2\n"
+                                     "recipe: {epochs: 2, lr: 0.01}\n")
+    db = f"sqlite:///{root}/t.db"
+    assert main(["search", "--trials", "1", "--study", "t", "--storage", db, "--quiet", "--no-early-stop",
+                 "--space", str(root / "space.yaml"), "--artifacts", str(root / "art")]) == 0
+    assert main(["export", "t", "--storage", db, "--trial", "0", "--out", str(root / "good")]) == 0
+    return root / "good"
+
+
+@pytest.fixture
+def copy(bundle, tmp_path):
+    out = tmp_path / "b"
+    shutil.copytree(bundle, out)
+    return out
+
+
+def _rehash(b: Path) -> None:
+    """An attacker controls the manifest too: make its hashes match the tampered files."""
+    man = json.loads((b / "manifest.json").read_text())
+    for name, info in man["files"].items():
+        if (b / name).is_file():
+            info["sha256"] = hashlib.sha256((b / name).read_bytes()).hexdigest()
+    (b / "manifest.json").write_text(json.dumps(man))
+
+
+def _refused(capsys, b: Path, *needles: str) -> str:
+    capsys.readouterr()
+    assert main(["verify", str(b), "--no-latency"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("nas: error: "), err
+    for n in needles:
+        assert n in err, err
+    return err
+
+
+class _WritesAFile:
+    """Unpickling this creates a file: the proof that a loader executed bundle data."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):  # noqa: ANN204
+        return (open, (self.path, "w"))
+
+
+def _rewrite_pt2(path: Path, change) -> None:  # noqa: ANN001
+    with zipfile.ZipFile(path) as z:
+        entries = {i.filename: z.read(i.filename) for i in z.infolist()}
+    root = next(iter(entries)).split("/", 1)[0]
+    change(root, entries)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        for name, data in entries.items():
+            z.writestr(name, data)
+
+
+def _pickled_weight(marker: Path):  # noqa: ANN202
+    def change(root, entries):  # noqa: ANN001, ANN202
+        cfg_name = f"{root}/data/weights/model_weights_config.json"
+        cfg = json.loads(entries[cfg_name])
+        first = next(iter(cfg["config"]))
+        cfg["config"][first]["use_pickle"] = True
+        entries[cfg_name] = json.dumps(cfg).encode()
+        entries[f"{root}/data/weights/{cfg['config'][first]['path_name']}"] = pickle.dumps(_WritesAFile(str(marker)))
+    return change
+
+
+def test_pickled_pt2_entry_is_refused_before_loading(copy, capsys, tmp_path):
+    marker = tmp_path / "pwned"
+    _rewrite_pt2(copy / "model.pt2", _pickled_weight(marker))
+    _rehash(copy)
+    _refused(capsys, copy, "model.pt2", "unpickling")
+    assert not marker.exists()
+
+
+def test_the_load_itself_cannot_unpickle(copy, tmp_path, monkeypatch):
+    """Defence in depth: even with the archive check bypassed, the guarded load refuses."""
+    import torch
+
+    marker = tmp_path / "pwned"
+    _rewrite_pt2(copy / "model.pt2", _pickled_weight(marker))
+    with pytest.raises(BundleError, match="refused to unpickle"), no_unpickling():
+        torch.export.load(str(copy / "model.pt2"))
+    assert not marker.exists()
+    with pytest.raises(BundleError, match="marked for unpickling"):
+        check_pt2(copy / "model.pt2")
+
+
+@pytest.mark.parametrize("entry,data", [("data/sample_inputs/model.pt", b"\x80\x04N."),
+                                        ("data/aotinductor/model/model.so", b"\x7fELF"),
+                                        ("extra/notes.txt", b"hello")])
+def test_pt2_entries_nas_never_writes_are_refused(copy, capsys, entry, data):
+    _rewrite_pt2(copy / "model.pt2", lambda root, e: e.__setitem__(f"{root}/{entry}", data))
+    _rehash(copy)
+    _refused(capsys, copy, "model.pt2")
+
+
+@pytest.mark.parametrize("name", ["../../etc/hostname", "/etc/hostname", "sub/../../x"])
+def test_manifest_paths_outside_the_bundle_are_refused(copy, capsys, name):
+    man = json.loads((copy / "manifest.json").read_text())
+    man["files"][name] = {"sha256": "0" * 64, "bytes": 1}
+    (copy / "manifest.json").write_text(json.dumps(man))
+    err = _refused(capsys, copy, "outside the bundle")
+    assert "hostname" not in err or "points outside" in err  # no digest of the outside file
+
+
+def test_a_symlink_out_of_the_bundle_is_refused(copy, capsys, tmp_path):
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes((copy / "weights.nasp").read_bytes())
+    (copy / "weights.nasp").unlink()
+    (copy / "weights.nasp").symlink_to(outside)
+    _refused(capsys, copy, "weights.nasp")
+
+
+def test_empty_file_list_is_refused(copy, capsys):
+    man = json.loads((copy / "manifest.json").read_text())
+    man["files"] = {}
+    (copy / "manifest.json").write_text(json.dumps(man))
+    _refused(capsys, copy, "required file", "not listed")
+
+
+def test_missing_required_file_is_refused(copy, capsys):
+    (copy / "model.pt2").unlink()
+    _refused(capsys, copy, "model.pt2", "missing")
+
+
+@pytest.mark.parametrize("text", ["{}", "not json {", "[]", '{"format": "nas-bundle/1", "files": []}', "\udcff"])
+def test_malformed_manifest_is_one_line(copy, capsys, text):
+    (copy / "manifest.json").write_bytes(text.encode("utf-8", "surrogateescape"))
+    _refused(capsys, copy, "manifest.json")
+
+
+def test_manifest_fields_of_the_wrong_type_are_one_line(copy, capsys):
+    man = json.loads((copy / "manifest.json").read_text())
+    man["metrics"]["size_bytes"] = "big"
+    (copy / "manifest.json").write_text(json.dumps(man))
+    _refused(capsys, copy, "metrics.size_bytes")
+    man["metrics"]["size_bytes"] = 1
+    man["candidate"] = {"version": 1, "arch": "x"}
+    (copy / "manifest.json").write_text(json.dumps(man))
+    _refused(capsys, copy, "candidate")
+
+
+def test_onnx_with_external_data_is_refused(copy, capsys):
+    model = onnx.load(str(copy / "model.onnx"))
+    init = model.graph.initializer[0]
+    init.ClearField("raw_data")
+    init.data_location = onnx.TensorProto.EXTERNAL
+    init.external_data.add(key="location", value="../../etc/passwd")
+    onnx.save(model, str(copy / "model.onnx"))
+    _rehash(copy)
+    _refused(capsys, copy, "model.onnx", "external data")
+    with pytest.raises(BundleError, match="external data"):
+        nas.load_bundle(copy)
+
+
+def test_an_unlisted_extra_file_fails_verification(copy, capsys):
+    (copy / "payload.sh").write_text("echo hi\n")
+    assert main(["verify", str(copy), "--no-latency"]) == 1
+    assert "files the manifest does not list: payload.sh" in capsys.readouterr().out
+
+
+def test_load_bundle_refuses_what_verify_refuses(copy):
+    (copy / "manifest.json").write_text("{}")
+    with pytest.raises(BundleError, match="manifest.json"):
+        nas.load_bundle(copy)
+
+
+def test_redaction():
+    assert redact_url("postgresql://user:hunter2@db.example:5432/nas") == "postgresql://user:***@db.example:5432/nas"
+    assert redact_url("postgresql+psycopg://u:p@ss@h/d") == "postgresql+psycopg://u:***@h/d"
+    assert redact_url("sqlite:///runs/nas.db") == "sqlite:///runs/nas.db"
+    assert redact_url("postgresql://u@h/d") == "postgresql://u@h/d"
+    assert "hunter2" not in redact_text("failed: hunter2 rejected", "postgresql://u:hunter2@h/d")
+
+
+def test_credentials_never_reach_errors_or_stored_records(bundle, capsys, tmp_path):
+    url = "postgresql://alice:hunter2@127.0.0.1:1/nas"
+    for argv in (["front", "x", "--storage", url], ["search", "--storage", url, "--trials", "1"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "hunter2" not in err and "alice:***@" in err, err
+    # what export writes: the manifest and the card carry the masked URL
+    import optuna
+
+    from nas.export import export_bundle
+
+    db = f"sqlite:///{bundle.parent}/t.db"
+    export_bundle(optuna.load_study(study_name="t", storage=db), 0, tmp_path / "e", storage_url=url)
+    for f in ("manifest.json", "MODEL_CARD.md"):
+        text = (tmp_path / "e" / f).read_text()
+        assert "hunter2" not in text and "alice:***@127.0.0.1:1/nas" in text
