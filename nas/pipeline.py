@@ -207,6 +207,11 @@ def evaluate(
     try:
         preview = compress(build(arch), candidate, data, task.seed, finetune=False)
         with torch.no_grad():
+            # untrained BatchNorms fold into bias-free convolutions, which the exporter's
+            # optimizer drops; a trained model's never are: give the preview the same graph
+            for bn in preview.modules():
+                if isinstance(bn, nn.BatchNorm2d):
+                    bn.bias.fill_(1e-3)
             preview.eval()(example)
         blob = pack_model(preview, candidate.compression)
         preview = load_packed(candidate, blob)  # time exactly the structure that will ship

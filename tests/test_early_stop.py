@@ -61,6 +61,9 @@ def test_search_with_early_stopping_records_pruned_trials_with_their_rung(in_tmp
                 assert not stopped_here, (t.number, rung)
             if stopped_here:
                 assert "early-stopped at epoch" in t.user_attrs["fail_reason"]
+    # with eta=100 the rule must have stopped someone (a rule that never stops passes the checks above)
+    stopped = [t for t in trials if t.state == optuna.trial.TrialState.PRUNED and "rung_reached" in t.user_attrs]
+    assert stopped, "eta=100 stopped no trial"
 
 
 def test_no_early_stop_trains_everything(in_tmp):

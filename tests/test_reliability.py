@@ -21,7 +21,7 @@ from nas.blocks import BLOCKS, register_block
 from nas.cli import main
 from nas.config import ArchConfig, BlockConfig, Candidate, CompressionConfig, Recipe
 from nas.data import load_dataset
-from nas.errors import DataError, SpaceError
+from nas.errors import TrialFailure, DataError, SpaceError
 from nas.pipeline import Task, evaluate
 from nas.space import parse_space
 
@@ -162,10 +162,10 @@ def test_failing_trials_are_recorded_and_the_study_goes_on(tmp_path):
 
 def test_infeasible_shape_and_memory_limit_fail_in_preflight(in_tmp, capsys):
     deep = ArchConfig(1, 10, (8, 8), "2d", 8, tuple(BlockConfig("conv", 8, 3, 2, stage=i) for i in range(5)))
-    with pytest.raises(Exception, match=r"infeasible shape: block 3 .* downsamples a 1x1 feature map"):
+    with pytest.raises(TrialFailure, match=r"infeasible shape: block 3 .* downsamples a 1x1 feature map"):
         evaluate(Candidate(deep), Task())
     small = ArchConfig(1, 10, (8, 8), "2d", 8, (BlockConfig("conv", 8, 3, 1),))
-    with pytest.raises(Exception, match=r"over the memory limit: training needs ~[\d.]+ MB > max 0 MB"):
+    with pytest.raises(TrialFailure, match=r"over the memory limit: training needs ~[\d.]+ MB > max 0 MB"):
         evaluate(Candidate(small), Task(max_memory_mb=0.0001))
     (in_tmp / "deep.yaml").write_text(yaml.safe_dump({"stem_channels": 8, "stages": [
         {"block": "conv", "width": 8, "stride": 2}] * 5}))

@@ -104,3 +104,14 @@ def test_dashboard_unknown_study_exit_2(two_studies, capsys):
     root, db = two_studies
     assert main(["dashboard", "ghost", "--storage", db]) == 2
     assert "study 'ghost' not found" in capsys.readouterr().err
+
+
+def test_report_states_the_recorded_thread_count(tmp_path, capsys):
+    (tmp_path / "s.yaml").write_text("name: s\nstem_channels: 8\nstages:\n  - block: conv\n    width: 8\n    stride: 2\n"
+                                     "recipe: {epochs: 1}\n")
+    db = f"sqlite:///{tmp_path}/t.db"
+    assert main(["search", "--trials", "1", "--study", "t", "--storage", db, "--quiet", "--space", str(tmp_path / "s.yaml"),
+                 "--latency-threads", "2", "--artifacts", str(tmp_path / "art")]) == 0
+    assert main(["report", "t", "--storage", db, "--out", str(tmp_path / "r")]) == 0
+    page = (tmp_path / "r" / "report.html").read_text()
+    assert "batch 1, 2 threads" in page and "1 thread," not in page
