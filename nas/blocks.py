@@ -24,6 +24,10 @@ BLOCKS: dict[str, type[nn.Module]] = {}
 
 def register_block(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
     def deco(cls: type[nn.Module]) -> type[nn.Module]:
+        # a plain nn.Module gets the Block defaults for the facts it does not declare
+        for fact in ("summary_kernel", "hidden", "has_hidden", "ties_input", "roles", "label"):
+            if not hasattr(cls, fact):
+                setattr(cls, fact, Block.__dict__[fact])
         BLOCKS[name] = cls
         return cls
 
@@ -42,6 +46,12 @@ def _pad(kernel: tuple[int, int]) -> tuple[int, int]:
     return (kernel[0] // 2, kernel[1] // 2)
 
 
+# Channel roles, for structured pruning: for each conv/BN of a block, which channel group its
+# output dim (and a dense conv's input dim) belongs to: the block's input ("in"), output
+# ("out") or hidden width ("hid"). Depthwise convs have no input role (one filter per channel).
+Roles = list[tuple[str, str, str | None]]
+
+
 def has_residual(cfg: BlockConfig, in_channels: int) -> bool:
     """Identity shortcut (mbconv) or identity block (skip): explicit, else where shapes allow."""
     if cfg.residual is not None:
@@ -53,13 +63,36 @@ def hidden_width(cfg: BlockConfig, in_channels: int) -> int:
     """Width of a block's inner layer: explicit (after pruning) or derived from the genes."""
     if cfg.hidden is not None:
         return cfg.hidden
-    if cfg.type == "mbconv":
-        return in_channels * cfg.expansion if cfg.expansion != 1 else in_channels
-    if cfg.type == "dsconv":
-        return in_channels
-    if cfg.type == "factorized":
+    return BLOCKS[cfg.type].hidden(cfg, in_channels)
+
+
+class Block(nn.Module):
+    """Base of registered blocks: the facts structured pruning and the summary need live with
+    each block class (defaults: no hidden width of its own, no identity path)."""
+
+    summary_kernel = True  # whether the architecture summary shows its kernel
+
+    @staticmethod
+    def hidden(cfg: BlockConfig, cin: int) -> int:
         return cfg.out_channels
-    return cfg.out_channels
+
+    @staticmethod
+    def has_hidden(cfg: BlockConfig) -> bool:
+        """Whether it has a hidden width that is a channel group of its own."""
+        return False
+
+    @staticmethod
+    def ties_input(cfg: BlockConfig, cin: int) -> bool:
+        """Whether its output is tied to its input channels (an identity path)."""
+        return False
+
+    @staticmethod
+    def roles(cfg: BlockConfig, cin: int) -> Roles:
+        raise ValueError(f"block type {cfg.type!r} declares no channel roles (structured pruning needs them)")
+
+    @staticmethod
+    def label(cfg: BlockConfig) -> str:
+        return ""
 
 
 def conv_bn_act(
@@ -80,8 +113,12 @@ def conv_bn_act(
 
 
 @register_block("conv")
-class ConvBlock(nn.Module):
+class ConvBlock(Block):
     """Standard KxK convolution, BatchNorm, ReLU."""
+
+    @staticmethod
+    def roles(cfg: BlockConfig, cin: int) -> Roles:
+        return [("conv.0", "out", "in"), ("conv.1", "out", None)]
 
     def __init__(self, cin: int, cfg: BlockConfig, spatial: str) -> None:
         super().__init__()
@@ -94,8 +131,17 @@ class ConvBlock(nn.Module):
 
 
 @register_block("dsconv")
-class DepthwiseSeparable(nn.Module):
+class DepthwiseSeparable(Block):
     """Depthwise KxK then pointwise 1x1 (MobileNet): ~1/N + 1/K^2 of a standard conv's cost."""
+
+    @staticmethod
+    def hidden(cfg: BlockConfig, cin: int) -> int:
+        return cin
+
+    @staticmethod
+    def roles(cfg: BlockConfig, cin: int) -> Roles:
+        return [("depthwise.0", "in", None), ("depthwise.1", "in", None), ("pointwise.0", "out", "in"),
+                ("pointwise.1", "out", None)]
 
     def __init__(self, cin: int, cfg: BlockConfig, spatial: str) -> None:
         super().__init__()
@@ -111,8 +157,16 @@ class DepthwiseSeparable(nn.Module):
 
 
 @register_block("factorized")
-class FactorizedConv(nn.Module):
+class FactorizedConv(Block):
     """1xN then Nx1 (Inception-v3): 2N weights per channel pair instead of N^2."""
+
+    @staticmethod
+    def has_hidden(cfg: BlockConfig) -> bool:
+        return True
+
+    @staticmethod
+    def roles(cfg: BlockConfig, cin: int) -> Roles:
+        return [("row.0", "hid", "in"), ("row.1", "hid", None), ("col.0", "out", "hid"), ("col.1", "out", None)]
 
     def __init__(self, cin: int, cfg: BlockConfig, spatial: str) -> None:
         super().__init__()
@@ -128,8 +182,31 @@ class FactorizedConv(nn.Module):
 
 
 @register_block("mbconv")
-class InvertedResidual(nn.Module):
+class InvertedResidual(Block):
     """MobileNetV2 inverted residual: 1x1 expand, depthwise KxK, 1x1 linear projection."""
+
+    @staticmethod
+    def hidden(cfg: BlockConfig, cin: int) -> int:
+        return cin * cfg.expansion if cfg.expansion != 1 else cin
+
+    @staticmethod
+    def has_hidden(cfg: BlockConfig) -> bool:
+        return cfg.expansion != 1
+
+    @staticmethod
+    def ties_input(cfg: BlockConfig, cin: int) -> bool:
+        return has_residual(cfg, cin)
+
+    @staticmethod
+    def label(cfg: BlockConfig) -> str:
+        return f" e{cfg.expansion}"
+
+    @staticmethod
+    def roles(cfg: BlockConfig, cin: int) -> Roles:
+        if cfg.expansion != 1:
+            return [("body.0.0", "hid", "in"), ("body.0.1", "hid", None), ("body.1.0", "hid", None),
+                    ("body.1.1", "hid", None), ("body.2.0", "out", "hid"), ("body.2.1", "out", None)]
+        return [("body.0.0", "in", None), ("body.0.1", "in", None), ("body.1.0", "out", "in"), ("body.1.1", "out", None)]
 
     def __init__(self, cin: int, cfg: BlockConfig, spatial: str) -> None:
         super().__init__()
@@ -150,8 +227,18 @@ class InvertedResidual(nn.Module):
 
 
 @register_block("skip")
-class Skip(nn.Module):
+class Skip(Block):
     """Identity where shapes allow; otherwise the cheapest projection (strided 1x1 conv)."""
+
+    summary_kernel = False
+
+    @staticmethod
+    def ties_input(cfg: BlockConfig, cin: int) -> bool:
+        return has_residual(cfg, cin)
+
+    @staticmethod
+    def roles(cfg: BlockConfig, cin: int) -> Roles:
+        return [] if has_residual(cfg, cin) else [("proj.0", "out", "in"), ("proj.1", "out", None)]
 
     def __init__(self, cin: int, cfg: BlockConfig, spatial: str) -> None:
         super().__init__()
@@ -172,24 +259,5 @@ def create_block(cin: int, cfg: BlockConfig, spatial: str) -> nn.Module:
     return cls(cin, cfg, spatial)
 
 
-# Channel roles, for structured pruning: for each conv/BN of a block, which channel group its
-# output dim (and a dense conv's input dim) belongs to: the block's input ("in"), output
-# ("out") or hidden width ("hid"). Depthwise convs have no input role (one filter per channel).
-Roles = list[tuple[str, str, str | None]]
-
-
 def channel_roles(cfg: BlockConfig, cin: int) -> Roles:
-    if cfg.type == "conv":
-        return [("conv.0", "out", "in"), ("conv.1", "out", None)]
-    if cfg.type == "dsconv":
-        return [("depthwise.0", "in", None), ("depthwise.1", "in", None), ("pointwise.0", "out", "in"), ("pointwise.1", "out", None)]
-    if cfg.type == "factorized":
-        return [("row.0", "hid", "in"), ("row.1", "hid", None), ("col.0", "out", "hid"), ("col.1", "out", None)]
-    if cfg.type == "mbconv":
-        if cfg.expansion != 1:
-            return [("body.0.0", "hid", "in"), ("body.0.1", "hid", None), ("body.1.0", "hid", None),
-                    ("body.1.1", "hid", None), ("body.2.0", "out", "hid"), ("body.2.1", "out", None)]
-        return [("body.0.0", "in", None), ("body.0.1", "in", None), ("body.1.0", "out", "in"), ("body.1.1", "out", None)]
-    if cfg.type == "skip":
-        return [] if has_residual(cfg, cin) else [("proj.0", "out", "in"), ("proj.1", "out", None)]
-    raise ValueError(f"block type {cfg.type!r} declares no channel roles")
+    return BLOCKS[cfg.type].roles(cfg, cin)

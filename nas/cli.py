@@ -7,23 +7,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
 from nas.errors import NasError
+from nas.experiment import _apply_config, _given_dests  # noqa: F401 - re-exported for callers
 from nas.objectives import DEFAULT_OBJECTIVES, parse_constraints, parse_objectives
 from nas.study import DEFAULT_STORAGE
+from nas.table import FORMATS, _fmt, render
 from nas.trust import redact_url
 
 __all__ = ["main"]
 
-FORMATS = ("table", "csv", "json", "markdown")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -140,68 +138,6 @@ def _build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# ----------------------------------------------------------------------------- output
-
-
-def _fmt(col: str, v: Any) -> str:
-    if v is None or v is pd.NA or (isinstance(v, float) and pd.isna(v)):
-        return ""
-    if col in ("accuracy", "test_accuracy", "val_accuracy", "packed_val_accuracy", "packed_test_accuracy"):
-        return f"{v:.4f}"
-    if col in ("latency_ms", "latency_iqr_ms"):
-        return f"{v:.4f}"
-    if col in ("size_bytes", "params", "flops", "trial"):
-        return f"{int(v):,}"
-    if isinstance(v, float):
-        return f"{v:.3g}"
-    return str(v)
-
-
-def _columns(df: pd.DataFrame, objectives: Sequence[str], full: bool) -> list[str]:
-    cols = ["trial"] + (["state"] if full else []) + list(objectives)
-    for extra in ("accuracy", "test_accuracy", "latency_ms", "latency_iqr_ms", "params", "flops", "size_bytes", "arch", "compression"):
-        if extra not in cols and extra in df.columns:
-            cols.append(extra)
-    if full:  # the packed model's accuracy beside the deployed one (they differ where int8 QDQ quantizes activations)
-        cols += ["packed_val_accuracy", "packed_test_accuracy", "deploy_precision", "fail_reason"]
-    return [c for c in cols if c in df.columns]
-
-
-COUNTS = ("trial", "size_bytes", "params", "flops", "latency_threads")
-
-
-def render(df: pd.DataFrame, objectives: Sequence[str], fmt: str, title: str, full: bool = False) -> str:
-    cols = _columns(df, objectives, full)
-    view = df[cols].copy() if not df.empty else pd.DataFrame(columns=cols)
-    for c in COUNTS:  # counts are integers in every format (NaN-safe)
-        if c in view.columns and not view.empty:
-            view[c] = pd.to_numeric(view[c], errors="coerce").round().astype("Int64")
-    if fmt == "csv":
-        return view.to_csv(index=False)
-    if fmt == "json":
-        return json.dumps(json.loads(view.to_json(orient="records")), indent=2) + "\n"
-    if fmt == "markdown":
-        head = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
-        body = "".join("| " + " | ".join(_fmt(c, r[c]) for c in cols) + " |\n" for _, r in view.iterrows())
-        return head + body
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title)
-    for c in cols:
-        table.add_column(c, justify="left" if c in ("arch", "compression", "state", "fail_reason") else "right",
-                         overflow="fold")
-    for _, r in view.iterrows():
-        table.add_row(*(_fmt(c, r[c]) for c in cols))
-    import shutil
-
-    # On a terminal, fit it; into a pipe or file, never fold cells.
-    width = max(shutil.get_terminal_size().columns, 120) if sys.stdout.isatty() else 400
-    console = Console(width=width, record=True, file=open(os.devnull, "w"))
-    console.print(table)
-    return console.export_text()
-
-
 # ----------------------------------------------------------------------------- commands
 
 
@@ -225,69 +161,6 @@ def _progress_callback(objectives: Sequence[str], total: int, quiet: bool):  # n
             console.print(f"search finished in {time.perf_counter() - start:.0f}s")
 
     return callback
-
-
-def _given_dests(sub: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
-    """The flags the command line really gave (abbreviations included): parse it again with
-    every default suppressed, so only given flags land in the namespace."""
-    import copy
-
-    quiet = copy.deepcopy(sub)
-    for a in quiet._actions:
-        a.default = argparse.SUPPRESS
-        a.required = False
-    ns, _ = quiet.parse_known_args(list(argv))
-    return set(vars(ns))
-
-
-def _apply_config(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> None:
-    """Fill flags from an experiment YAML (keys are flag names, '-' or '_'); explicit flags win."""
-    import yaml
-
-    path = Path(args.config)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise NasError(f"experiment config {path}: cannot read ({exc.strerror})") from exc
-    except UnicodeDecodeError as exc:
-        raise NasError(f"experiment config {path}: not UTF-8 text") from exc
-    except yaml.YAMLError as exc:
-        raise NasError(f"experiment config {path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
-    if not isinstance(raw, dict):
-        raise NasError(f"experiment config {path}: must be a mapping of flag -> value")
-    sub = next(a for a in parser._subparsers._group_actions[0].choices.values() if a.prog.endswith(" search"))
-    actions = {a.dest: a for a in sub._actions if a.dest not in ("help", "config")}
-    argv = list(argv or [])
-    given = _given_dests(sub, argv[argv.index("search") + 1 :] if "search" in argv else argv)
-    for key, value in raw.items():
-        dest = str(key).replace("-", "_")
-        if dest not in actions:
-            raise NasError(f"experiment config {path}: unknown key {key!r} (allowed: {', '.join(sorted(actions))})")
-        if dest in given:
-            continue
-        action = actions[dest]
-        if isinstance(value, list) and dest == "objectives" and all(isinstance(v, str) for v in value):
-            value = ",".join(value)
-        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
-            if not isinstance(value, bool):
-                raise NasError(f"experiment config {path}: {key}: {value!r} is not allowed (allowed: true, false)")
-            setattr(args, dest, value)
-            continue
-        if value is None:
-            continue
-        if isinstance(value, (bool, list, dict)) or not isinstance(value, (str, int, float)):
-            raise NasError(f"experiment config {path}: {key}: {value!r} is not allowed "
-                           f"(give a single {'number' if action.type not in (None, str) else 'string'})")
-        if action.type is not None:
-            try:
-                value = action.type(str(value))
-            except (argparse.ArgumentTypeError, ValueError) as exc:
-                raise NasError(f"experiment config {path}: {key}: {exc}") from exc
-        else:
-            value = str(value)
-        if action.choices is not None and value not in action.choices:
-            raise NasError(f"experiment config {path}: {key}: {value!r} is not allowed (allowed: {', '.join(map(str, action.choices))})")
-        setattr(args, dest, value)
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -418,7 +291,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from nas.export import verify_bundle
+    from nas.verify import verify_bundle
 
     result = verify_bundle(Path(args.bundle), remeasure_latency=not args.no_latency)
     for what, ok, detail in result.checks:

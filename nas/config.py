@@ -18,7 +18,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "BlockConfig",
     "ArchConfig",
-    "CompressionConfig",
+    "CompressionConfig",  # noqa: F822 - made on first use (PEP 562 __getattr__ below)
     "Recipe",
     "Candidate",
 ]
@@ -80,9 +80,10 @@ class ArchConfig:
             stages.setdefault(b.stage, []).append(b)
         for blocks in stages.values():
             b = blocks[0]
-            text = b.type if b.type == "skip" else f"{b.type} k{b.kernel}"
-            if b.type == "mbconv":
-                text += f" e{b.expansion}"
+            from nas.blocks import BLOCKS
+
+            cls = BLOCKS[b.type]
+            text = (f"{b.type} k{b.kernel}" if cls.summary_kernel else b.type) + cls.label(b)
             text += f" w{b.out_channels}"
             if len(blocks) > 1:
                 text += f" x{len(blocks)}"
@@ -103,125 +104,85 @@ class ArchConfig:
             raise ConfigError(f"arch: cannot read architecture record ({exc})") from exc
 
 
-QUANT_MODES = ("fp32", "fp16", "int8", "int4", "int2", "ternary", "binary")
-PRUNE_METHODS = ("none", "l1", "bn")
+class _CompressionMethods:
+    """Behaviour of :class:`CompressionConfig` (its fields come from the registry)."""
 
-
-@dataclass(frozen=True)
-class CompressionConfig:
-    """Compression genes, applied in pipeline order: prune -> fine-tune -> low-rank / share ->
-    sparsify + quantize (QAT) / cluster -> encode. The defaults mean "no compression".
-
-    Attributes:
-        prune: structured channel pruning importance: ``none``, ``l1`` (filter L1 norm) or
-            ``bn`` (BatchNorm |gamma|, network slimming).
-        prune_ratio: fraction of channels removed (global); ``stage_prune_ratios`` overrides
-            it per stage when given.
-        prune_rounds: iterative prune -> fine-tune rounds.
-        slimming_l1: L1 penalty on BatchNorm gamma while training (network slimming).
-        finetune_epochs: epochs of fine-tuning after each compression step that needs it.
-        sparsity: unstructured magnitude pruning: fraction of each layer's weights zeroed.
-        quant: weight precision: fp32, fp16, int8, int4, int2, ternary, binary;
-            ``stage_quant`` overrides it per stage (mixed precision).
-        cluster_bits: k-means weight clustering to 2^b shared values per layer (0 = off);
-            replaces ``quant`` for how weights are stored.
-        huffman: Huffman-code the stored weight codes / cluster indices.
-        lowrank: rank ratio for SVD factorization of linear and 1x1 conv layers (0 = off).
-        share: blocks of a stage with identical shapes share one set of weights.
-        distill_alpha: weight of the soft-target loss (0 = no distillation).
-        distill_T: distillation temperature.
-    """
-
-    prune: str = "none"
-    prune_ratio: float = 0.0
-    stage_prune_ratios: tuple[float, ...] = ()
-    prune_rounds: int = 1
-    slimming_l1: float = 0.0
-    finetune_epochs: int = 2
-    sparsity: float = 0.0
-    quant: str = "fp32"
-    stage_quant: tuple[str, ...] = ()
-    cluster_bits: int = 0
-    huffman: bool = False
-    lowrank: float = 0.0
-    share: bool = False
-    distill_alpha: float = 0.0
-    distill_T: float = 4.0
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # per-stage values may come in as lists (JSON)
+            v = getattr(self, f.name)
+            if isinstance(v, list):
+                object.__setattr__(self, f.name, tuple(v))
 
     @staticmethod
     def check_gene(name: str, value: Any) -> str | None:
         """Why ``value`` is not allowed for gene ``name`` (``None`` if it is)."""
-        if name == "prune" and value not in PRUNE_METHODS:
-            return f"is not a pruning method (allowed: {', '.join(PRUNE_METHODS)})"
-        if name == "quant" and value not in QUANT_MODES:
-            return f"is not a precision (allowed: {', '.join(QUANT_MODES)})"
-        if name in ("prune_ratio", "sparsity") and not 0 <= value <= 0.95:
-            return "must be in [0, 0.95]"
-        if name in ("lowrank", "distill_alpha") and not 0 <= value <= 1:
-            return "must be in [0, 1]"
-        if name == "cluster_bits" and not 0 <= value <= 8:
-            return "must be 0 (off) to 8"
-        if name in ("prune_rounds",) and value < 1:
-            return "must be >= 1"
-        if name in ("finetune_epochs",) and value < 0:
-            return "must be >= 0"
-        if name in ("slimming_l1",) and value < 0:
-            return "must be >= 0"
-        if name == "distill_T" and value <= 0:
-            return "must be > 0"
-        return None
+        from nas.compress.registry import genes
+
+        gene = genes().get(name)
+        return gene.check(value) if gene is not None and gene.check is not None else None
+
+    def per_stage(self, gene: str, stage: int) -> Any:
+        """The value of ``gene`` for ``stage``: its per-stage value when sampled per stage."""
+        from nas.compress.registry import genes
+
+        field_name = genes()[gene].per_stage
+        staged = getattr(self, field_name) if field_name else ()
+        return staged[min(stage, len(staged) - 1)] if staged else getattr(self, gene)
 
     def stage_ratio(self, stage: int) -> float:
-        if self.stage_prune_ratios:
-            return self.stage_prune_ratios[min(stage, len(self.stage_prune_ratios) - 1)]
-        return self.prune_ratio
+        return self.per_stage("prune_ratio", stage)
 
     def stage_precision(self, stage: int) -> str:
-        if self.stage_quant:
-            return self.stage_quant[min(stage, len(self.stage_quant) - 1)]
-        return self.quant
-
-    def summary(self) -> str:
-        """Compact text of the genes that are on, e.g. ``prune l1 0.5 | int4 | huffman``."""
-        parts = []
-        if self.prune != "none" and any(r > 0 for r in (self.stage_prune_ratios or (self.prune_ratio,))):
-            ratio = "/".join(f"{r:g}" for r in self.stage_prune_ratios) or f"{self.prune_ratio:g}"
-            parts.append(f"prune {self.prune} {ratio}" + (f" x{self.prune_rounds}" if self.prune_rounds > 1 else ""))
-        if self.lowrank > 0:
-            parts.append(f"lowrank {self.lowrank:g}")
-        if self.share:
-            parts.append("share")
-        if self.sparsity > 0:
-            parts.append(f"sparse {self.sparsity:g}")
-        if self.cluster_bits:
-            parts.append(f"cluster {self.cluster_bits}b")
-        elif self.precisions != ("fp32",):
-            parts.append("/".join(self.precisions))
-        if self.huffman:
-            parts.append("huffman")
-        if self.distill_alpha > 0:
-            parts.append(f"kd a{self.distill_alpha:g} T{self.distill_T:g}")
-        return " | ".join(parts) or "none"
+        return self.per_stage("quant", stage)
 
     @property
     def precisions(self) -> tuple[str, ...]:
         return self.stage_quant or (self.quant,)
 
+    def summary(self) -> str:
+        """Compact text of the genes that are on, e.g. ``prune l1 0.5 | int4 | huffman``."""
+        from nas.compress.registry import ordered_methods
+
+        return " | ".join(p for m in ordered_methods() if m.active(self) and (p := m.summary(self))) or "none"
+
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["stage_prune_ratios"] = list(self.stage_prune_ratios)
-        d["stage_quant"] = list(self.stage_quant)
-        return d
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> CompressionConfig:
+    def from_dict(cls, d: dict[str, Any]) -> Any:
         try:
-            d = dict(d)
-            for k in ("stage_prune_ratios", "stage_quant"):
-                d[k] = tuple(d.get(k, ()))
-            return cls(**d)
+            return cls(**dict(d))
         except TypeError as exc:
             raise ConfigError(f"compression: cannot read compression record ({exc})") from exc
+
+
+_COMPRESSION: type | None = None
+
+
+def _compression_class() -> type:
+    """``CompressionConfig``: a frozen dataclass whose fields are the registered methods'
+    genes (:mod:`nas.compress.registry`), built on first use so that a new method's module
+    adds its genes without touching this file."""
+    global _COMPRESSION
+    if _COMPRESSION is None:
+        from nas.compress.registry import genes
+
+        known = genes()
+        fields = [(g.name, type(g.default).__name__, dataclasses.field(default=g.default)) for g in known.values()]
+        fields += [(g.per_stage, "tuple", dataclasses.field(default=())) for g in known.values() if g.per_stage]
+        cls = dataclasses.make_dataclass("CompressionConfig", fields, bases=(_CompressionMethods,), frozen=True)
+        cls.__module__ = __name__  # pickles (Ray) find it as nas.config.CompressionConfig
+        cls.__doc__ = ("Compression genes, one field per gene of the registered methods; the defaults mean "
+                       "\"no compression\". Fields: " + ", ".join(f"{g.name} ({g.doc})" if g.doc else g.name
+                                                                   for g in known.values()))
+        _COMPRESSION = cls
+    return _COMPRESSION
+
+
+def __getattr__(name: str) -> Any:  # PEP 562: CompressionConfig is made on first use
+    if name == "CompressionConfig":
+        return _compression_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -249,7 +210,7 @@ class Candidate:
     """Architecture + compression + training recipe: one point of the search space."""
 
     arch: ArchConfig
-    compression: CompressionConfig = field(default_factory=CompressionConfig)
+    compression: CompressionConfig = field(default_factory=lambda: _compression_class()())  # noqa: F821
     recipe: Recipe = field(default_factory=Recipe)
 
     def to_dict(self) -> dict[str, Any]:
@@ -269,7 +230,7 @@ class Candidate:
             )
         return cls(
             arch=ArchConfig.from_dict(d["arch"]),
-            compression=CompressionConfig.from_dict(d.get("compression", {})),
+            compression=_compression_class().from_dict(d.get("compression", {})),
             recipe=Recipe.from_dict(d.get("recipe", {})),
         )
 

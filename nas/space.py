@@ -31,43 +31,28 @@ from typing import Any
 import yaml
 
 from nas.blocks import BLOCKS
+from nas.compress.registry import sampling_order
 from nas.config import ArchConfig, BlockConfig, Candidate, CompressionConfig, Recipe
 from nas.errors import SpaceError
 
-__all__ = ["Param", "StageSpace", "Space", "load_space", "resolve_space_path", "SPACES_DIR"]
+__all__ = ["Param", "StageSpace", "Space", "load_space", "resolve_space_path", "per_stage_genes", "SPACES_DIR"]
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 
 _TOP_KEYS = {"name", "spatial", "stem_channels", "head", "dropout", "stages", "recipe", "compression"}
 _STAGE_KEYS = {"block", "depth", "width", "kernel", "stride", "expansion"}
 _HEADS = ("gap", "flatten")
-# Genes a space may sample once per stage, and the CompressionConfig field that holds them.
-PER_STAGE = {"prune_ratio": "stage_prune_ratios", "quant": "stage_quant"}
 
 
-def _precisions(g: dict[str, Any]) -> tuple[str, ...]:
-    return g.get("stage_quant") or (g.get("quant", "fp32"),)
+def _compression_genes() -> dict[str, Any]:
+    from nas.compress.registry import genes
+
+    return genes()
 
 
-# Genes that only have an effect when others take certain values; they are sampled only then
-# (otherwise they keep their default), so two candidates that would build, train and ship the
-# same model are never drawn as different points. The order below samples every gene after
-# the ones it depends on.
-GENE_MATTERS: dict[str, Any] = {
-    "prune_ratio": lambda g: g.get("prune", "none") != "none",
-    "stage_prune_ratios": lambda g: g.get("prune", "none") != "none",
-    "prune_rounds": lambda g: g.get("prune", "none") != "none",
-    "slimming_l1": lambda g: g.get("prune", "none") == "bn",
-    "quant": lambda g: not g.get("cluster_bits", 0),  # a codebook replaces the precision
-    "huffman": lambda g: bool(g.get("cluster_bits", 0)) or any(p not in ("fp32", "fp16") for p in _precisions(g)),
-    "distill_T": lambda g: g.get("distill_alpha", 0.0) > 0,
-}
-_GENE_ORDER = ("prune", "prune_ratio", "prune_rounds", "slimming_l1", "lowrank", "share", "sparsity", "cluster_bits",
-               "quant", "huffman", "distill_alpha", "distill_T", "finetune_epochs")
-
-
-def _gene_rank(name: str) -> int:
-    return _GENE_ORDER.index(name) if name in _GENE_ORDER else len(_GENE_ORDER)
+def per_stage_genes() -> dict[str, str]:
+    """Genes a space may sample once per stage, and the CompressionConfig field that holds them."""
+    return {name: g.per_stage for name, g in _compression_genes().items() if g.per_stage}
 
 
 @dataclass(frozen=True)
@@ -153,12 +138,13 @@ class Space:
         )
         recipe = Recipe(**{k: p.suggest(trial, "recipe." + k) for k, p in self.recipe.items()})
         genes: dict[str, Any] = {}
-        for k in sorted(self.compression, key=_gene_rank):
+        known = _compression_genes()
+        for k in sampling_order(list(self.compression)):  # every gene after the genes it depends on
             p = self.compression[k]
-            if k in GENE_MATTERS and not GENE_MATTERS[k](genes):
+            if known[k].matters is not None and not known[k].matters(genes):
                 continue  # no effect at these settings: not sampled, left at its default
             if k in self.per_stage:  # mixed precision / per-stage pruning: one gene per stage
-                genes[PER_STAGE[k]] = tuple(p.suggest(trial, f"compress.s{i}.{k}") for i in range(len(self.stages)))
+                genes[known[k].per_stage] = tuple(p.suggest(trial, f"compress.s{i}.{k}") for i in range(len(self.stages)))
             else:
                 genes[k] = p.suggest(trial, "compress." + k)
         compression = CompressionConfig(**genes)
@@ -232,25 +218,22 @@ def _non_negative(v: Any) -> str | None:
     return None if v >= 0 else "must be >= 0"
 
 
-def _section(where: str, raw: Any, record: type) -> dict[str, Param]:
+def _section(where: str, raw: Any, defaults: dict[str, Any], checks: dict[str, Any] | None = None,
+             per_stage: tuple[str, ...] = ()) -> dict[str, Param]:
+    """One section of genes: ``defaults`` gives each allowed key and (by its type) the value
+    type; ``checks`` the gene's own validation (default: positive ints, non-negative floats)."""
     if raw is None:
         return {}
     if not isinstance(raw, dict):
         raise SpaceError(f"{where}: must be a mapping of gene -> value, got {type(raw).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(record)}
     out = {}
     for key, val in raw.items():
-        if key not in fields:
-            raise SpaceError(f"{where}: unknown key {key!r} (allowed: {', '.join(sorted(fields))})")
-        default = fields[key].default
-        if isinstance(default, tuple):  # per-stage tuples are filled by `per_stage`, not given directly
+        if key in per_stage:  # per-stage tuples are filled by `per_stage`, not given directly
             raise SpaceError(f"{where}: {key!r} is set per stage with `per_stage: [...]`, not directly")
-        elem = {bool: "bool", int: "int", float: "float", str: "str"}[type(default)]
-        checker = getattr(record, "check_gene", None)
-        if checker is not None:
-            check = lambda v, k=key: checker(k, v)  # noqa: E731
-        else:
-            check = {"int": _positive, "float": _non_negative}.get(elem)
+        if key not in defaults:
+            raise SpaceError(f"{where}: unknown key {key!r} (allowed: {', '.join(sorted(map(str, defaults)))})")
+        elem = {bool: "bool", int: "int", float: "float", str: "str"}[type(defaults[key])]
+        check = (checks or {}).get(key) or {"int": _positive, "float": _non_negative}.get(elem)
         out[key] = _param(f"{where}.{key}", val, elem, check)
     return out
 
@@ -307,8 +290,9 @@ def parse_space(raw: Any, source: str = "<space>") -> Space:
     if isinstance(comp, dict) and "per_stage" in comp:
         comp = dict(comp)
         ps = comp.pop("per_stage")
-        if not isinstance(ps, list) or any(not isinstance(g, str) or g not in PER_STAGE for g in ps):
-            raise SpaceError(f"{source}: compression.per_stage: {ps!r} must be a list of genes from: {', '.join(PER_STAGE)}")
+        staged = per_stage_genes()
+        if not isinstance(ps, list) or any(not isinstance(g, str) or g not in staged for g in ps):
+            raise SpaceError(f"{source}: compression.per_stage: {ps!r} must be a list of genes from: {', '.join(staged)}")
         missing = [g for g in ps if g not in comp]
         if missing:
             raise SpaceError(f"{source}: compression.per_stage: gene {missing[0]!r} needs a value in the compression section")
@@ -325,8 +309,10 @@ def parse_space(raw: Any, source: str = "<space>") -> Space:
         dropout=_param(f"{source}: dropout", raw.get("dropout", 0.0), "float",
                        lambda v: None if 0 <= v < 1 else "must be in [0, 1)"),
         stages=tuple(_stage(f"{source}: stages[{i}]", s, spatial) for i, s in enumerate(stages)),
-        recipe=_section(f"{source}: recipe", raw.get("recipe"), Recipe),
-        compression=_section(f"{source}: compression", comp, CompressionConfig),
+        recipe=_section(f"{source}: recipe", raw.get("recipe"), {f.name: f.default for f in dataclasses.fields(Recipe)}),
+        compression=_section(f"{source}: compression", comp, {n: g.default for n, g in _compression_genes().items()},
+                             {n: g.check for n, g in _compression_genes().items() if g.check},
+                             tuple(per_stage_genes().values())),
         per_stage=per_stage,
         source=source,
     )

@@ -209,3 +209,20 @@ def test_bad_flag_value_exits_2(capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--trials" in err
+
+
+def test_experiment_config_file(in_tmp, capsys):
+    (in_tmp / "exp.yaml").write_text("trials: 1\nepochs: 1\nobjectives: [accuracy, params]\nsampler: random\nstudy: c\n")
+    db = f"sqlite:///{in_tmp}/c.db"
+    assert main(["search", "--config", "exp.yaml", "--storage", db, "--quiet"]) == 0
+    study = optuna.load_study(study_name="c", storage=db)
+    assert study.user_attrs["nas"]["objectives"] == ["accuracy", "params"] and len(study.trials) == 1
+    (in_tmp / "bad.yaml").write_text("trials: 1\ncolour: red\n")
+    assert main(["search", "--config", "bad.yaml", "--storage", db]) == 2
+    assert "unknown key 'colour'" in capsys.readouterr().err
+    (in_tmp / "bad2.yaml").write_text("trials: many\n")
+    assert main(["search", "--config", "bad2.yaml", "--storage", db]) == 2
+    assert "trials: 'many' is not an integer" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- property-based

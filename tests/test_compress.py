@@ -11,7 +11,14 @@ from nas.builder import build
 from nas.compress import huffman
 from nas.compress.distill import distill_loss_fn, kd_loss
 from nas.compress.pack import WeightPlan, pack_state, unpack_state
-from nas.compress.passes import compress, deploy_onnx, final_model, load_packed, onnx_predict, pack_model
+from nas.compress.passes import (
+    compress,
+    deploy_onnx,
+    final_model,
+    load_packed,
+    onnx_predict,
+    pack_model,
+)
 from nas.compress.prune import prune_structured, target_widths
 from nas.config import ArchConfig, BlockConfig, Candidate, CompressionConfig, Recipe
 from nas.measure import count_flops, count_params
@@ -172,7 +179,7 @@ def test_requantized_weights_are_caught(data, trained, tmp_path):
     default scales (what the deploy did before) is reported as not carrying the packed weights."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
-    from nas.compress.passes import _Calibration, weights_off_packed
+    from nas.compress.deploy import _Calibration, weights_off_packed
     from nas.measure import export_onnx
 
     model = _packed(trained, CompressionConfig(quant="int4"), data)

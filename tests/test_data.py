@@ -3,7 +3,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from nas.cli import main
 from nas.data import load_dataset
 from nas.errors import DataError
 
@@ -77,7 +80,6 @@ def test_missing_and_corrupt_npz(tmp_path):
 
 
 def test_zero_sized_images_fail_before_a_study_exists(tmp_path, capsys, monkeypatch):
-    from nas.cli import main
 
     monkeypatch.chdir(tmp_path)
     np.savez(tmp_path / "z.npz", x=np.zeros((20, 1, 8, 0)), y=np.arange(20) % 2)
@@ -85,3 +87,36 @@ def test_zero_sized_images_fail_before_a_study_exists(tmp_path, capsys, monkeypa
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "zero-sized axis" in err
     assert not (tmp_path / "runs").exists()  # nothing created
+
+
+_shapes = st.lists(st.integers(0, 5), min_size=0, max_size=5).map(tuple)
+
+
+_arrays = st.tuples(_shapes, st.sampled_from(["float32", "float64", "int64", "int8", "bool", "complex64", "U3"]),
+                    st.sampled_from(["zeros", "ones", "neg", "nan", "rand"]))
+
+
+def _make(spec):
+    shape, dtype, fill = spec
+    if dtype == "U3":
+        return np.full(shape, "abc")
+    a = np.random.default_rng(0).integers(0, 3, size=shape).astype(dtype) if fill == "rand" else np.zeros(shape, dtype)
+    if fill == "ones":
+        a = a + 1
+    if fill == "neg" and dtype not in ("bool",):
+        a = a - 2
+    if fill == "nan" and np.dtype(dtype).kind in "fc":
+        a = a + np.nan
+    return a
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(st.dictionaries(st.sampled_from(["x", "y", "x_test", "y_test", "z"]), _arrays, max_size=4))
+def test_npz_loader_accepts_or_raises_its_own_error(tmp_path, arrays):
+    p = tmp_path / "fuzz.npz"
+    np.savez(p, **{k: _make(v) for k, v in arrays.items()})
+    try:
+        d = load_dataset(str(p))
+    except DataError:
+        return
+    assert d.x_train.dtype == torch.float32 and len(d.y_train) > 0 and d.num_classes >= 2

@@ -70,7 +70,8 @@ def test_verify_latency_band_retries_and_conditions(study, capsys, monkeypatch):
 
     def verify(results):
         calls.clear()
-        monkeypatch.setattr("nas.export.onnx_latency", fake(results))
+        monkeypatch.setattr("nas.verify.onnx_latency", fake(results))
+        monkeypatch.setattr("nas.verify.LATENCY_PAUSES_S", (0.0,))
         code = main(["verify", str(out)])
         return code, [ln for ln in capsys.readouterr().out.splitlines() if "latency_ms" in ln][0]
 

@@ -1,12 +1,15 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import nas.pipeline as pipeline
-from nas.config import ArchConfig, BlockConfig, Candidate, Recipe
+from nas.cli import main
+from nas.config import ArchConfig, BlockConfig, Candidate, CompressionConfig, Recipe
 from nas.errors import TrialFailure
 from nas.pipeline import ConstraintViolation, Task, evaluate
 from nas.train import train
@@ -28,43 +31,6 @@ def test_evaluate_measures_costs_and_learns(tmp_path):
     assert set(res.objectives) == {"accuracy", "latency_ms", "size_bytes", "flops", "params"}
     assert m["onnx_graph_reused"] is True  # the pre-flight graph, re-weighted with the trained weights
     assert m["val_accuracy"] == pytest.approx(m["packed_val_accuracy"], abs=1e-6)  # fp32: the ONNX model is the packed model
-
-
-def test_exported_graph_is_reweighted_or_exported_afresh(tmp_path, monkeypatch):
-    from nas.builder import build
-    from nas.compress.passes import onnx_predict
-    from nas.config import ArchConfig
-    from nas.measure import Exported
-
-    arch = _candidate().arch
-    x = torch.randn(6, 1, 8, 8)
-    torch.manual_seed(0)
-    exported = Exported(build(arch).eval(), torch.zeros(1, 1, 8, 8))
-
-    def check(model, name, reused):
-        path, was = exported.save_with(model.eval(), tmp_path / name, x)
-        assert was is reused
-        with torch.no_grad():
-            assert torch.allclose(torch.from_numpy(onnx_predict(path, x)), model(x), atol=1e-4)
-
-    torch.manual_seed(1)
-    check(build(arch), "same_shape.onnx", True)
-    wider = ArchConfig(1, 10, (8, 8), "2d", 8, (BlockConfig("dsconv", 32, 3, 1, stage=0), BlockConfig("conv", 24, 3, 2, stage=1)))
-    check(build(wider), "other_shape.onnx", False)
-    # weights that did not reach the graph are caught by the output check, and the model is exported afresh
-    monkeypatch.setattr(torch.onnx.ONNXProgram, "apply_weights", lambda self, state: None)
-    torch.manual_seed(2)
-    check(build(arch), "stale.onnx", False)
-    monkeypatch.undo()
-    # a shortcut that breaks (here: ONNX Runtime refuses the file) falls back too, leaving no stray file
-    import nas.measure
-
-    def broken(*a, **k):
-        raise RuntimeError("Type Error")
-
-    monkeypatch.setattr(nas.measure, "_session", broken)
-    path, was = exported.save_with(build(arch).eval(), tmp_path / "broken.onnx", x)
-    assert not was and path.is_file() and not list(tmp_path.glob("*.reused"))
 
 
 def test_evaluate_is_reproducible_except_latency():
@@ -96,3 +62,30 @@ def test_candidate_for_another_input_shape_fails_cleanly():
     cand = _candidate()
     with pytest.raises(TrialFailure, match="dataset mnist1d gives"):
         evaluate(cand, Task(dataset="mnist1d"))
+
+
+def test_infeasible_shape_and_memory_limit_fail_in_preflight(in_tmp, capsys):
+    deep = ArchConfig(1, 10, (8, 8), "2d", 8, tuple(BlockConfig("conv", 8, 3, 2, stage=i) for i in range(5)))
+    with pytest.raises(TrialFailure, match=r"infeasible shape: block 3 .* downsamples a 1x1 feature map"):
+        evaluate(Candidate(deep), Task())
+    small = ArchConfig(1, 10, (8, 8), "2d", 8, (BlockConfig("conv", 8, 3, 1),))
+    with pytest.raises(TrialFailure, match=r"over the memory limit: training needs ~[\d.]+ MB > max 0 MB"):
+        evaluate(Candidate(small), Task(max_memory_mb=0.0001))
+    (in_tmp / "deep.yaml").write_text(yaml.safe_dump({"stem_channels": 8, "stages": [
+        {"block": "conv", "width": 8, "stride": 2}] * 5}))
+    db = f"sqlite:///{in_tmp}/d.db"
+    assert main(["search", "--space", "deep.yaml", "--trials", "1", "--study", "d", "--storage", db, "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["front", "d", "--storage", db, "--all", "--format", "json"]) == 0
+    row = json.loads(capsys.readouterr().out)[0]
+    assert row["state"] == "FAIL" and "infeasible shape" in row["fail_reason"]
+
+
+def test_same_seed_same_accuracy_and_size_with_compression():
+    arch = ArchConfig(1, 10, (8, 8), "2d", 8, (BlockConfig("conv", 16, 3, 1, stage=0), BlockConfig("mbconv", 16, 3, 2, 2, stage=1)))
+    cand = Candidate(arch, CompressionConfig(prune="l1", prune_ratio=0.25, quant="int4", huffman=True, sparsity=0.3,
+                                             finetune_epochs=1), Recipe(epochs=2))
+    a, b = evaluate(cand, Task()).metrics, evaluate(cand, Task()).metrics
+    for k in ("val_accuracy", "test_accuracy", "size_bytes", "params", "flops"):
+        assert a[k] == b[k], k
+    assert a["deploy_precision"] == "int8" and a["onnx_graph_reused"]  # pruned+sparse graph re-weighted, not re-exported

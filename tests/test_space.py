@@ -3,6 +3,8 @@ from __future__ import annotations
 import optuna
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from nas.blocks import BLOCKS
 from nas.builder import build
@@ -190,3 +192,52 @@ def test_gene_can_be_fixed_off_or_ranged():
     for cand in _sample(space, 5):
         assert cand.compression.quant == "int8" and not cand.compression.huffman
         assert 0.0 <= cand.compression.sparsity <= 0.9
+
+
+_scalars = st.one_of(st.none(), st.booleans(), st.integers(-5, 70), st.floats(allow_nan=True),
+                     st.text(max_size=8), st.sampled_from(["conv", "dsconv", "mbconv", "skip", "factorized", "gap", "2d", "1d"]))
+
+
+_values = st.recursive(_scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
+                                                        st.dictionaries(st.sampled_from(["low", "high", "step", "log", "x"]), inner, max_size=4)),
+                       max_leaves=8)
+
+
+_stage = st.dictionaries(st.one_of(st.sampled_from(["block", "depth", "width", "kernel", "stride", "expansion", "bogus"]),
+                                   st.integers(0, 3)), _values, max_size=7)
+
+
+_space = st.fixed_dictionaries({}, optional={
+    "name": _values, "spatial": _values, "stem_channels": _values, "head": _values, "dropout": _values,
+    "stages": st.one_of(_values, st.lists(_stage, max_size=3)),
+    "recipe": st.one_of(_values, st.dictionaries(st.sampled_from(["epochs", "lr", "batch_size", "weight_decay", "x"]), _values, max_size=3)),
+    "compression": st.one_of(_values, st.dictionaries(st.sampled_from(["quant", "prune", "prune_ratio", "huffman", "per_stage", "share", "x"]), _values, max_size=4)),
+})
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_space)
+def test_space_loader_accepts_or_raises_its_own_error(raw):
+    try:
+        space = parse_space(raw, "fuzz.yaml")
+    except SpaceError:
+        return
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    t = study.ask()
+    cand = space.suggest(t, in_channels=1, input_size=(8, 8), num_classes=10)
+    assert len(cand.arch.blocks) >= 1
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(st.text(max_size=200))
+def test_space_yaml_text_fuzz(tmp_path, text):
+    from nas.space import load_space
+
+    p = tmp_path / "fuzz.yaml"
+    p.write_text(text)
+    try:
+        space = load_space(str(p))
+    except SpaceError as exc:
+        assert str(p) in str(exc) and "\n" not in str(exc)  # names the file, one line
+        return
+    assert space.stages

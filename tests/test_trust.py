@@ -1,5 +1,5 @@
 """Crafted bundles: everything a malicious or broken bundle can hold is refused with one line,
-exit status 2, and nothing in it is executed (nas.trust, nas.export.read_manifest)."""
+exit status 2, and nothing in it is executed (nas.trust, nas.verify.read_manifest)."""
 
 from __future__ import annotations
 

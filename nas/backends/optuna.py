@@ -13,8 +13,8 @@ import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 
 from nas.config import Candidate
-from nas.errors import ConfigError
 from nas.early_stop import EarlyStopped
+from nas.errors import ConfigError
 from nas.objectives import directions as objective_directions
 from nas.pipeline import Task, evaluate, get_dataset
 from nas.space import Space

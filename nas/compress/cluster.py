@@ -8,12 +8,15 @@ indices.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["kmeans_1d", "cluster_"]
+from nas.compress.registry import Gene, Method, register_method
+
+__all__ = ["kmeans_1d", "cluster_", "Cluster"]
 
 
 def kmeans_1d(values: torch.Tensor, k: int, iters: int = 30) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,3 +52,42 @@ def cluster_(layers: Sequence[nn.Module], bits: int) -> None:
         snapped = w.clone()
         snapped[nz] = centers[assign]
         w.copy_(snapped)
+
+
+def _bits_ok(v: int) -> str | None:
+    return None if 0 <= v <= 8 else "must be 0 (off) to 8"
+
+
+@register_method
+class Cluster(Method):
+    """k-means weight sharing: each layer's weights snapped to a 2^b-value codebook after the
+    other compression; the codebook replaces the precision (stored as b-bit indices)."""
+
+    name, order, phase = "cluster", 60, "snap"
+    example, effect = {"cluster_bits": 4}, ("bytes",)
+    genes = (Gene("cluster_bits", 0, _bits_ok, doc="k-means weight sharing, 2^b values per layer (0 = off)"),)
+
+    def active(self, cfg) -> bool:  # noqa: ANN001
+        return cfg.cluster_bits > 0
+
+    def apply(self, model, cfg, ctx):  # noqa: ANN001, ANN201
+        from nas.compress.quantize import quantizable_layers
+
+        cluster_([m for _, m in quantizable_layers(model)], cfg.cluster_bits)
+        return model
+
+    def plan(self, plan, layer, model, cfg):  # noqa: ANN001, ANN201
+        return dataclasses.replace(plan, codebook_bits=cfg.cluster_bits)
+
+    def float_rest(self, cfg) -> bool:  # noqa: ANN001
+        return True
+
+    def float_deploy(self, cfg) -> str | None:  # noqa: ANN001
+        # codebook values are not an int8 grid: the exact values deploy as fp32
+        return "fp32 (clustered weights)"
+
+    def value_dependent(self, cfg) -> bool:  # noqa: ANN001
+        return True  # how many codebook entries are used depends on the trained weights
+
+    def summary(self, cfg) -> str | None:  # noqa: ANN001
+        return f"cluster {cfg.cluster_bits}b"

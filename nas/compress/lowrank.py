@@ -12,7 +12,9 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["lowrank_"]
+from nas.compress.registry import Gene, Method, register_method
+
+__all__ = ["lowrank_", "LowRank"]
 
 
 def _rank(out_f: int, in_f: int, ratio: float) -> int | None:
@@ -75,3 +77,31 @@ def lowrank_(model: nn.Module, ratio: float, use_weights: bool = True) -> int:
             if new is not None:
                 setattr(parent, name, new)
     return count
+
+
+def _unit(v: float) -> str | None:
+    return None if 0 <= v <= 1 else "must be in [0, 1]"
+
+
+@register_method
+class LowRank(Method):
+    """SVD factorization of linear and 1x1 conv layers (rank = ratio x min(in, out)), then
+    fine-tuning; the factorized shape is known before training."""
+
+    name, order, phase = "lowrank", 20, "structural"
+    example, effect = {"lowrank": 0.25}, ("params",)
+    genes = (Gene("lowrank", 0.0, _unit, doc="rank ratio for SVD factorization of linear and 1x1 conv layers (0 = off)"),)
+
+    def active(self, cfg) -> bool:  # noqa: ANN001
+        return cfg.lowrank > 0
+
+    def restructure(self, model, cfg) -> None:  # noqa: ANN001
+        lowrank_(model, cfg.lowrank, use_weights=False)
+
+    def apply(self, model, cfg, ctx):  # noqa: ANN001, ANN201
+        if lowrank_(model, cfg.lowrank):
+            ctx.finetune(model, 101)
+        return model
+
+    def summary(self, cfg) -> str | None:  # noqa: ANN001
+        return f"lowrank {cfg.lowrank:g}"

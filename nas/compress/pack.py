@@ -26,18 +26,25 @@ import numpy as np
 import torch
 
 from nas.compress import huffman
-from nas.compress.quantize import CODE_BITS, INT_BITS, dequantize_codes, quantize_codes
+from nas.compress.quantize import dequantize_codes, quantize_codes
+from nas.compress.registry import CODECS
 
 __all__ = ["WeightPlan", "pack_state", "unpack_state", "write_file"]
 
 MAGIC = b"NASPACK1"
+CODEBOOK = "cluster"  # the encoding name of codebook indices in the header
+_FLOAT_DTYPE = {32: np.float32, 16: np.float16}
 
 
 @dataclass(frozen=True)
 class WeightPlan:
-    mode: str = "fp32"
-    cluster_bits: int = 0
-    huffman: bool = False
+    """How one weight tensor is stored: its codec (precision), or a codebook of
+    ``2**codebook_bits`` values; entropy-coded symbols; only the nonzeros behind a bit mask.
+    Each compression method fills in its own field (:meth:`Method.plan`)."""
+
+    codec: str = "fp32"
+    codebook_bits: int = 0
+    entropy: bool = False
     sparse: bool = False
 
 
@@ -89,35 +96,32 @@ def _decode_symbols(payload: bytes, entry: dict) -> np.ndarray:
 def _encode_weight(w: _Writer, entry: dict, t: torch.Tensor, plan: WeightPlan) -> None:
     flat = t.detach().float().reshape(-1)
     mask = None
-    if plan.sparse or (plan.mode == "binary" and not plan.cluster_bits and bool((flat == 0).any())):
-        # (binary codes have no zero symbol: zeros need the mask)
+    codec = CODECS[plan.codec]
+    if plan.sparse or (codec.halves and not plan.codebook_bits and bool((flat == 0).any())):
+        # (codes without a zero symbol, like binary's: zeros need the mask)
         mask = (flat != 0).numpy()
         entry["m"] = w.put(np.packbits(mask.astype(np.uint8)).tobytes())
-    if plan.cluster_bits:
+    if plan.codebook_bits:
         vals = flat.numpy() if mask is None else flat.numpy()[mask]
         codebook, idx = np.unique(vals, return_inverse=True)
-        if len(codebook) > 2**plan.cluster_bits:
-            raise ValueError(f"{entry['n']}: {len(codebook)} distinct values exceed a {plan.cluster_bits}-bit codebook")
-        entry["e"] = "cluster"
+        if len(codebook) > 2**plan.codebook_bits:
+            raise ValueError(f"{entry['n']}: {len(codebook)} distinct values exceed a {plan.codebook_bits}-bit codebook")
+        entry["e"] = CODEBOOK
         entry["cb"] = w.put(codebook.astype(np.float32).tobytes())
-        _encode_symbols(w, entry, idx.astype(np.int64), plan.cluster_bits, plan.huffman)
-    elif plan.mode in INT_BITS or plan.mode in ("ternary", "binary"):
-        codes, scale = quantize_codes(t, plan.mode)
-        entry["e"] = plan.mode
+        _encode_symbols(w, entry, idx.astype(np.int64), plan.codebook_bits, plan.entropy)
+    elif codec.kind == "int":
+        codes, scale = quantize_codes(t, codec.name)
+        entry["e"] = codec.name
         entry["sc"] = w.put(scale.numpy().astype(np.float32).tobytes())
         c = codes.reshape(-1).numpy().astype(np.int64)
         if mask is not None:
             c = c[mask]
-        bits = CODE_BITS[plan.mode]
-        offset = 0 if plan.mode == "binary" else 2 ** (bits - 1) - 1 if plan.mode in INT_BITS else 1
-        sym = (c + 1) // 2 if plan.mode == "binary" else c + offset  # binary {-1,1} -> {0,1}
-        entry["zo"] = offset
-        _encode_symbols(w, entry, sym, bits, plan.huffman)
+        entry["zo"] = codec.offset
+        _encode_symbols(w, entry, codec.symbols(c), codec.bits, plan.entropy)
     else:
-        dtype = np.float16 if plan.mode == "fp16" else np.float32
         vals = flat.numpy() if mask is None else flat.numpy()[mask]
-        entry["e"] = "fp16" if plan.mode == "fp16" else "fp32"
-        entry["v"] = w.put(vals.astype(dtype).tobytes())
+        entry["e"] = codec.name
+        entry["v"] = w.put(vals.astype(_FLOAT_DTYPE[codec.bits]).tobytes())
 
 
 def _decode_weight(payload: bytes, entry: dict) -> torch.Tensor:
@@ -128,16 +132,16 @@ def _decode_weight(payload: bytes, entry: dict) -> torch.Tensor:
         off, ln = entry["m"]
         mask = np.unpackbits(np.frombuffer(payload[off : off + ln], dtype=np.uint8))[:n].astype(bool)
     enc = entry["e"]
-    if enc == "cluster":
+    if enc == CODEBOOK:
         off, ln = entry["cb"]
         codebook = np.frombuffer(payload[off : off + ln], dtype=np.float32)
         vals = codebook[_decode_symbols(payload, entry)]
-    elif enc in ("fp32", "fp16"):
+    elif CODECS[enc].kind == "float":
         off, ln = entry["v"]
-        vals = np.frombuffer(payload[off : off + ln], dtype=np.float16 if enc == "fp16" else np.float32).astype(np.float32)
+        vals = np.frombuffer(payload[off : off + ln], dtype=_FLOAT_DTYPE[CODECS[enc].bits]).astype(np.float32)
     else:
         sym = _decode_symbols(payload, entry)
-        codes_nz = sym * 2 - 1 if enc == "binary" else sym - entry["zo"]
+        codes_nz = CODECS[enc].codes(sym)
         codes = np.zeros(n, dtype=np.int64)
         if mask is None:
             codes = codes_nz
@@ -172,7 +176,7 @@ def pack_state(state: dict[str, torch.Tensor], plans: dict[str, WeightPlan], oth
             entries.append(entry)
             continue
         first_name[key] = name
-        _encode_weight(w, entry, t, plans.get(name, WeightPlan(mode=other)))
+        _encode_weight(w, entry, t, plans.get(name, WeightPlan(codec=other)))
         entries.append(entry)
     header = zlib.compress(json.dumps({"v": 1, "t": entries}, separators=(",", ":")).encode(), 9)
     return MAGIC + struct.pack("<I", len(header)) + header + bytes(w.payload)

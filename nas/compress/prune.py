@@ -14,18 +14,17 @@ and ratios, never on weight values, so the final shape is known before training.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
-from nas.blocks import channel_roles, has_residual, hidden_width
+from nas.blocks import BLOCKS, channel_roles, has_residual, hidden_width
 from nas.builder import Net, build, output_size, shared_with
+from nas.compress.registry import Gene, Method, register_method
 from nas.config import ArchConfig
 
-__all__ = ["channel_groups", "target_widths", "pruned_arch", "prune_structured", "slimming_penalty", "apply_sparsity_"]
+__all__ = ["channel_groups", "target_widths", "pruned_arch", "prune_structured", "slimming_penalty", "Prune"]
 
 
 class _UnionFind:
@@ -51,7 +50,7 @@ def _role_group(role: str, k: int) -> str:
 
 def _has_hidden(arch: ArchConfig, k: int) -> bool:
     b = arch.blocks[k]
-    return b.type == "factorized" or (b.type == "mbconv" and b.expansion != 1)
+    return BLOCKS[b.type].has_hidden(b)
 
 
 def channel_groups(arch: ArchConfig) -> tuple[_UnionFind, dict[str, tuple[int, int]]]:
@@ -67,7 +66,7 @@ def channel_groups(arch: ArchConfig) -> tuple[_UnionFind, dict[str, tuple[int, i
         if _has_hidden(arch, k):
             info[f"h{k}"] = (hidden_width(b, cin), b.stage)
             uf.find(f"h{k}")
-        if b.type in ("mbconv", "skip") and has_residual(b, cin):
+        if BLOCKS[b.type].ties_input(b, cin):
             uf.union(f"i{k}", f"i{k + 1}")
         j = owners[k]
         if j != k:
@@ -172,8 +171,8 @@ def _copy(old: nn.Module, new: nn.Module, out_idx: torch.Tensor, in_idx: torch.T
 
 def prune_structured(model: Net, widths: dict[str, int], method: str) -> Net:
     """A new, narrower model holding ``model``'s most important channels (``l1`` or ``bn``)."""
-    if method not in ("l1", "bn"):
-        raise ValueError(f"unknown structured pruning importance {method!r} (allowed: l1, bn)")
+    if method not in IMPORTANCE[1:]:
+        raise ValueError(f"unknown structured pruning importance {method!r} (allowed: {', '.join(IMPORTANCE[1:])})")
     arch = model.arch
     keep = _select(model, arch, widths, method)
     new = build(pruned_arch(arch, widths))
@@ -200,27 +199,58 @@ def slimming_penalty(model: nn.Module, strength: float) -> torch.Tensor:
     return strength * sum(g.abs().sum() for g in gammas) if gammas else torch.zeros(())
 
 
-class _Mask(nn.Module):
-    def __init__(self, mask: torch.Tensor) -> None:
-        super().__init__()
-        self.register_buffer("mask", mask)
-
-    def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return w * self.mask
+def _ratio(v: float) -> str | None:
+    return None if 0 <= v <= 0.95 else "must be in [0, 0.95]"
 
 
-def apply_sparsity_(layers: Sequence[nn.Module], sparsity: float) -> None:
-    """Unstructured magnitude pruning: zero the smallest |w| of each layer, kept at zero by a
-    mask parametrization while fine-tuning. Only the packed size benefits (dense kernels)."""
-    seen: set[int] = set()
-    for layer in layers:
-        if id(layer) in seen:
-            continue
-        seen.add(id(layer))
-        w = layer.weight.detach()
-        k = int(math.floor(w.numel() * sparsity))
-        if k == 0:
-            continue
-        threshold = w.abs().reshape(-1).kthvalue(k).values
-        mask = (w.abs() > threshold).float()
-        parametrize.register_parametrization(layer, "weight", _Mask(mask))
+def _pruning(g) -> bool:  # noqa: ANN001
+    return g.get("prune", "none") != "none"
+
+
+IMPORTANCE = ("none", "l1", "bn")
+
+
+@register_method
+class Prune(Method):
+    """Structured channel pruning (filter L1 norm, or BatchNorm gamma with an optional slimming
+    penalty while training) that rebuilds a narrower model, in iterative rounds with fine-tuning."""
+
+    name, order, phase = "prune", 10, "structural"
+    example, effect = {"prune": "l1", "prune_ratio": 0.5}, ("params", "bytes")
+    genes = (
+        Gene("prune", "none", lambda v: None if v in IMPORTANCE else
+             f"is not a pruning method (allowed: {', '.join(IMPORTANCE)})", doc="channel importance: none, l1, bn"),
+        Gene("prune_ratio", 0.0, _ratio, per_stage="stage_prune_ratios", needs=("prune",), matters=_pruning,
+             doc="fraction of channels removed"),
+        Gene("prune_rounds", 1, lambda v: None if v >= 1 else "must be >= 1", needs=("prune",), matters=_pruning,
+             doc="iterative prune -> fine-tune rounds"),
+        Gene("slimming_l1", 0.0, lambda v: None if v >= 0 else "must be >= 0", needs=("prune",),
+             matters=lambda g: g.get("prune") == "bn", doc="L1 penalty on BatchNorm gamma while training"),
+    )
+
+    def _ratios(self, arch: ArchConfig, cfg) -> list[float]:  # noqa: ANN001
+        return [cfg.stage_ratio(s) for s in range(max(b.stage for b in arch.blocks) + 1)]
+
+    def active(self, cfg) -> bool:  # noqa: ANN001
+        return cfg.prune != "none" and any(r > 0 for r in (cfg.stage_prune_ratios or (cfg.prune_ratio,)))
+
+    def arch(self, arch, cfg):  # noqa: ANN001, ANN201
+        return pruned_arch(arch, target_widths(arch, self._ratios(arch, cfg)))
+
+    def apply(self, model, cfg, ctx):  # noqa: ANN001, ANN201
+        original, ratios = model.arch, self._ratios(model.arch, cfg)
+        rounds = cfg.prune_rounds if ctx.training else 1
+        for j in range(1, rounds + 1):
+            # widths are relative to the original arch; each round narrows the current model
+            model = prune_structured(model, target_widths(original, ratios, fraction=j / rounds), cfg.prune)
+            ctx.finetune(model, j)
+        return model
+
+    def penalty(self, cfg):  # noqa: ANN001, ANN201
+        if cfg.prune == "bn" and cfg.slimming_l1 > 0:
+            return lambda m: slimming_penalty(m, cfg.slimming_l1)
+        return None
+
+    def summary(self, cfg) -> str | None:  # noqa: ANN001
+        ratio = "/".join(f"{r:g}" for r in cfg.stage_prune_ratios) or f"{cfg.prune_ratio:g}"
+        return f"prune {cfg.prune} {ratio}" + (f" x{cfg.prune_rounds}" if cfg.prune_rounds > 1 else "")

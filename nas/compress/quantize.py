@@ -4,18 +4,30 @@ codes the packed file stores.
 Modes: ``fp32`` (none), ``fp16``, ``int8`` / ``int4`` / ``int2`` (symmetric, one scale per
 output channel, zero point 0), ``ternary`` ({-a, 0, +a}, threshold 0.7 mean|w| as in TWN) and
 ``binary`` (sign(w) * mean|w| per output channel, as in XNOR-Net's weight binarization).
-Sub-8-bit modes are trained with fake quantization and stored packed; they deploy as int8.
+Sub-8-bit modes are trained with fake quantization and stored packed; they deploy as int8
+QDQ whose int8 weights are exactly their codes. Each precision is a registered
+:class:`~nas.compress.registry.Codec`; the ``quant`` gene is the :class:`Quantize` method.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from nas.compress.registry import (
+    CODECS,
+    Codec,
+    Gene,
+    Method,
+    register_codec,
+    register_method,
+)
+
 __all__ = [
     "QUANT_MODES",
-    "INT_BITS",
     "quantize_codes",
     "dequantize_codes",
     "fake_quantize",
@@ -23,42 +35,62 @@ __all__ = [
     "quantizable_layers",
     "apply_fake_quant_",
     "bake_",
+    "Quantize",
 ]
-
-QUANT_MODES = ("fp32", "fp16", "int8", "int4", "int2", "ternary", "binary")
-INT_BITS = {"int8": 8, "int4": 4, "int2": 2}
-# Bits per stored weight code (fp16/fp32: bits per value).
-CODE_BITS = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4, "int2": 2, "ternary": 2, "binary": 1}
 
 
 def _per_channel(w: torch.Tensor) -> torch.Tensor:
     return w.reshape(w.shape[0], -1)
 
 
-def quantize_codes(w: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Integer codes (same shape as ``w``) and one float scale per output channel.
+def _symmetric(bits: int):  # noqa: ANN202
+    qmax = 2 ** (bits - 1) - 1
 
-    ``dequantize_codes(codes, scale)`` gives the quantized weights. int modes: codes in
-    [-(2^(b-1)-1), 2^(b-1)-1]; ternary: {-1, 0, 1}; binary: {-1, 1}.
-    """
-    flat = _per_channel(w.detach().float())
-    if mode in INT_BITS:
-        qmax = 2 ** (INT_BITS[mode] - 1) - 1
+    def encode(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         scale = flat.abs().amax(1).clamp_min(1e-12) / qmax
-        codes = torch.round(flat / scale[:, None]).clamp(-qmax, qmax)
-    elif mode == "ternary":
-        delta = 0.7 * flat.abs().mean(1, keepdim=True)
-        codes = torch.where(flat > delta, 1.0, torch.where(flat < -delta, -1.0, 0.0))
-        kept = codes.abs()
-        scale = (flat.abs() * kept).sum(1) / kept.sum(1).clamp_min(1)
-        scale = torch.where(kept.sum(1) > 0, scale, torch.full_like(scale, 1e-12))
-    elif mode == "binary":
-        # zeros stay zero (pruned weights keep their mask); the scale is over the live weights
-        codes = torch.sign(flat)
-        live = codes.abs().sum(1)
-        scale = (flat.abs().sum(1) / live.clamp_min(1)).clamp_min(1e-12)
-    else:
-        raise ValueError(f"mode {mode!r} has no integer codes (allowed: {', '.join(list(INT_BITS) + ['ternary', 'binary'])})")
+        return torch.round(flat / scale[:, None]).clamp(-qmax, qmax), scale
+
+    return encode
+
+
+def _ternary(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """{-a, 0, +a}, threshold 0.7 mean|w| as in TWN."""
+    delta = 0.7 * flat.abs().mean(1, keepdim=True)
+    codes = torch.where(flat > delta, 1.0, torch.where(flat < -delta, -1.0, 0.0))
+    kept = codes.abs()
+    scale = (flat.abs() * kept).sum(1) / kept.sum(1).clamp_min(1)
+    return codes, torch.where(kept.sum(1) > 0, scale, torch.full_like(scale, 1e-12))
+
+
+def _binary(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """sign(w) * mean|w| per output channel (XNOR-Net); zeros stay zero (pruned weights keep
+    their mask) and the scale is over the live weights."""
+    codes = torch.sign(flat)
+    live = codes.abs().sum(1)
+    return codes, (flat.abs().sum(1) / live.clamp_min(1)).clamp_min(1e-12)
+
+
+for _codec in (
+    Codec("fp32", 32, "float", "fp32", fake=lambda w: w),
+    Codec("fp16", 16, "float", "fp32", fake=lambda w: w.half().float()),
+    Codec("int8", 8, "int", "int8", qmax=127, encode=_symmetric(8), offset=127),
+    Codec("int4", 4, "int", "int8", qmax=7, encode=_symmetric(4), offset=7),
+    Codec("int2", 2, "int", "int8", qmax=1, encode=_symmetric(2), offset=1),
+    Codec("ternary", 2, "int", "int8", qmax=1, encode=_ternary, offset=1),
+    Codec("binary", 1, "int", "int8", qmax=1, encode=_binary, halves=True),
+):
+    register_codec(_codec)
+QUANT_MODES = tuple(CODECS)
+
+
+def quantize_codes(w: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer codes (same shape as ``w``) and one float scale per output channel, by the
+    codec's own rule; ``dequantize_codes(codes, scale)`` gives the quantized weights."""
+    codec = CODECS[mode]
+    if codec.encode is None:
+        ints = ", ".join(c.name for c in CODECS.values() if c.encode is not None)
+        raise ValueError(f"mode {mode!r} has no integer codes (allowed: {ints})")
+    codes, scale = codec.encode(_per_channel(w.detach().float()))
     return codes.reshape(w.shape).to(torch.int8), scale
 
 
@@ -67,16 +99,18 @@ def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return codes.float() * scale.reshape(shape)
 
 
+def snap(w: torch.Tensor, mode: str) -> torch.Tensor:
+    """``w`` on the codec's grid (quantize-dequantize), no gradient semantics."""
+    codec = CODECS[mode]
+    if codec.fake is not None:
+        return codec.fake(w)
+    return dequantize_codes(*quantize_codes(w, mode)).to(w.dtype)
+
+
 def fake_quantize(w: torch.Tensor, mode: str) -> torch.Tensor:
     """Quantize-dequantize ``w``; the gradient passes straight through (STE)."""
-    if mode == "fp32":
-        return w
-    if mode == "fp16":
-        q = w.half().float()
-    else:
-        codes, scale = quantize_codes(w, mode)
-        q = dequantize_codes(codes, scale).to(w.dtype)
-    return w + (q - w).detach()
+    q = snap(w, mode)
+    return w if q is w else w + (q - w).detach()
 
 
 class FakeQuant(nn.Module):
@@ -100,7 +134,7 @@ def apply_fake_quant_(model: nn.Module, modes: dict[str, str]) -> None:
     seen: set[int] = set()
     for name, layer in quantizable_layers(model):
         mode = modes.get(name, "fp32")
-        if mode == "fp32" or id(layer) in seen:  # shared layers get one parametrization
+        if CODECS[mode].bits == 32 or id(layer) in seen:  # shared layers get one parametrization
             continue
         seen.add(id(layer))
         parametrize.register_parametrization(layer, "weight", FakeQuant(mode))
@@ -118,7 +152,54 @@ def bake_(model: nn.Module) -> None:
                 parametrize.remove_parametrizations(layer, pname, leave_parametrized=True)
             for mode in modes:
                 with torch.no_grad():
-                    if mode == "fp16":
-                        layer.weight.copy_(layer.weight.half().float())
-                    elif mode != "fp32":
-                        layer.weight.copy_(dequantize_codes(*quantize_codes(layer.weight, mode)))
+                    layer.weight.copy_(snap(layer.weight, mode))
+
+
+def _layer_modes(model: nn.Module, cfg) -> dict[str, str]:  # noqa: ANN001
+    from nas.compress.passes import layer_stage
+
+    return {n: cfg.stage_precision(layer_stage(n, model.arch)) for n, _ in quantizable_layers(model)}
+
+
+def _precision_ok(v: object) -> str | None:
+    return None if v in CODECS else f"is not a precision (allowed: {', '.join(CODECS)})"
+
+
+@register_method
+class Quantize(Method):
+    """Weight precision per layer (per stage when sampled per stage), trained with fake
+    quantization (STE) and stored as the codec's codes."""
+
+    name, order, phase = "quant", 40, "parametrize"
+    example, effect = {"quant": "int4"}, ("bytes",)
+    genes = (Gene("quant", "fp32", _precision_ok, per_stage="stage_quant", needs=("cluster_bits",),
+                  matters=lambda g: not g.get("cluster_bits", 0),  # a codebook replaces the precision
+                  doc="weight precision"),)
+
+    def active(self, cfg) -> bool:  # noqa: ANN001
+        return not cfg.cluster_bits and any(CODECS[p].bits < 32 for p in cfg.precisions)
+
+    def apply(self, model, cfg, ctx):  # noqa: ANN001, ANN201
+        apply_fake_quant_(model, _layer_modes(model, cfg))
+        return model
+
+    def wants_finetune(self, cfg) -> bool:  # noqa: ANN001
+        return self.active(cfg)
+
+    def plan(self, plan, layer, model, cfg):  # noqa: ANN001, ANN201
+        from nas.compress.passes import layer_stage
+
+        return dataclasses.replace(plan, codec=cfg.stage_precision(layer_stage(layer, model.arch)))
+
+    def float_rest(self, cfg) -> bool:  # noqa: ANN001
+        return any(CODECS[p].bits < 32 for p in cfg.precisions)
+
+    def summary(self, cfg) -> str | None:  # noqa: ANN001
+        return "/".join(cfg.precisions) if not cfg.cluster_bits and cfg.precisions != ("fp32",) else None
+
+    def card_notes(self, cfg) -> list[str]:  # noqa: ANN001
+        low = [p for p in cfg.precisions if CODECS[p].kind == "int" and CODECS[p].bits < 8]
+        if low and not cfg.cluster_bits:
+            return [f"- Weights below 8 bits ({', '.join(low)}) are stored packed and run as int8 in ONNX Runtime "
+                    "(no sub-8-bit kernels); the int8 weights are exactly the packed codes."]
+        return []

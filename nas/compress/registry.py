@@ -1,0 +1,194 @@
+"""The compression registry: one module per method, one registered codec per precision.
+
+In the style of torchao's config -> handler pairs and timm's registries. A method is a
+:class:`Method` subclass registered with :func:`register_method`; it declares its genes (name,
+default, validation, when it matters) and owns what it does at every step of a trial:
+
+====================  ==========================================================================
+``build_arch``        its effect on the architecture that is trained (sharing)
+``arch``              its effect on the final shape measured in pre-flight (pruned widths)
+``restructure``       structural change of a built model before weights exist (factorized layers)
+``apply``             what it does to a trained model (phase ``structural``, ``parametrize`` or
+                      ``snap``; structural methods fine-tune themselves, parametrizations share
+                      one fine-tuning pass before they are baked)
+``plan``              its part of each weight's storage plan in the packed file
+``float_deploy``      whether its weights can only deploy as float (and the label saying so)
+``value_dependent``   whether its packed size depends on trained values (checked after training)
+``loss`` / ``penalty`` training-time terms (distillation, network slimming)
+``summary``           its one-line text, or ``None`` when off
+``card_notes``        limits the model card states
+====================  ==========================================================================
+
+:func:`nas.compress.passes.compress` runs the registered methods in ``order``. A precision is
+a :class:`Codec` (bits, integer codes or float, how it deploys) registered with
+:func:`register_codec`; quantization, packing, deployment and the model card all read it.
+Adding a method or a precision is one new module imported by ``nas/compress/__init__.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    import torch
+
+    from nas.compress.pack import WeightPlan
+    from nas.config import ArchConfig, CompressionConfig
+
+__all__ = ["Gene", "Method", "Codec", "METHODS", "CODECS", "register_method", "register_codec", "genes",
+           "ordered_methods", "sampling_order"]
+
+PHASES = ("structural", "parametrize", "snap", "none")
+
+
+@dataclass(frozen=True)
+class Gene:
+    """One compression gene. ``per_stage``: name of the field holding one value per stage when
+    a space samples it per stage. ``matters(genes)``: whether it has any effect given the genes
+    sampled so far (those named in ``needs``); a gene that does not matter is not sampled."""
+
+    name: str
+    default: Any
+    check: Callable[[Any], str | None] | None = None
+    per_stage: str | None = None
+    needs: tuple[str, ...] = ()
+    matters: Callable[[Mapping[str, Any]], bool] | None = None
+    doc: str = ""
+
+
+class Method:
+    """Base handler: every hook is a no-op; a method overrides the ones it owns."""
+
+    name: ClassVar[str]
+    order: ClassVar[int]
+    phase: ClassVar[str] = "none"
+    genes: ClassVar[tuple[Gene, ...]] = ()
+    # Genes that switch it on in a test, and what it should then cut against the same genes
+    # with its own off: "params", "bytes" (of the packed file), "latency", or "loss" (a
+    # training term). The registry tests check every method against its declaration.
+    example: ClassVar[dict[str, Any]] = {}
+    effect: ClassVar[tuple[str, ...]] = ()
+
+    def active(self, cfg: CompressionConfig) -> bool:
+        return False
+
+    def build_arch(self, arch: ArchConfig, cfg: CompressionConfig) -> ArchConfig:
+        """Its effect on the model that is trained (sharing ties blocks from the start)."""
+        return arch
+
+    def arch(self, arch: ArchConfig, cfg: CompressionConfig) -> ArchConfig:
+        """Its effect on the final, shipped shape (pruned widths)."""
+        return arch
+
+    def restructure(self, model: torch.nn.Module, cfg: CompressionConfig) -> None:
+        return None
+
+    def apply(self, model: Any, cfg: CompressionConfig, ctx: Any) -> Any:
+        return model
+
+    def wants_finetune(self, cfg: CompressionConfig) -> bool:
+        return False
+
+    def plan(self, plan: WeightPlan, layer: str, model: Any, cfg: CompressionConfig) -> WeightPlan:
+        return plan
+
+    def float_rest(self, cfg: CompressionConfig) -> bool:
+        """Whether the tensors without a plan (BatchNorm, biases) may be stored as fp16."""
+        return False
+
+    def float_deploy(self, cfg: CompressionConfig) -> str | None:
+        return None
+
+    def value_dependent(self, cfg: CompressionConfig) -> bool:
+        return False
+
+    def loss(self, cfg: CompressionConfig, task: Any, data: Any) -> Callable | None:
+        return None
+
+    def penalty(self, cfg: CompressionConfig) -> Callable | None:
+        return None
+
+    def summary(self, cfg: CompressionConfig) -> str | None:
+        return None
+
+    def card_notes(self, cfg: CompressionConfig) -> list[str]:
+        return []
+
+
+@dataclass(frozen=True)
+class Codec:
+    """A weight precision. ``kind`` is ``float`` (values stored as fp32/fp16) or ``int`` (integer
+    codes in ``[-qmax, qmax]`` with one fp32 scale per output channel); ``deploy`` is how ONNX
+    Runtime runs it (``fp32`` or ``int8``). ``encode(w) -> (codes, scale)`` and ``fake(w)``
+    (quantize-dequantize) are the codec's own; ``symbols``/``codes`` map codes to the unsigned
+    symbols the packed file stores and back."""
+
+    name: str
+    bits: int
+    kind: str
+    deploy: str
+    qmax: int = 0
+    encode: Callable[[Any], tuple[Any, Any]] | None = None
+    fake: Callable[[Any], Any] | None = None
+    offset: int = 0  # symbol = code + offset (binary: (code + 1) / 2, see below)
+    halves: bool = False  # binary: codes {-1, 1} stored as one bit
+
+    def symbols(self, codes: Any) -> Any:
+        return (codes + 1) // 2 if self.halves else codes + self.offset
+
+    def codes(self, symbols: Any) -> Any:
+        return symbols * 2 - 1 if self.halves else symbols - self.offset
+
+
+METHODS: dict[str, Method] = {}
+CODECS: dict[str, Codec] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    if cls.name in METHODS:
+        raise ValueError(f"compression method {cls.name!r} is registered twice")
+    if cls.phase not in PHASES:
+        raise ValueError(f"{cls.name}: phase {cls.phase!r} is not one of {PHASES}")
+    METHODS[cls.name] = cls()
+    return cls
+
+
+def register_codec(codec: Codec) -> Codec:
+    if codec.name in CODECS:
+        raise ValueError(f"codec {codec.name!r} is registered twice")
+    CODECS[codec.name] = codec
+    return codec
+
+
+def _load() -> None:
+    import nas.compress  # noqa: F401 - imports every method module, which registers itself
+
+
+def ordered_methods() -> list[Method]:
+    _load()
+    return sorted(METHODS.values(), key=lambda m: m.order)
+
+
+def genes() -> dict[str, Gene]:
+    """Every registered gene by name, in method order."""
+    return {g.name: g for m in ordered_methods() for g in m.genes}
+
+
+def sampling_order(names: list[str]) -> list[str]:
+    """``names`` ordered so each gene comes after the genes it ``needs`` (stable otherwise)."""
+    known = genes()
+    out: list[str] = []
+    pending = list(names)
+    while pending:
+        for n in pending:
+            deps = known[n].needs if n in known else ()
+            if all(d not in pending or d == n for d in deps):
+                out.append(n)
+                pending.remove(n)
+                break
+        else:  # a cycle cannot come from the registry; keep the rest in their order
+            out += pending
+            break
+    return out

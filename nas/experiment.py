@@ -1,0 +1,84 @@
+"""Experiment config files: YAML whose keys are ``nas search`` flags.
+
+Untrusted input: every value must have its flag's type (a string flag takes a string or a
+number, a switch takes true/false, never lists or mappings) and passes the flag's own
+validation, or the file gets one line naming the key. Flags given on the command line win,
+abbreviated ones included.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+from nas.errors import NasError
+
+__all__ = ["apply_config"]
+
+
+def _given_dests(sub: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
+    """The flags the command line really gave (abbreviations included): parse it again with
+    every default suppressed, so only given flags land in the namespace."""
+    import copy
+
+    quiet = copy.deepcopy(sub)
+    for a in quiet._actions:
+        a.default = argparse.SUPPRESS
+        a.required = False
+    ns, _ = quiet.parse_known_args(list(argv))
+    return set(vars(ns))
+
+
+def _apply_config(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> None:
+    """Fill flags from an experiment YAML (keys are flag names, '-' or '_'); explicit flags win."""
+    import yaml
+
+    path = Path(args.config)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise NasError(f"experiment config {path}: cannot read ({exc.strerror})") from exc
+    except UnicodeDecodeError as exc:
+        raise NasError(f"experiment config {path}: not UTF-8 text") from exc
+    except yaml.YAMLError as exc:
+        raise NasError(f"experiment config {path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+    if not isinstance(raw, dict):
+        raise NasError(f"experiment config {path}: must be a mapping of flag -> value")
+    sub = next(a for a in parser._subparsers._group_actions[0].choices.values() if a.prog.endswith(" search"))
+    actions = {a.dest: a for a in sub._actions if a.dest not in ("help", "config")}
+    argv = list(argv or [])
+    given = _given_dests(sub, argv[argv.index("search") + 1 :] if "search" in argv else argv)
+    for key, value in raw.items():
+        dest = str(key).replace("-", "_")
+        if dest not in actions:
+            raise NasError(f"experiment config {path}: unknown key {key!r} (allowed: {', '.join(sorted(actions))})")
+        if dest in given:
+            continue
+        action = actions[dest]
+        if isinstance(value, list) and dest == "objectives" and all(isinstance(v, str) for v in value):
+            value = ",".join(value)
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            if not isinstance(value, bool):
+                raise NasError(f"experiment config {path}: {key}: {value!r} is not allowed (allowed: true, false)")
+            setattr(args, dest, value)
+            continue
+        if value is None:
+            continue
+        if isinstance(value, (bool, list, dict)) or not isinstance(value, (str, int, float)):
+            raise NasError(f"experiment config {path}: {key}: {value!r} is not allowed "
+                           f"(give a single {'number' if action.type not in (None, str) else 'string'})")
+        if action.type is not None:
+            try:
+                value = action.type(str(value))
+            except (argparse.ArgumentTypeError, ValueError) as exc:
+                raise NasError(f"experiment config {path}: {key}: {exc}") from exc
+        else:
+            value = str(value)
+        if action.choices is not None and value not in action.choices:
+            raise NasError(f"experiment config {path}: {key}: {value!r} is not allowed (allowed: {', '.join(map(str, action.choices))})")
+        setattr(args, dest, value)
+
+
+
+apply_config = _apply_config

@@ -1,0 +1,81 @@
+"""Trials tables as text: a rich table for terminals, CSV, JSON and markdown.
+
+Counts (trial numbers, bytes, params, FLOPs, threads) are integers in every format.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import pandas as pd
+
+__all__ = ["FORMATS", "render"]
+
+FORMATS = ("table", "csv", "json", "markdown")
+
+
+
+
+def _fmt(col: str, v: Any) -> str:
+    if v is None or v is pd.NA or (isinstance(v, float) and pd.isna(v)):
+        return ""
+    if col in ("accuracy", "test_accuracy", "val_accuracy", "packed_val_accuracy", "packed_test_accuracy"):
+        return f"{v:.4f}"
+    if col in ("latency_ms", "latency_iqr_ms"):
+        return f"{v:.4f}"
+    if col in ("size_bytes", "params", "flops", "trial"):
+        return f"{int(v):,}"
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return str(v)
+
+
+def _columns(df: pd.DataFrame, objectives: Sequence[str], full: bool) -> list[str]:
+    cols = ["trial"] + (["state"] if full else []) + list(objectives)
+    for extra in ("accuracy", "test_accuracy", "latency_ms", "latency_iqr_ms", "params", "flops", "size_bytes", "arch", "compression"):
+        if extra not in cols and extra in df.columns:
+            cols.append(extra)
+    if full:  # the packed model's accuracy beside the deployed one (they differ where int8 QDQ quantizes activations)
+        cols += ["packed_val_accuracy", "packed_test_accuracy", "deploy_precision", "fail_reason"]
+    return [c for c in cols if c in df.columns]
+
+
+COUNTS = ("trial", "size_bytes", "params", "flops", "latency_threads")
+
+
+def render(df: pd.DataFrame, objectives: Sequence[str], fmt: str, title: str, full: bool = False) -> str:
+    cols = _columns(df, objectives, full)
+    view = df[cols].copy() if not df.empty else pd.DataFrame(columns=cols)
+    for c in COUNTS:  # counts are integers in every format (NaN-safe)
+        if c in view.columns and not view.empty:
+            view[c] = pd.to_numeric(view[c], errors="coerce").round().astype("Int64")
+    if fmt == "csv":
+        return view.to_csv(index=False)
+    if fmt == "json":
+        return json.dumps(json.loads(view.to_json(orient="records")), indent=2) + "\n"
+    if fmt == "markdown":
+        head = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
+        body = "".join("| " + " | ".join(_fmt(c, r[c]) for c in cols) + " |\n" for _, r in view.iterrows())
+        return head + body
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for c in cols:
+        table.add_column(c, justify="left" if c in ("arch", "compression", "state", "fail_reason") else "right",
+                         overflow="fold")
+    for _, r in view.iterrows():
+        table.add_row(*(_fmt(c, r[c]) for c in cols))
+    import shutil
+
+    # On a terminal, fit it; into a pipe or file, never fold cells.
+    width = max(shutil.get_terminal_size().columns, 120) if sys.stdout.isatty() else 400
+    console = Console(width=width, record=True, file=open(os.devnull, "w"))
+    console.print(table)
+    return console.export_text()
+
+

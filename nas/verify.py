@@ -1,0 +1,261 @@
+"""Reading a bundle someone hands over: check it, verify it against its manifest, load it.
+
+A bundle is untrusted (see :mod:`nas.trust`): :func:`read_manifest` checks every field and
+path before anything is loaded, archives are checked before their loaders see them, and
+nothing is ever unpickled. :func:`verify_bundle` then re-measures what the manifest claims.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from nas.compress.passes import load_packed, onnx_predict, weights_off_packed
+from nas.config import Candidate
+from nas.errors import BundleError, NasError
+from nas.export import BUNDLE_FORMAT, CARD, FILES, INT8_AGREEMENT, MANIFEST
+from nas.measure import LATENCY_HOST_KEYS, export_onnx, latency_host, onnx_latency
+from nas.pipeline import PACKED_NAME, get_dataset
+from nas.trust import check_onnx, check_pt2, inside, no_unpickling, read_json_file
+
+__all__ = ["read_manifest", "verify_bundle", "load_bundle", "Bundle", "VerifyResult"]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class VerifyResult:
+    ok: bool
+    checks: list[tuple[str, bool | None, str]]  # (what, passed or None when not comparable here, detail)
+
+
+def _need(d: Any, key: str, kind: type | tuple[type, ...], where: str, man: Path) -> Any:
+    v = d.get(key) if isinstance(d, dict) else None
+    if not isinstance(v, kind) or (isinstance(v, bool) and kind is not bool and bool not in (kind if isinstance(kind, tuple) else (kind,))):
+        names = "/".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise BundleError(f"{man}: manifest field {where}{key} is missing or not a {names}")
+    return v
+
+
+def read_manifest(path: Path) -> tuple[dict[str, Any], Candidate]:
+    """The bundle's manifest, checked field by field; every path it names stays in the bundle
+    and every required file is listed and present. Raises :class:`BundleError` (one line)."""
+    if not path.is_dir():
+        raise BundleError(f"{path} is not a bundle folder")
+    man = inside(path, MANIFEST, f"{path}")
+    if not man.is_file():
+        raise BundleError(f"{path} is not a bundle (no {MANIFEST})")
+    manifest = read_json_file(man, "manifest")
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{man}: manifest must be a JSON object, got {type(manifest).__name__}")
+    if manifest.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"{man}: format {manifest.get('format')!r} is not supported (expected {BUNDLE_FORMAT!r})")
+    files = _need(manifest, "files", dict, "", man)
+    for name, info in files.items():
+        inside(path, name, str(man))
+        if name not in FILES:
+            raise BundleError(f"{man}: lists {name!r}, which is not a bundle file (allowed: {', '.join(FILES)})")
+        sha = _need(info, "sha256", str, f"files.{name}.", man)
+        if not re.fullmatch(r"[0-9a-f]{64}", sha):
+            raise BundleError(f"{man}: files.{name}.sha256 is not a sha256 hex digest")
+    for name in FILES:
+        if name not in files:
+            raise BundleError(f"{man}: required file {name} is not listed with its sha256")
+        f = inside(path, name, str(man))
+        if f.is_symlink() or not f.is_file():
+            raise BundleError(f"{path}: required file {name} is missing (or not a regular file)")
+    m = _need(manifest, "metrics", dict, "", man)
+    for k in ("val_accuracy", "test_accuracy", "latency_ms", "latency_iqr_ms"):
+        _need(m, k, (int, float), "metrics.", man)
+    for k in ("size_bytes", "params", "flops"):
+        _need(m, k, int, "metrics.", man)
+    _need(m, "deploy_precision", str, "metrics.", man)
+    data = _need(manifest, "data", dict, "", man)
+    _need(data, "dataset", str, "data.", man)
+    seed = _need(data, "seed", int, "data.", man)
+    shape = _need(data, "input_shape", list, "data.", man)
+    if seed < 0 or not shape or not all(isinstance(d, int) and not isinstance(d, bool) and 0 < d <= 4096 for d in shape):
+        raise BundleError(f"{man}: data.seed or data.input_shape is out of range")
+    threads = _need(_need(manifest, "measurement", dict, "", man), "threads", int, "measurement.", man)
+    if not 1 <= threads <= 256:
+        raise BundleError(f"{man}: measurement.threads {threads} is out of range (1..256)")
+    try:
+        cand = Candidate.from_dict(_need(manifest, "candidate", dict, "", man))
+    except BundleError:
+        raise
+    except (NasError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise BundleError(f"{man}: candidate cannot be read ({exc})") from exc
+    return manifest, cand
+
+
+def _decode(cand: Candidate, path: Path) -> torch.nn.Module:
+    try:
+        return load_packed(cand, path.read_bytes())
+    except Exception as exc:  # noqa: BLE001 - a malformed packed file fails in many ways
+        raise BundleError(f"{path}: {path.name} does not decode into the manifest's candidate "
+                          f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
+
+
+def _load_pt2(path: Path) -> Any:
+    """torch.export.load of an archive already checked to hold nothing pickled, with every
+    unpickling entry point disabled while it loads."""
+    check_pt2(path)
+    try:
+        with no_unpickling():
+            return torch.export.load(str(path))
+    except BundleError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise BundleError(f"{path}: {path.name} does not load as a torch.export program ({type(exc).__name__})") from exc
+
+
+def verify_bundle(path: Path, *, remeasure_latency: bool = True) -> VerifyResult:
+    """Check hashes, reload every artifact, re-measure accuracy, size and latency.
+
+    Structure and safety come first (:func:`read_manifest`, :func:`nas.trust.check_onnx`,
+    :func:`nas.trust.check_pt2`): a malformed or unsafe bundle raises :class:`BundleError`
+    before anything in it is loaded. Nothing is ever unpickled."""
+    manifest, cand = read_manifest(path)
+    checks: list[tuple[str, bool | None, str]] = []
+    extra = sorted(p.name for p in path.iterdir() if p.name not in (*FILES, MANIFEST, CARD))
+    if extra:
+        checks.append(("bundle contents", False, f"files the manifest does not list: {', '.join(extra)}"))
+    for name, info in manifest["files"].items():
+        digest = _sha256(path / name)
+        checks.append((f"sha256 {name}", digest == info["sha256"],
+                       "matches" if digest == info["sha256"] else f"{digest[:16]}... != manifest {info['sha256'][:16]}..."))
+    if not all(ok for _, ok, _ in checks):
+        return VerifyResult(False, checks)
+    check_onnx(path / "model.onnx")
+    program = _load_pt2(path / "model.pt2")
+
+    m = manifest["metrics"]
+    size = (path / PACKED_NAME).stat().st_size
+    checks.append(("size_bytes", size == m["size_bytes"], f"{size} vs manifest {m['size_bytes']} (exact)"))
+    model = _decode(cand, path / PACKED_NAME)
+    data = get_dataset(manifest["data"]["dataset"], manifest["data"]["seed"])
+    if list(data.x_test.shape[1:]) != manifest["data"]["input_shape"]:
+        raise BundleError(f"{path / MANIFEST}: data.input_shape {manifest['data']['input_shape']} does not match "
+                          f"dataset {manifest['data']['dataset']!r} ({list(data.x_test.shape[1:])})")
+    try:
+        logits = onnx_predict(path / "model.onnx", data.x_test)
+        with torch.no_grad():
+            x = data.x_test[:64]
+            same = torch.allclose(program.module()(x), model(x), atol=1e-5)
+            packed_pred = model(data.x_test).argmax(1).numpy()
+    except Exception as exc:  # noqa: BLE001 - a graph that does not fit the manifest's data
+        raise BundleError(f"{path}: the bundle's models do not run on {manifest['data']['dataset']!r} inputs "
+                          f"({type(exc).__name__})") from exc
+    test_acc = float((logits.argmax(1) == data.y_test.numpy()).mean())
+    checks.append(("test_accuracy (model.onnx)", test_acc == m["test_accuracy"],
+                   f"{test_acc:.6f} vs manifest {m['test_accuracy']:.6f} (exact)"))
+    checks.append(("model.pt2 == weights.nasp", same, "outputs on 64 test inputs"))
+    checks.append(_weights_check(path / "model.onnx", model, manifest))
+    agree = float((packed_pred == logits.argmax(1)).mean())
+    # The deployed weights are the packed ones (checked above). fp32 deploys then agree on every
+    # prediction; int8 QDQ also quantizes activations, which moves a few (its accuracy is the
+    # deployed one, the packed model's is stored beside it).
+    allowed = 1.0 if "int8" not in m["deploy_precision"] else INT8_AGREEMENT
+    checks.append(("model.onnx vs packed PyTorch model", agree >= allowed,
+                   f"same class on {agree:.4f} of the test split (>= {allowed})"))
+    if remeasure_latency:
+        checks.append(_latency_check(path, manifest))
+    return VerifyResult(all(ok is not False for _, ok, _ in checks), checks)
+
+
+def _weights_check(onnx_path: Path, model: torch.nn.Module, manifest: dict[str, Any]) -> tuple[str, bool, str]:
+    """Every layer of ``model.onnx`` holds exactly the decoded packed weights: compared with a
+    fresh fp32 export of the packed model (int8 weights after their own dequantization)."""
+    import onnx
+
+    example = torch.zeros(1, *manifest["data"]["input_shape"])
+    with tempfile.TemporaryDirectory(prefix="nas-verify-") as tmp:
+        ref = onnx.load(str(export_onnx(model, example, Path(tmp) / "ref.onnx"))).graph
+    layers = sum(n.op_type in ("Conv", "Gemm", "MatMul") for n in ref.node)
+    deployed = onnx.load(str(onnx_path)).graph
+    n_deployed = sum(n.op_type in ("Conv", "Gemm", "MatMul") for n in deployed.node)
+    if n_deployed != layers:
+        return ("model.onnx weights == weights.nasp", False, f"{n_deployed} weighted layers, the packed model has {layers}")
+    off = weights_off_packed(onnx_path, ref)
+    return ("model.onnx weights == weights.nasp", not off,
+            f"all {layers} layers exact" if not off else f"differ in {', '.join(off)}")
+
+
+# Latency is the one figure that depends on the host and on what else runs on it. It is
+# compared only on the kind of host that timed it (CPU model, core count, onnxruntime version,
+# recorded with the timing), otherwise reported as not comparable. Load only ever slows a run
+# down, so a run slower than the band is re-timed (fresh session) up to LATENCY_RUNS times; a
+# run faster than the band fails at once (re-timing cannot make it slower).
+LATENCY_RUNS = 3
+# Host load comes in phases of seconds: re-timings wait this long first, to leave a slow phase.
+LATENCY_PAUSES_S = (1.0, 3.0)
+
+
+def _latency_check(path: Path, manifest: dict[str, Any]) -> tuple[str, bool | None, str]:
+    m = manifest["metrics"]
+    recorded = {k: m.get(k) for k in LATENCY_HOST_KEYS}
+    if any(v is None for v in recorded.values()):
+        return ("latency_ms", None, f"not compared: the manifest does not record the host that timed it; "
+                                    f"manifest {m['latency_ms']:.5f} ms")
+    here = latency_host()
+    differs = [k for k in LATENCY_HOST_KEYS if str(here[k]) != str(recorded[k])]
+    if differs:
+        what = ", ".join(f"{k.removeprefix('latency_')} {recorded[k]!r} -> {here[k]!r}" for k in differs)
+        return ("latency_ms", None, f"not compared: timed on another kind of host ({what}); "
+                                    f"manifest {m['latency_ms']:.5f} ms")
+    band = max(3 * m["latency_iqr_ms"], 0.25 * m["latency_ms"])
+    runs = []
+    for i in range(LATENCY_RUNS):
+        if i:
+            time.sleep(LATENCY_PAUSES_S[min(i - 1, len(LATENCY_PAUSES_S) - 1)])
+        lat = onnx_latency(path / "model.onnx", (1, *manifest["data"]["input_shape"]),
+                           threads=manifest["measurement"]["threads"])
+        runs.append(lat.median_ms)
+        if lat.median_ms <= m["latency_ms"] + band:  # in the band, or faster than it: no re-timing
+            break
+    ok = abs(runs[-1] - m["latency_ms"]) <= band
+    shown = " / ".join(f"{r:.5f}" for r in runs)
+    return ("latency_ms", ok, f"{shown} vs manifest {m['latency_ms']:.5f} (band +-{band:.5f}, "
+                              f"{len(runs)} run{'s' if len(runs) > 1 else ''})")
+
+
+class Bundle:
+    """A loaded bundle: call it on inputs (N, C, H, W) to get logits from ``model.onnx``."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any], candidate: Candidate) -> None:
+        self.path, self.manifest = path, manifest
+        self.candidate = candidate
+        self.torch_model = _decode(self.candidate, path / PACKED_NAME)
+
+    def __call__(self, x: Any) -> np.ndarray:
+        t = torch.as_tensor(np.asarray(x, dtype=np.float32))
+        return onnx_predict(self.path / "model.onnx", t)
+
+
+def load_bundle(path: str | os.PathLike[str]) -> tuple[Bundle, dict[str, Any]]:
+    """Load a bundle folder: ``(callable model, manifest)``.
+
+    Example:
+        >>> model, manifest = load_bundle("runs/bundles/digits-best")  # doctest: +SKIP
+        >>> logits = model(x)  # x: (N, C, H, W) float32
+    """
+    p = Path(path)
+    manifest, cand = read_manifest(p)
+    check_onnx(p / "model.onnx")
+    return Bundle(p, manifest, cand), manifest
+

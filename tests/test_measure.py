@@ -1,0 +1,59 @@
+"""ONNX export and re-weighting, latency, FLOPs and params (nas.measure)."""
+
+from __future__ import annotations
+
+import torch
+
+from nas.config import ArchConfig, BlockConfig
+
+
+def test_exported_graph_is_reweighted_or_exported_afresh(tmp_path, monkeypatch):
+    from nas.builder import build
+    from nas.compress.passes import onnx_predict
+    from nas.measure import Exported
+
+    arch = ArchConfig(1, 10, (8, 8), "2d", 8, (BlockConfig("dsconv", 16, 3, 1, stage=0), BlockConfig("conv", 24, 3, 2, stage=1)))
+    x = torch.randn(6, 1, 8, 8)
+    torch.manual_seed(0)
+    exported = Exported(build(arch).eval(), torch.zeros(1, 1, 8, 8))
+
+    def check(model, name, reused):
+        path, was = exported.save_with(model.eval(), tmp_path / name, x)
+        assert was is reused
+        with torch.no_grad():
+            assert torch.allclose(torch.from_numpy(onnx_predict(path, x)), model(x), atol=1e-4)
+
+    torch.manual_seed(1)
+    check(build(arch), "same_shape.onnx", True)
+    wider = ArchConfig(1, 10, (8, 8), "2d", 8, (BlockConfig("dsconv", 32, 3, 1, stage=0), BlockConfig("conv", 24, 3, 2, stage=1)))
+    check(build(wider), "other_shape.onnx", False)
+    # weights that did not reach the graph are caught by the output check, and the model is exported afresh
+    monkeypatch.setattr(torch.onnx.ONNXProgram, "apply_weights", lambda self, state: None)
+    torch.manual_seed(2)
+    check(build(arch), "stale.onnx", False)
+    monkeypatch.undo()
+    # a shortcut that breaks (here: ONNX Runtime refuses the file) falls back too, leaving no stray file
+    import nas.measure
+
+    def broken(*a, **k):
+        raise RuntimeError("Type Error")
+
+    monkeypatch.setattr(nas.measure, "_session", broken)
+    path, was = exported.save_with(build(arch).eval(), tmp_path / "broken.onnx", x)
+    assert not was and path.is_file() and not list(tmp_path.glob("*.reused"))
+
+
+
+def test_latency_median_iqr_and_the_lock(tmp_path):
+    from nas.builder import build
+    from nas.measure import count_flops, count_params, export_onnx, onnx_latency
+
+    arch = ArchConfig(1, 10, (8, 8), "2d", 8, (BlockConfig("conv", 16, 3, 2, stage=0),))
+    model = build(arch).eval()
+    path = export_onnx(model, torch.zeros(1, 1, 8, 8), tmp_path / "m.onnx")
+    lat = onnx_latency(path, (1, 1, 8, 8), warmup=5, repeats=50)
+    assert lat.median_ms > 0 and lat.iqr_ms >= 0 and lat.repeats == 50 and lat.threads == 1 and 1 <= lat.attempts <= 3
+    assert count_params(model) == sum(p.numel() for p in model.parameters())
+    # conv 3x3 from 1 to 8 (stem, 8x8) + conv 3x3 8->16 stride 2 (4x4) + linear 16->10
+    convs = 8 * 9 * 64 + 16 * 8 * 9 * 16 + 16 * 10  # multiply-adds of the convs and the classifier
+    assert convs <= count_flops(model, torch.zeros(1, 1, 8, 8)) <= convs * 1.1  # (+ BatchNorm and pooling)

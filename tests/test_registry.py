@@ -1,0 +1,131 @@
+"""Every registered compression method and codec, as test_blocks is over the block registry:
+each round-trips through pack/decode, exports to ONNX carrying exactly its packed weights, and
+shows the effect it declares on a model where it should."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from nas.builder import build
+from nas.compress.deploy import deploy_onnx, onnx_predict, weights_off_packed
+from nas.compress.pack import WeightPlan, pack_state, unpack_state
+from nas.compress.passes import (
+    compress,
+    load_packed,
+    pack_model,
+    trained_arch,
+    training_terms,
+)
+from nas.compress.quantize import quantize_codes, snap
+from nas.compress.registry import CODECS, METHODS, ordered_methods
+from nas.config import ArchConfig, BlockConfig, Candidate, CompressionConfig, Recipe
+from nas.measure import count_params, export_onnx
+from nas.pipeline import Task, get_dataset
+from nas.train import predict, train
+
+# stage 0 holds two identical mbconvs (sharing ties them) and 1x1 convs (low-rank factorizes them)
+ARCH = ArchConfig(1, 10, (8, 8), "2d", 16,
+                  (BlockConfig("conv", 24, 3, 1, stage=0), BlockConfig("mbconv", 24, 3, 1, 4, stage=0),
+                   BlockConfig("mbconv", 24, 3, 1, 4, stage=0), BlockConfig("dsconv", 32, 3, 2, stage=1)))
+RECIPE = Recipe(epochs=3, lr=0.01)
+EXAMPLE = torch.zeros(1, 1, 8, 8)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return get_dataset("digits", 0)
+
+
+@pytest.fixture(scope="module")
+def trained(data):
+    torch.manual_seed(0)
+    model = build(ARCH)
+    train(model, data.x_train, data.y_train, RECIPE, seed=0)
+    return model.state_dict()
+
+
+def _shipped(cfg: CompressionConfig, state, data):
+    cand = Candidate(ARCH, cfg, RECIPE)
+    model = build(trained_arch(cand))
+    if trained_arch(cand) == ARCH:
+        model.load_state_dict(state)
+    else:  # a method that changes what is trained (sharing): train that model
+        torch.manual_seed(0)
+        train(model, data.x_train, data.y_train, RECIPE, seed=0)
+    compressed = compress(model.eval(), cand, data, 0)
+    blob = pack_model(compressed, cfg)
+    return compressed, blob, load_packed(cand, blob)
+
+
+def _cfg(genes: dict) -> CompressionConfig:
+    return CompressionConfig(**{"finetune_epochs": 1, **genes})
+
+
+def test_registry_is_complete_and_ordered():
+    names = [m.name for m in ordered_methods()]
+    assert {"prune", "lowrank", "sparsity", "quant", "cluster", "huffman", "share", "distill"} <= set(names)
+    assert names.index("prune") < names.index("quant") < names.index("cluster")
+    assert set(CODECS) == {"fp32", "fp16", "int8", "int4", "int2", "ternary", "binary"}
+    for m in ordered_methods():
+        assert m.example and all(g in dataclasses.asdict(CompressionConfig()) for g in m.example), m.name
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_round_trips_exports_and_shows_its_effect(name, data, trained, tmp_path):
+    method = METHODS[name]
+    cfg = _cfg(method.example)
+    own = {g.name for g in method.genes}
+    base = _cfg({k: v for k, v in method.example.items() if k not in own})
+    assert method.active(cfg) == bool(method.effect) and not method.active(base)
+    compressed, blob, shipped = _shipped(cfg, trained, data)
+    # 1. the packed file decodes into the compressed model (BatchNorm and biases may be stored
+    # as fp16 beside low-bit weights); packing the decoded model again loses nothing more
+    again = load_packed(Candidate(ARCH, cfg, RECIPE), pack_model(shipped, cfg))
+    with torch.no_grad():
+        np.testing.assert_allclose(shipped(data.x_val[:32]).numpy(), compressed.eval()(data.x_val[:32]).numpy(),
+                                   atol=1e-2)
+        np.testing.assert_allclose(again(data.x_val[:32]).numpy(), shipped(data.x_val[:32]).numpy(), atol=1e-5)
+    # 2. its deployable ONNX model carries exactly the packed weights and runs
+    path, precision = deploy_onnx(shipped, cfg, EXAMPLE, tmp_path / "m.onnx", data.x_train[:16])
+    ref = onnx.load(str(export_onnx(shipped, EXAMPLE, tmp_path / "ref.onnx"))).graph
+    assert weights_off_packed(path, ref) == []
+    agree = (onnx_predict(path, data.x_val).argmax(1) == predict(shipped, data.x_val).numpy().argmax(1)).mean()
+    assert agree >= (0.9 if "int8" in precision else 1.0)
+    # 3. the effect it declares, against the same genes with its own off
+    b_compressed, b_blob, _ = _shipped(base, trained, data)
+    if "params" in method.effect:
+        assert count_params(shipped) < count_params(b_compressed)
+    if "bytes" in method.effect:
+        assert len(blob) < len(b_blob)
+    if "loss" in method.effect:
+        loss, _ = training_terms(cfg, Task(teacher_epochs=1), data)
+        assert loss is not None and training_terms(base, Task(), data)[0] is None
+    assert predict(shipped, data.x_val).argmax(1).eq(data.y_val).float().mean() > 0.3  # still a classifier
+
+
+@pytest.mark.parametrize("name", sorted(CODECS))
+def test_every_codec_round_trips_and_deploys_exactly(name, data, trained, tmp_path):
+    codec = CODECS[name]
+    w = trained["body.0.conv.0.weight"].clone()
+    q = snap(w, name)
+    plan = WeightPlan(codec=name)
+    back = unpack_state(pack_state({"w": q}, {"w": plan}))["w"]
+    torch.testing.assert_close(back, q, atol=1e-8, rtol=1e-6)  # lossless on its own grid (scale rounding aside)
+    if codec.kind == "int":
+        codes, _ = quantize_codes(w, name)
+        assert codes.abs().max() <= codec.qmax
+        sym = codec.symbols(codes.long())
+        assert sym.min() >= 0 and sym.max() < 2**codec.bits and torch.equal(codec.codes(sym), codes.long())
+    # stored size follows the bits
+    assert len(pack_state({"w": q}, {"w": plan})) < len(pack_state({"w": w}, {"w": WeightPlan()})) or codec.bits == 32
+    cfg = _cfg({"quant": name})
+    _, _, shipped = _shipped(cfg, trained, data)
+    path, precision = deploy_onnx(shipped, cfg, EXAMPLE, tmp_path / "m.onnx", data.x_train[:16])
+    assert precision == ("int8" if codec.deploy == "int8" else "fp32")
+    ref = onnx.load(str(export_onnx(shipped, EXAMPLE, tmp_path / "ref.onnx"))).graph
+    assert weights_off_packed(path, ref) == []
