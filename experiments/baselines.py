@@ -26,10 +26,10 @@ import numpy as np
 import optuna
 import pandas as pd
 import torch
+from _common import RESULTS, pyplot, write_json
 from scipy.stats import spearmanr
 from torch import nn
 
-from _common import RESULTS, pyplot, write_json
 from nas.backends.optuna import run_optuna
 from nas.compress.pack import pack_state
 from nas.config import Recipe

@@ -14,8 +14,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-
 from _common import RESULTS, pyplot, write_json
+
 from nas.builder import build
 from nas.compress.passes import compress, deploy_onnx
 from nas.compress.prune import prune_structured, target_widths

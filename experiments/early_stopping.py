@@ -22,10 +22,9 @@ import time
 from pathlib import Path
 
 import optuna
-
 import pandas as pd
-
 from _common import machine
+
 from nas.backends.optuna import run_optuna
 from nas.pipeline import Task
 from nas.report import build_report

@@ -12,9 +12,11 @@ import tempfile
 import time
 
 import optuna
-
 from _common import RESULTS, pyplot, write_json
-from nas.backends.ray import run_ray  # sets Ray's environment defaults: import before ray
+
+from nas.backends.ray import (
+    run_ray,  # sets Ray's environment defaults: import before ray
+)
 
 import ray  # noqa: E402  isort: skip
 from nas.pipeline import Task

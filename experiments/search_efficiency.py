@@ -18,8 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import optuna
 import pandas as pd
-
 from _common import RESULTS, pyplot, write_json
+
 from nas.report import build_report
 
 CONFIGS = {"default": ("nsga2", True), "no_early_stop": ("nsga2", False), "random": ("random", False)}

@@ -6,9 +6,9 @@ ship (ONNX Runtime latency, bytes of the packed weights file).
 
 from nas.config import ArchConfig, BlockConfig, Candidate, CompressionConfig, Recipe
 from nas.errors import NasError
-from nas.verify import load_bundle
 from nas.pipeline import Task, TrialResult, evaluate
 from nas.space import Space, load_space
+from nas.verify import load_bundle
 
 __all__ = [
     "ArchConfig",

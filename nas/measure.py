@@ -199,9 +199,41 @@ class Exported:
         return export_onnx(model, self.example, path), False
 
 
+# Which exporter wrote the last file (recorded per trial as ``onnx_exporter``).
+LAST_EXPORTER = {"name": ""}
+
+
 def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike[str]) -> Path:
-    """Export ``model`` for batch-1 inference with the torch.export-based ONNX exporter."""
-    return Exported(model, example).save(path)
+    """Export ``model`` for batch-1 inference.
+
+    The TorchScript-based exporter goes first: on this project's models it writes the same
+    graph (Conv+BatchNorm folded in eval mode) ~40x faster than the torch.export-based one
+    (0.05 s vs 2.1 s measured on an MNIST-1D candidate), and tracing was the largest overhead
+    of a trial. Its output is checked against the model on random inputs; any failure or
+    mismatch (or a PyTorch without it) falls back to the torch.export-based exporter."""
+    import onnxruntime  # noqa: F401 - the check below runs the file
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".ts.tmp")
+    model.eval()
+    try:
+        with _quiet():
+            torch.onnx.export(model, (example,), str(tmp), dynamo=False, do_constant_folding=True, opset_version=17,
+                              input_names=["x"], output_names=["logits"])
+        x = torch.from_numpy(np.random.default_rng(0).standard_normal((4, *example.shape[1:])).astype(np.float32))
+        with torch.no_grad():
+            want = model(x).numpy()
+        sess = _session(tmp, 1)
+        got = np.concatenate([sess.run(None, {"x": x[i : i + 1].numpy()})[0] for i in range(len(x))])
+        if not np.allclose(got, want, rtol=1e-4, atol=1e-4):
+            raise ValueError("TorchScript export differs from the model")
+        os.replace(tmp, path)
+        LAST_EXPORTER["name"] = "torchscript"
+        return path
+    except Exception:  # noqa: BLE001 - any failure of the fast path: the torch.export-based exporter
+        tmp.unlink(missing_ok=True)
+        LAST_EXPORTER["name"] = "dynamo"
+        return Exported(model, example).save(path)
 
 
 def _lock_path() -> Path:

@@ -29,8 +29,25 @@ def test_evaluate_measures_costs_and_learns(tmp_path):
     weights = Path(res.artifact_dir) / "weights.nasp"
     assert weights.is_file() and weights.stat().st_size == m["size_bytes"] == res.objectives["size_bytes"]
     assert set(res.objectives) == {"accuracy", "latency_ms", "size_bytes", "flops", "params"}
-    assert m["onnx_graph_reused"] is True  # the pre-flight graph, re-weighted with the trained weights
+    assert m["onnx_exporter"] == "torchscript"  # the fast exporter's graph passed its check against the model
     assert m["val_accuracy"] == pytest.approx(m["packed_val_accuracy"], abs=1e-6)  # fp32: the ONNX model is the packed model
+
+
+def test_a_failing_fast_export_falls_back_to_the_torch_export_exporter(tmp_path, monkeypatch):
+    import torch
+
+    from nas.measure import LAST_EXPORTER
+
+    def broken(*a, **k):
+        if not k.get("dynamo", True):
+            raise RuntimeError("no TorchScript exporter here")
+        return real(*a, **k)
+
+    real = torch.onnx.export
+    monkeypatch.setattr(torch.onnx, "export", broken)
+    res = evaluate(_candidate(2), Task(dataset="digits", artifacts_dir=str(tmp_path)), trial_id="t")
+    assert res.metrics["onnx_exporter"] == "dynamo" and LAST_EXPORTER["name"] == "dynamo"
+    assert res.metrics["val_accuracy"] == pytest.approx(res.metrics["packed_val_accuracy"], abs=1e-6)
 
 
 def test_evaluate_is_reproducible_except_latency():
@@ -88,4 +105,4 @@ def test_same_seed_same_accuracy_and_size_with_compression():
     a, b = evaluate(cand, Task()).metrics, evaluate(cand, Task()).metrics
     for k in ("val_accuracy", "test_accuracy", "size_bytes", "params", "flops"):
         assert a[k] == b[k], k
-    assert a["deploy_precision"] == "int8" and a["onnx_graph_reused"]  # pruned+sparse graph re-weighted, not re-exported
+    assert a["deploy_precision"] == "int8" and a["onnx_exporter"] == "torchscript"  # pruned+sparse, int4 QDQ

@@ -57,7 +57,21 @@ def _make_searcher_class():  # noqa: ANN202
 
     class NasOptunaSearch(OptunaSearch):
         """Records nas metrics as user attributes and maps our outcomes to trial states
-        (OptunaSearch alone tells a multi-objective trial with missing values as COMPLETE)."""
+        (OptunaSearch alone tells a multi-objective trial with missing values as COMPLETE).
+        It stops suggesting once the study holds the ``--trials`` total (finished trials in the
+        storage plus the ones running now), so a resumed run never overshoots it: trials that
+        finished after Tune's last checkpoint are already in the study."""
+
+        total: int | None = None  # set by run_ray; kept in the searcher's checkpoint
+
+        def suggest(self, trial_id: str) -> dict | str | None:
+            from ray.tune.search import Searcher
+
+            if self.total is not None:
+                live = sum(1 for tid in self._ot_trials if tid not in self._completed_trials)
+                if finished_count(self._ot_study) + live >= self.total:
+                    return Searcher.FINISHED
+            return super().suggest(trial_id)
 
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
             if trial_id in self._completed_trials:
@@ -240,6 +254,7 @@ def run_ray(
                 metric=list(task.objectives), mode=["max" if d == "maximize" else "min" for d in study_directions(study)],
                 sampler=make_sampler(sampler, task.seed, n_trials), study_name=study_name, storage=storage,
             )
+            searcher.total = n_trials
             rule = task.rung_rule()
             scheduler = _make_scheduler_class()(rule, rung_names(task.objectives), storage_url, study_name) if rule else None
             tuner = tune.Tuner(

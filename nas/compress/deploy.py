@@ -32,7 +32,8 @@ __all__ = ["deploy_onnx", "onnx_predict", "weights_off_packed"]
 
 def _module_of(node) -> str:  # noqa: ANN001
     """The top-level module an exported ONNX node came from (``stem``, ``body.3``, ``classifier``),
-    read from the scopes the torch.export-based exporter records on every node."""
+    read from the scopes the torch.export-based exporter records on every node, or from the
+    node name the TorchScript-based one gives (``/body/body.3/depthwise/depthwise.0/Conv``)."""
     import ast
 
     props = {p.key: p.value for p in node.metadata_props}
@@ -40,6 +41,8 @@ def _module_of(node) -> str:  # noqa: ANN001
         scopes = ast.literal_eval(props.get("pkg.torch.onnx.name_scopes", "[]"))
     except (ValueError, SyntaxError):
         scopes = []
+    if not scopes and node.name.startswith("/"):
+        scopes = [s for s in node.name.split("/")[1:-1] if s != "body"] or [node.name.split("/")[1]]
     for s in scopes:
         if s.startswith("body.") and s.count(".") == 1:
             return s + "."
