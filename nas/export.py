@@ -219,7 +219,8 @@ def export_bundle(study: optuna.Study, number: int, out: Path, *, storage_url: s
     cand = Candidate.from_dict(trial.user_attrs["candidate"])
     metrics = {k: trial.user_attrs[k] for k in ("accuracy", "val_accuracy", "test_accuracy", "latency_ms",
                                                  "latency_iqr_ms", "size_bytes", "params", "flops", "deploy_precision")}
-    metrics.update({k: trial.user_attrs[k] for k in ("packed_val_accuracy", "packed_test_accuracy", "latency_threads")
+    metrics.update({k: trial.user_attrs[k] for k in ("packed_val_accuracy", "packed_test_accuracy", "latency_threads",
+                                                     "latency_floor_ms")
                     if k in trial.user_attrs})
     metrics.update({k: trial.user_attrs[k] for k in LATENCY_HOST_KEYS if k in trial.user_attrs})
     search_metrics = None

@@ -51,6 +51,7 @@ class Latency:
     repeats: int
     threads: int
     attempts: int
+    floor_ms: float = 0.0  # an Identity graph's median in the same windows: the runtime's floor now
 
     @property
     def noisy(self) -> bool:
@@ -269,6 +270,14 @@ def _session(path: Path, threads: int):  # noqa: ANN202
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
+# The timed runs are split into windows a short pause apart, and the fastest window's median
+# is reported. On a shared host, load comes in phases (here a model that runs in 0.021 ms was
+# timed at up to 0.041 ms by back-to-back runs); load only ever slows a run down, so the fastest
+# window is the figure that reproduces (measured: 0.021 ms in 8 of 12 repeats, vs 2 of 12).
+WINDOWS = 6
+WINDOW_GAP_S = 0.02
+
+
 def onnx_latency(
     path: str | os.PathLike[str],
     input_shape: tuple[int, ...],
@@ -278,7 +287,8 @@ def onnx_latency(
     repeats: int = 500,
     max_attempts: int = 3,
 ) -> Latency:
-    """Median and IQR (ms) of single-input inference in ONNX Runtime on CPU.
+    """Median and IQR (ms) of single-input inference in ONNX Runtime on CPU: ``repeats`` timed
+    runs in :data:`WINDOWS` windows, the fastest window's median and IQR.
 
     A measurement whose IQR/median is above :data:`NOISY_IQR_RATIO` is repeated (up to
     ``max_attempts``); the steadiest attempt is kept and the number of attempts recorded.
@@ -286,21 +296,54 @@ def onnx_latency(
     sess = _session(Path(path), threads)
     name = sess.get_inputs()[0].name
     x = np.random.default_rng(0).standard_normal(input_shape).astype(np.float32)
+    floor = _session(_identity_graph(input_shape), threads)
+    windows = max(1, min(WINDOWS, repeats // 8))
     best: Latency | None = None
     with measure_lock():
         for attempt in range(1, max_attempts + 1):
             for _ in range(warmup):
                 sess.run(None, {name: x})
-            times = []
-            for _ in range(repeats):
-                t0 = time.perf_counter_ns()
-                sess.run(None, {name: x})
-                times.append((time.perf_counter_ns() - t0) / 1e6)
-            q1, med, q3 = statistics.quantiles(times, n=4)
-            lat = Latency(med, q3 - q1, repeats, threads, attempt)
+            fastest: tuple[float, float] | None = None
+            floors = []
+            for w in range(windows):
+                if w:
+                    time.sleep(WINDOW_GAP_S)
+                q1, med, q3 = _window(sess, name, x, repeats // windows)
+                floors.append(_window(floor, "x", x, max(8, repeats // windows // 4))[1])
+                if fastest is None or med < fastest[0]:
+                    fastest = (med, q3 - q1)
+            assert fastest is not None
+            lat = Latency(fastest[0], fastest[1], repeats, threads, attempt, min(floors))
             if best is None or lat.iqr_ms / max(lat.median_ms, 1e-9) < best.iqr_ms / max(best.median_ms, 1e-9):
-                best = Latency(lat.median_ms, lat.iqr_ms, repeats, threads, attempt)
+                best = lat
             if not lat.noisy:
                 break
     assert best is not None
-    return Latency(best.median_ms, best.iqr_ms, best.repeats, best.threads, attempt)
+    return Latency(best.median_ms, best.iqr_ms, best.repeats, best.threads, attempt, best.floor_ms)
+
+
+def _window(sess: Any, name: str, x: np.ndarray, runs: int) -> tuple[float, float, float]:
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter_ns()
+        sess.run(None, {name: x})
+        times.append((time.perf_counter_ns() - t0) / 1e6)
+    q1, med, q3 = statistics.quantiles(times, n=4) if len(times) > 1 else (times[0],) * 3
+    return q1, med, q3
+
+
+def _identity_graph(input_shape: tuple[int, ...]) -> Path:
+    """An ONNX graph of one Identity node for this input shape (cached per process): what the
+    runtime costs with no work at all, timed beside every model as the host's speed reference."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    path = Path(tempfile.gettempdir()) / f"nas-identity-{os.getpid()}-{'x'.join(map(str, input_shape))}.onnx"
+    if not path.is_file():
+        io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(input_shape)) for n in ("x", "y")]
+        graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "floor", io[:1], io[1:])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        tmp = path.with_name(path.name + ".tmp")
+        onnx.save(model, str(tmp))
+        os.replace(tmp, path)
+    return path

@@ -266,3 +266,21 @@ def test_every_front_member_of_a_compressed_study_verifies(tmp_path, capsys):
         m = manifest["metrics"]
         assert "packed_test_accuracy" in m and f"{m['packed_test_accuracy']:.4f}" in (out / "MODEL_CARD.md").read_text()
     assert len(front) >= 2 and precisions
+
+
+def test_verify_scales_latency_by_the_runtime_floor_timed_beside_it(study, capsys, monkeypatch):
+    """A host twice as slow right now (its Identity-graph floor doubled too) still verifies; the
+    same slow timing without a slower floor does not."""
+    root, db = study
+    out = _export(root, db, "b_floor", "--pick", "knee")
+    m = json.loads((out / "manifest.json").read_text())["metrics"]
+    assert m["latency_floor_ms"] > 0  # recorded with the trial, copied into the manifest
+    rec, floor = m["latency_ms"], m["latency_floor_ms"]
+    monkeypatch.setattr("nas.verify.LATENCY_PAUSES_S", (0.0,))
+    for now_floor, code in ((2 * floor, 0), (floor, 1)):
+        monkeypatch.setattr("nas.verify.onnx_latency",
+                            lambda path, shape, *, threads, f=now_floor: Latency(2 * rec, 0.0, 500, threads, 1, f))
+        capsys.readouterr()
+        assert main(["verify", str(out)]) == code
+        line = [ln for ln in capsys.readouterr().out.splitlines() if "latency_ms" in ln][0]
+        assert line.startswith("ok") == (code == 0) and ("at the recorded speed" in line) == (code == 0)
