@@ -226,3 +226,30 @@ def test_experiment_config_file(in_tmp, capsys):
 
 
 # ----------------------------------------------------------------------------- property-based
+
+
+def test_the_study_record_stores_the_storage_url_masked(in_tmp, monkeypatch, capsys):
+    import nas.backends.optuna as backend
+    import nas.study
+    from nas.errors import NasError
+
+    seen = {}
+    monkeypatch.setattr(nas.study, "open_storage", lambda url, create: optuna.storages.InMemoryStorage())
+
+    def capture(*a, **k):
+        seen.update(k["extra_meta"])
+        raise NasError("stop here")
+
+    monkeypatch.setattr(backend, "run_optuna", capture)
+    assert main(["search", "--storage", "postgresql://alice:hunter2@db/nas", "--trials", "1"]) == 2
+    err = capsys.readouterr().err
+    assert seen["config"]["storage"] == "postgresql://alice:***@db/nas" and "hunter2" not in err
+
+
+def test_front_all_shows_the_packed_accuracy_beside_the_deployed_one(in_tmp, capsys):
+    db = f"sqlite:///{in_tmp}/p.db"
+    assert main(["search", "--trials", "1", "--epochs", "1", "--study", "p", "--storage", db, "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["front", "p", "--storage", db, "--all", "--format", "json"]) == 0
+    row = json.loads(capsys.readouterr().out)[0]
+    assert {"packed_val_accuracy", "packed_test_accuracy", "deploy_precision"} <= set(row)
