@@ -51,7 +51,7 @@ from nas.measure import (
 from nas.objectives import DEFAULT_OBJECTIVES, check_constraints, mnasnet_reward
 from nas.train import accuracy, seed_everything, train
 
-__all__ = ["Task", "TrialResult", "ConstraintViolation", "evaluate", "get_dataset", "PACKED_NAME"]
+__all__ = ["Task", "TrialResult", "ConstraintViolation", "evaluate", "get_dataset", "reference_floor", "timed", "PACKED_NAME"]
 
 PACKED_NAME = "weights.nasp"
 CALIBRATION_SAMPLES = 64
@@ -70,6 +70,9 @@ class Task:
     objectives: tuple[str, ...] = DEFAULT_OBJECTIVES
     constraints: dict[str, float] = field(default_factory=dict)
     latency_threads: int = 1
+    # The study's reference runtime floor (an Identity graph's latency when the study was made):
+    # every timing is scaled to that host speed by the floor timed beside it (see timed()).
+    latency_floor_ms: float | None = None
     train_threads: int | None = None
     epochs: int | None = None
     artifacts_dir: str | None = None
@@ -160,20 +163,40 @@ def _check_shapes(arch: ArchConfig, data: Dataset) -> None:
         raise TrialFailure(f"candidate has {arch.num_classes} classes, dataset {data.name} has {data.num_classes}")
 
 
+def reference_floor(task: Task) -> float:
+    """The runtime's floor on this host now: an Identity graph's latency for the task's input."""
+    from nas.measure import _identity_graph
+
+    data = get_dataset(task.dataset, task.seed)
+    return onnx_latency(_identity_graph((1, data.in_channels, *data.input_size)), (1, data.in_channels,
+                        *data.input_size), threads=task.latency_threads).median_ms
+
+
+def timed(path: Path, example: torch.Tensor, task: Task) -> dict[str, Any]:
+    """Latency of an ONNX file, scaled to the study's reference host speed.
+
+    Load on a shared host comes in phases that slow every run alike (raw timings of one model
+    moved by 70% between moments here while its ratio to the runtime floor held within 7%), so
+    the figure is the raw median times (reference floor / floor timed in the same windows):
+    trials timed at different moments stay comparable. The raw median and both floors are kept."""
+    lat = onnx_latency(path, tuple(example.shape), threads=task.latency_threads)
+    ref = task.latency_floor_ms if task.latency_floor_ms and lat.floor_ms > 0 else None
+    scale = ref / lat.floor_ms if ref else 1.0
+    return {"latency_ms": lat.median_ms * scale, "latency_iqr_ms": lat.iqr_ms * scale,
+            "latency_raw_ms": lat.median_ms, "latency_floor_now_ms": lat.floor_ms,
+            "latency_floor_ms": ref or lat.floor_ms, "latency_noisy": lat.noisy, "latency_attempts": lat.attempts,
+            "latency_threads": lat.threads}
+
+
 def _costs(model: nn.Module, cand: Candidate, blob: bytes, example: torch.Tensor, calibration: torch.Tensor,
-           workdir: Path, threads: int, exported: Exported) -> dict[str, Any]:
+           workdir: Path, task: Task, exported: Exported) -> dict[str, Any]:
     """Every cost of the shipped form: deployable ONNX latency, packed-file bytes, FLOPs, params."""
     onnx_path, precision = deploy_onnx(model, cand.compression, example, workdir / "model.onnx", calibration,
                                        exported)
-    lat = onnx_latency(onnx_path, tuple(example.shape), threads=threads)
+    lat = timed(onnx_path, example, task)
     size = write_file(workdir / PACKED_NAME, blob)
     return {
-        "latency_ms": lat.median_ms,
-        "latency_iqr_ms": lat.iqr_ms,
-        "latency_floor_ms": lat.floor_ms,
-        "latency_noisy": lat.noisy,
-        "latency_attempts": lat.attempts,
-        "latency_threads": lat.threads,
+        **lat,
         **latency_host(),
         "size_bytes": size,
         "onnx_bytes": onnx_path.stat().st_size,
@@ -215,7 +238,7 @@ def _preflight(t: _Trial) -> tuple[dict[str, Any], Exported]:
         raise TrialFailure(f"infeasible candidate: {exc}") from exc
     exported = None  # each save exports afresh: the TorchScript exporter takes ~0.05 s (nas.measure.export_onnx)
     with tempfile.TemporaryDirectory(prefix="nas-trial-") as tmp:
-        costs = _costs(preview, t.candidate, blob, t.example, t.calibration, Path(tmp), t.task.latency_threads, exported)
+        costs = _costs(preview, t.candidate, blob, t.example, t.calibration, Path(tmp), t.task, exported)
     later = value_dependent_size(t.candidate.compression)
     reason = check_constraints(costs, {k: v for k, v in t.task.constraints.items() if not (k == "size_bytes" and later)})
     if reason:
@@ -257,14 +280,13 @@ def _deploy_and_score(t: _Trial, shipped: nn.Module, blob: bytes, exported: Expo
         onnx_path, _ = deploy_onnx(shipped, t.candidate.compression, t.example, folder / "model.onnx", t.calibration,
                                    exported)
         pred = onnx_predict(onnx_path, torch.cat([data.x_val, data.x_test])).argmax(1)  # one ORT session
-        lat = onnx_latency(onnx_path, tuple(t.example.shape), threads=t.task.latency_threads)
+        lat = timed(onnx_path, t.example, t.task)
         if out is not None:
             (folder / "candidate.json").write_text(t.candidate.to_json())
     val_pred, test_pred = pred[: len(data.y_val)], pred[len(data.y_val) :]
     # the packed model in PyTorch (float activations): differs from the deployed one only where
     # int8 QDQ quantizes activations; stored beside the deployed figures, never selected on
-    return {"size_bytes": size, "deployed_latency_ms": lat.median_ms, "deployed_latency_iqr_ms": lat.iqr_ms,
-            "deployed_latency_floor_ms": lat.floor_ms,
+    return {"size_bytes": size, **{f"deployed_{k}": v for k, v in lat.items()},
             "accuracy": float((val_pred == data.y_val.numpy()).mean()),
             "test_accuracy": float((test_pred == data.y_test.numpy()).mean()),
             "packed_val_accuracy": accuracy(shipped, data.x_val, data.y_val),
@@ -278,8 +300,7 @@ def _result(t: _Trial, costs: dict[str, Any], scores: dict[str, Any], stats: Any
     # later). Load on the host only ever slows a timing down, and here it comes in phases of
     # seconds (a 2x slowdown was seen): the faster of the two is the better estimate.
     if scores["deployed_latency_ms"] < costs["latency_ms"]:
-        costs["latency_ms"], costs["latency_iqr_ms"] = scores["deployed_latency_ms"], scores["deployed_latency_iqr_ms"]
-        costs["latency_floor_ms"] = scores["deployed_latency_floor_ms"]
+        costs.update({k.removeprefix("deployed_"): v for k, v in scores.items() if k.startswith("deployed_")})
     reason = check_constraints(costs, t.task.constraints)
     if reason:
         raise ConstraintViolation(reason.replace("before training", "after compression"))
@@ -288,7 +309,7 @@ def _result(t: _Trial, costs: dict[str, Any], scores: dict[str, Any], stats: Any
     if t.task.reward:
         objectives["reward"] = mnasnet_reward(acc, objectives[t.task.reward["on"]], t.task.reward["target"],
                                               t.task.reward.get("form", "soft"))
-    metrics = {**costs, **{k: v for k, v in scores.items() if not k.startswith("deployed_latency")}, "val_accuracy": acc, "epochs": stats.epochs, "final_loss": stats.final_loss,
+    metrics = {**costs, **{k: v for k, v in scores.items() if not k.startswith("deployed_")}, "val_accuracy": acc, "epochs": stats.epochs, "final_loss": stats.final_loss,
                **t.timings, **({"reward": objectives["reward"]} if "reward" in objectives else {})}
     return TrialResult(objectives, metrics, str(out) if out else None)
 

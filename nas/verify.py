@@ -241,10 +241,11 @@ def _latency_check(path: Path, manifest: dict[str, Any]) -> tuple[str, bool | No
             time.sleep(LATENCY_PAUSES_S[min(i - 1, len(LATENCY_PAUSES_S) - 1)])
         lat = onnx_latency(path / "model.onnx", (1, *manifest["data"]["input_shape"]),
                            threads=manifest["measurement"]["threads"])
-        scaled = lat.median_ms * ref_floor / lat.floor_ms if ref_floor > 0 and lat.floor_ms > 0 else lat.median_ms
+        rescale = ref_floor > 0 and lat.floor_ms > 0 and lat.floor_ms != ref_floor
+        scaled = lat.median_ms * ref_floor / lat.floor_ms if rescale else lat.median_ms
         runs.append(scaled)
         shown.append(f"{lat.median_ms:.5f}" + (f" (floor {lat.floor_ms:.5f} now, {ref_floor:.5f} recorded: "
-                                               f"{scaled:.5f} at the recorded speed)" if scaled != lat.median_ms else ""))
+                                               f"{scaled:.5f} at the recorded speed)" if rescale else ""))
         if scaled <= m["latency_ms"] + band:  # in the band, or faster than it: no re-timing
             break
     ok = abs(runs[-1] - m["latency_ms"]) <= band

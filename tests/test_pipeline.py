@@ -106,3 +106,34 @@ def test_same_seed_same_accuracy_and_size_with_compression():
     for k in ("val_accuracy", "test_accuracy", "size_bytes", "params", "flops"):
         assert a[k] == b[k], k
     assert a["deploy_precision"] == "int8" and a["onnx_exporter"] == "torchscript"  # pruned+sparse, int4 QDQ
+
+
+def test_timings_are_scaled_to_the_study_reference_floor(monkeypatch, tmp_path):
+    """A host twice as slow right now (its runtime floor doubled) gives the same latency figure."""
+    from nas.measure import Latency
+    from nas.pipeline import timed
+
+    path = tmp_path / "m.onnx"
+    example = torch.zeros(1, 1, 8, 8)
+    for raw, floor in ((0.02, 0.005), (0.04, 0.010)):
+        monkeypatch.setattr("nas.pipeline.onnx_latency", lambda p, s, *, threads, r=raw, f=floor: Latency(r, r / 20, 500, threads, 1, f))
+        lat = timed(path, example, Task(latency_floor_ms=0.005))
+        assert lat["latency_ms"] == pytest.approx(0.02) and lat["latency_raw_ms"] == raw
+        assert lat["latency_floor_ms"] == 0.005 and lat["latency_floor_now_ms"] == floor
+
+
+def test_a_new_study_records_its_reference_floor_and_resumes_keep_it(tmp_path):
+    import optuna
+
+    from nas.cli import main
+
+    db = f"sqlite:///{tmp_path}/f.db"
+    args = ["search", "--trials", "1", "--epochs", "1", "--study", "f", "--storage", db, "--quiet",
+            "--artifacts", str(tmp_path / "a")]
+    assert main(args) == 0
+    study = optuna.load_study(study_name="f", storage=db)
+    floor = study.user_attrs["nas"]["task"]["latency_floor_ms"]
+    assert 0 < floor < 1 and study.trials[0].user_attrs["latency_floor_ms"] == floor
+    args[2] = "2"
+    assert main(args) == 0
+    assert optuna.load_study(study_name="f", storage=db).trials[1].user_attrs["latency_floor_ms"] == floor

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -16,7 +17,7 @@ from nas.config import Candidate
 from nas.early_stop import EarlyStopped
 from nas.errors import ConfigError
 from nas.objectives import directions as objective_directions
-from nas.pipeline import Task, evaluate, get_dataset
+from nas.pipeline import Task, evaluate, get_dataset, reference_floor
 from nas.space import Space
 from nas.study import META_KEY, open_storage
 from nas.trial import outcome, record_rung_and_judge, rung_names
@@ -106,6 +107,8 @@ def create_study(
         raise ConfigError(f"study {study_name!r}: {exc}") from exc
     meta = study.user_attrs.get(META_KEY)
     if meta is None:
+        if task.latency_floor_ms is None:  # the host speed every timing of this study is scaled to
+            task = dataclasses.replace(task, latency_floor_ms=reference_floor(task))
         meta = {
             "version": 1,
             "objectives": list(task.objectives),
@@ -163,6 +166,13 @@ def _show(v: Any) -> str:
     if isinstance(v, (list, tuple)):
         return ",".join(map(str, v))
     return str(v)
+
+
+def with_study_floor(task: Task, study: optuna.Study) -> Task:
+    """``task`` with the reference runtime floor the study was created with (resumes and
+    other workers scale their timings to the same host speed)."""
+    stored = (study.user_attrs.get(META_KEY) or {}).get("task", {}).get("latency_floor_ms")
+    return dataclasses.replace(task, latency_floor_ms=stored) if stored else task
 
 
 def finished_count(study: optuna.Study) -> int:
@@ -231,6 +241,7 @@ def run_optuna(
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     logging.getLogger("optuna").setLevel(logging.ERROR)  # failed trials are reported by our callback
     study = create_study(study_name, storage, task, space, make_sampler(sampler, task.seed, n_trials), extra_meta)
+    task = with_study_floor(task, study)
     recover_dead_trials(study)
     remaining = n_trials - finished_count(study)
 

@@ -19,7 +19,13 @@ from typing import Any
 
 import optuna
 
-from nas.backends.optuna import create_study, finished_count, make_sampler, worker_id
+from nas.backends.optuna import (
+    create_study,
+    finished_count,
+    make_sampler,
+    with_study_floor,
+    worker_id,
+)
 from nas.config import Candidate
 from nas.early_stop import RungRule
 from nas.errors import ConfigError
@@ -229,6 +235,7 @@ def run_ray(
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = create_study(study_name, storage, task, space, make_sampler(sampler, task.seed, n_trials),
                          {"backend": "ray"})
+    task = with_study_floor(task, study)
     exp = experiment_dir(runs_dir, study_name)
 
     started = False
