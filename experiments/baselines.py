@@ -1,17 +1,22 @@
 """Paper baselines vs a compression-aware search on MNIST-1D, plus measurement stability and
 size truth on the search's front.
 
-1. Trains the published MNIST-1D CNN (3 Conv1d layers of 25 channels, 5,210 params; the
-   paper reports 94%) and MLP (15,210 params, 68%) in the same run as a search
-   (`mnist1d_compress` space), measures them exactly like candidates (ONNX Runtime latency,
-   packed fp32 file bytes), and reports the size ratio against the smallest front model at
-   least as accurate and the latency ratio against the fastest one (baselines and front
-   timed one after the other within the same two passes).
+1. Trains the published MNIST-1D CNN (3 Conv1d layers of 25 channels, 5,210 params) and MLP
+   (15,210 params) with the paper's recipe (Adam lr 1e-2, batch 100, 6,000 steps, no weight
+   decay or schedule) on the search's training split, measures them exactly like candidates
+   (ONNX Runtime latency, packed fp32 file bytes), and reports, among front members at least
+   as accurate on *validation* (test shown beside, never chosen on), the size ratio against
+   the smallest and the latency ratio against the fastest (baselines and front timed one
+   after the other within the same two passes), beside the runtime's floor (an Identity graph
+   timed in the same passes).
 4. Re-measures the latency of every front member twice: median IQR/median, and the rank
    correlation between the two passes.
 5. Exports every front member and compares the reported size_bytes with the bundle's file.
 
-    python experiments/baselines.py          # ~5 min on 2 cores
+    nas search --dataset mnist1d --space mnist1d_compress --timeout 1800 --trials 1000 \
+        --storage sqlite:///b.db --study b
+    python experiments/baselines.py --study b --storage sqlite:///b.db
+    python experiments/baselines.py --trials 20         # or: runs its own search first
 
 Writes experiments/results/baselines.{json,csv,png}; prints a one-line summary.
 """
@@ -32,13 +37,12 @@ from torch import nn
 
 from nas.backends.optuna import run_optuna
 from nas.compress.pack import pack_state
-from nas.config import Recipe
 from nas.export import export_bundle
 from nas.measure import count_params, export_onnx, onnx_latency
 from nas.pipeline import Task, get_dataset
 from nas.space import load_space
-from nas.study import front_frame
-from nas.train import accuracy, seed_everything, train
+from nas.study import front_frame, load_study, study_meta
+from nas.train import accuracy, seed_everything
 
 
 class PaperCNN(nn.Module):
@@ -68,10 +72,27 @@ class PaperMLP(nn.Module):
         return self.net(x)
 
 
-def measure_baseline(cls: type[nn.Module], name: str, data, tmp: Path, epochs: int) -> dict:
+def train_published(model: nn.Module, data, steps: int = 6000, batch: int = 100, lr: float = 1e-2) -> None:
+    """The MNIST-1D paper's recipe (Greydanus 2020, mnist1d/train.py): Adam, lr 1e-2, batches
+    of 100 taken in order through the shuffled training set, 6,000 steps, no weight decay."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(0)
+    order = torch.randperm(len(data.x_train), generator=g)
+    x, y = data.x_train[order], data.y_train[order]
+    model.train()
+    for step in range(steps):
+        i = (step * batch) % len(x)
+        loss = nn.functional.cross_entropy(model(x[i : i + batch]), y[i : i + batch])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+
+
+def measure_baseline(cls: type[nn.Module], name: str, data, tmp: Path, steps: int) -> dict:
     seed_everything(0)
     model = cls()  # built after seeding: torch seeds every new process randomly
-    train(model, data.x_train, data.y_train, Recipe(epochs=epochs, lr=0.005), seed=0)
+    train_published(model, data, steps=steps)
     example = torch.zeros(1, 1, 1, 40)
     onnx_path = export_onnx(model, example, tmp / f"{name}.onnx")
     lat = onnx_latency(onnx_path, (1, 1, 1, 40))
@@ -85,25 +106,36 @@ def measure_baseline(cls: type[nn.Module], name: str, data, tmp: Path, epochs: i
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--trials", type=int, default=20)
-    ap.add_argument("--baseline-epochs", type=int, default=60)
+    ap.add_argument("--study", default=None, help="an existing mnist1d study to compare (else one is run)")
+    ap.add_argument("--storage", default=None)
+    ap.add_argument("--trials", type=int, default=20, help="trials of the search run when no --study is given")
+    ap.add_argument("--baseline-steps", type=int, default=6000)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="nas-base-"))
-    storage = f"sqlite:///{tmp}/b.db"
     data = get_dataset("mnist1d", 0)
 
-    baselines = [measure_baseline(PaperCNN, "paper_cnn", data, tmp, args.baseline_epochs),
-                 measure_baseline(PaperMLP, "paper_mlp", data, tmp, args.baseline_epochs)]
-    task = Task(dataset="mnist1d", artifacts_dir=str(tmp / "art"), early_stop={"eta": 3.0})
-    study = run_optuna(load_space("mnist1d_compress"), task, study_name="mnist1d_compress", storage=storage,
-                       sampler="nsga2", n_trials=args.trials)
+    baselines = [measure_baseline(PaperCNN, "paper_cnn", data, tmp, args.baseline_steps),
+                 measure_baseline(PaperMLP, "paper_mlp", data, tmp, args.baseline_steps)]
+    if args.study:
+        study = load_study(args.study, args.storage)
+        command = f"python experiments/baselines.py --study {args.study} (study: {study_meta(study).get('config', {})})"
+    else:
+        space = load_space("mnist1d_compress")
+        task = Task(dataset="mnist1d", artifacts_dir=str(tmp / "art"), early_stop={"eta": 3.0} if space.early_stop else None)
+        study = run_optuna(space, task, study_name="mnist1d_compress", storage=f"sqlite:///{tmp}/b.db",
+                           sampler="nsga2", n_trials=args.trials)
+        command = f"python experiments/baselines.py --trials {args.trials}"
     front = front_frame(study)
+    from nas.measure import _identity_graph
+
+    floor_path = _identity_graph((1, 1, 1, 40))  # the runtime's floor: one Identity node
 
     # 4. measurement stability: two more latency passes over the front's deployable models, with
     # the baselines' models timed within the same passes, so a latency ratio never
     # compares figures taken minutes apart on a shared machine whose speed drifts.
     models = {b["name"]: Path(b.pop("onnx")) for b in baselines}
-    models.update({int(t): tmp / "art" / f"trial-{int(t):05d}" / "model.onnx" for t in front["trial"]})
+    models.update({int(t): Path(study.trials[int(t)].user_attrs["artifact_dir"]) / "model.onnx" for t in front["trial"]})
+    models["runtime_floor"] = floor_path
     passes = [{k: onnx_latency(path, (1, 1, 1, 40)) for k, path in models.items()} for _ in range(2)]
     same_pass_ms = {k: float(np.mean([p[k].median_ms for p in passes])) for k in models}
     front_keys = [int(t) for t in front["trial"]]
@@ -142,7 +174,8 @@ def main() -> None:
                + f"; latency re-measure IQR/median {np.median(iqr_ratio):.3f}, rank corr {rho:.2f}; "
                f"size_bytes == file length for {sum(r['reported'] == r['file_bytes'] for r in truth)}/{len(truth)}")
     write_json("baselines", {
-        "command": "python experiments/baselines.py", "trials": args.trials, "space": "mnist1d_compress",
+        "command": command, "trials": len(study.trials), "space": "mnist1d_compress",
+        "runtime_floor_ms": same_pass_ms["runtime_floor"],
         "baselines": baselines, "ratios": ratios,
         "front": front[["trial", "accuracy", "test_accuracy", "latency_ms", "size_bytes", "params", "arch", "compression"]].to_dict("records"),
         "stability": {"median_iqr_over_median": float(np.median(iqr_ratio)), "max_iqr_over_median": float(np.max(iqr_ratio)),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nas.blocks import conv_bn_act, create_block, kernel_2d
+from nas.blocks import conv_bn_act, create_block, kernel_2d, stride_2d
 from nas.config import ArchConfig
 
 __all__ = ["Net", "build", "output_size", "shared_with"]
@@ -26,10 +26,10 @@ def shared_with(arch: ArchConfig) -> list[int]:
 def output_size(arch: ArchConfig) -> tuple[int, int]:
     """Spatial size after the body (odd kernels with k//2 padding: ceil(size / stride))."""
     h, w = arch.input_size
-    for b in arch.blocks:
+    for b in (arch.stem_stride, *(b.stride for b in arch.blocks)):
         if arch.spatial == "2d":
-            h = (h - 1) // b.stride + 1
-        w = (w - 1) // b.stride + 1
+            h = (h - 1) // b + 1
+        w = (w - 1) // b + 1
     return h, w
 
 
@@ -39,7 +39,8 @@ class Net(nn.Module):
     def __init__(self, arch: ArchConfig) -> None:
         super().__init__()
         self.arch = arch
-        self.stem = conv_bn_act(arch.in_channels, arch.stem_channels, kernel_2d(3, arch.spatial))
+        self.stem = conv_bn_act(arch.in_channels, arch.stem_channels, kernel_2d(arch.stem_kernel, arch.spatial),
+                                stride_2d(arch.stem_stride, arch.spatial))
         body: list[nn.Module] = []
         cin = arch.stem_channels
         for k, (cfg, owner) in enumerate(zip(arch.blocks, shared_with(arch))):

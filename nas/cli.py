@@ -79,6 +79,8 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--study", default=None, help="study name (default: DATASET-SPACE)")
     s.add_argument("--storage", default=DEFAULT_STORAGE, help=f"Optuna storage URL or journal .log path (default {DEFAULT_STORAGE})")
     s.add_argument("--trials", type=_positive_int, default=20, help="finished trials the study should hold (default 20)")
+    s.add_argument("--timeout", type=_positive_float, default=None, metavar="SECONDS",
+                   help="start no trial after this many seconds (running ones finish); --trials still caps the total")
     s.add_argument("--sampler", default="nsga2", help="nsga2 (default), tpe, random, gp")
     s.add_argument("--objectives", default=",".join(DEFAULT_OBJECTIVES),
                    help="comma list of accuracy, latency_ms, size_bytes, flops, params")
@@ -97,7 +99,9 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--reward-target", type=_positive_float, default=None, help="target T of the reward's cost")
     s.add_argument("--no-early-stop", dest="early_stop", action="store_false",
                    help="train every trial to its full budget (default: Pareto successive halving)")
-    s.add_argument("--eta", type=_eta, default=3.0, help="early stopping keeps ~1/eta of each rung (default 3)")
+    s.add_argument("--eta", type=_eta, default=None,
+                   help="early stopping keeps ~1/eta of each rung (default 3; on unless the space sets "
+                        "early_stop: false, as mnist1d_compress does, or --no-early-stop is given)")
     s.add_argument("--backend", choices=("optuna", "ray"), default="optuna", help="optuna (default, in-process) or ray (Ray Tune)")
     s.add_argument("--workers", type=_positive_int, default=2, help="Ray: concurrent trials (default 2)")
     s.add_argument("--ray-address", default=None, help="Ray: connect to a cluster ('auto' or host:port); default a local instance")
@@ -199,7 +203,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         artifacts_dir=str(Path(args.artifacts).resolve() / study_name),
         reward=reward,
-        early_stop={"eta": args.eta} if args.early_stop else None,
+        early_stop={"eta": args.eta or 3.0} if args.early_stop and (space.early_stop or args.eta) else None,
         max_memory_mb=args.max_memory_mb,
     )
     from rich.console import Console
@@ -215,13 +219,13 @@ def cmd_search(args: argparse.Namespace) -> int:
 
         study = run_ray(space, task, study_name=study_name, storage_url=args.storage, sampler=args.sampler,
                         n_trials=args.trials, workers=args.workers, ray_address=args.ray_address, resume=args.resume,
-                        quiet=args.quiet)
+                        quiet=args.quiet, timeout=args.timeout)
     else:
         if args.resume or args.ray_address:
             raise NasError("--resume and --ray-address are for --backend ray (the optuna backend resumes by rerunning)")
         study = run_optuna(
             space, task, study_name=study_name, storage=storage, sampler=args.sampler,
-            n_trials=args.trials, jobs=args.jobs,
+            n_trials=args.trials, jobs=args.jobs, timeout=args.timeout,
             callbacks=[_progress_callback(objectives, args.trials, args.quiet)],
             extra_meta={"backend": "optuna", "config": {k: redact_url(v) if k == "storage" else v
                                                         for k, v in vars(args).items() if k != "func"}},

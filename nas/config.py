@@ -66,6 +66,8 @@ class ArchConfig:
     head: str = "gap"
     dropout: float = 0.0
     share: bool = False  # blocks of a stage with identical shapes share one set of weights
+    stem_kernel: int = 3
+    stem_stride: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -74,7 +76,8 @@ class ArchConfig:
 
     def summary(self) -> str:
         """Compact text, one group per stage: ``stem16 | dsconv k3 w24 x2 /2 | ... | gap``."""
-        parts = [f"stem{self.stem_channels}"]
+        parts = [f"stem{self.stem_channels}" + (f" k{self.stem_kernel}" if self.stem_kernel != 3 else "")
+                 + (f" /{self.stem_stride}" if self.stem_stride > 1 else "")]
         stages: dict[int, list[BlockConfig]] = {}
         for b in self.blocks:
             stages.setdefault(b.stage, []).append(b)

@@ -39,7 +39,8 @@ __all__ = ["Param", "StageSpace", "Space", "load_space", "resolve_space_path", "
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 
-_TOP_KEYS = {"name", "spatial", "stem_channels", "head", "dropout", "stages", "recipe", "compression"}
+_TOP_KEYS = {"name", "spatial", "stem_channels", "stem_kernel", "stem_stride", "head", "dropout", "stages", "recipe",
+             "compression", "early_stop"}
 _STAGE_KEYS = {"block", "depth", "width", "kernel", "stride", "expansion"}
 _HEADS = ("gap", "flatten")
 
@@ -104,12 +105,22 @@ class Space:
     compression: dict[str, Param]
     per_stage: tuple[str, ...] = ()
     source: str = ""
+    # left out of repr (and so of the fingerprint) at their defaults: studies made before the
+    # stem was searchable keep their fingerprint and resume
+    stem_kernel: Param = dataclasses.field(default=Param("fixed", (3,)), repr=False)
+    stem_stride: Param = dataclasses.field(default=Param("fixed", (1,)), repr=False)
+    # whether rung accuracy predicts final accuracy well enough here to stop trials early
+    # (experiments/rung_correlation.py measures it per bundled space)
+    early_stop: bool = dataclasses.field(default=True, repr=False)
 
     def fingerprint(self) -> str:
         """A digest of everything this space can sample (not where it was loaded from)."""
         import hashlib
 
-        return hashlib.sha256(repr(dataclasses.replace(self, source="")).encode()).hexdigest()[:16]
+        text = repr(dataclasses.replace(self, source=""))
+        later = [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self) if not f.repr and f.name != "source"]
+        text += "".join(f"{f}={p!r}" for f, p in later if p != Space.__dataclass_fields__[f].default)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def suggest(self, trial: Any, *, in_channels: int, input_size: tuple[int, int], num_classes: int) -> Candidate:
         """Sample a candidate define-by-run; conditional genes are only asked when they matter."""
@@ -117,10 +128,12 @@ class Space:
         for i, st in enumerate(self.stages):
             p = f"s{i}."
             block = st.block.suggest(trial, p + "block")
+            if block == "skip":  # the stage is left out: no node in the graph, no gene sampled for it
+                continue
             depth = st.depth.suggest(trial, p + "depth")
             width = st.width.suggest(trial, p + "width")
             stride = st.stride.suggest(trial, p + "stride")
-            kernel = st.kernel.suggest(trial, p + "kernel") if block != "skip" else 1
+            kernel = st.kernel.suggest(trial, p + "kernel")
             expansion = st.expansion.suggest(trial, p + "expansion") if block == "mbconv" else 1
             for j in range(depth):
                 blocks.append(
@@ -132,6 +145,8 @@ class Space:
             input_size=tuple(input_size),
             spatial=self.spatial,
             stem_channels=self.stem_channels.suggest(trial, "stem_channels"),
+            stem_kernel=self.stem_kernel.suggest(trial, "stem_kernel"),
+            stem_stride=self.stem_stride.suggest(trial, "stem_stride"),
             blocks=tuple(blocks),
             head=self.head.suggest(trial, "head"),
             dropout=self.dropout.suggest(trial, "dropout"),
@@ -304,6 +319,10 @@ def parse_space(raw: Any, source: str = "<space>") -> Space:
         name=name,
         spatial=spatial,
         stem_channels=_param(f"{source}: stem_channels", raw.get("stem_channels", 16), "int", _positive),
+        stem_kernel=_param(f"{source}: stem_kernel", raw.get("stem_kernel", 3), "int",
+                           lambda v: None if v >= 1 and v % 2 == 1 else "must be an odd kernel size >= 1"),
+        stem_stride=_param(f"{source}: stem_stride", raw.get("stem_stride", 1), "int",
+                           lambda v: None if v in (1, 2, 3) else "must be 1, 2 or 3"),
         head=_param(f"{source}: head", raw.get("head", "gap"), "str",
                     lambda v: None if v in _HEADS else f"is not a head (allowed: {', '.join(_HEADS)})"),
         dropout=_param(f"{source}: dropout", raw.get("dropout", 0.0), "float",
@@ -315,7 +334,14 @@ def parse_space(raw: Any, source: str = "<space>") -> Space:
                              tuple(per_stage_genes().values())),
         per_stage=per_stage,
         source=source,
+        early_stop=_bool(f"{source}: early_stop", raw.get("early_stop", True)),
     )
+
+
+def _bool(where: str, v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise SpaceError(f"{where}: {v!r} is not allowed (allowed: true, false)")
+    return v
 
 
 def resolve_space_path(name_or_path: str) -> Path:

@@ -253,3 +253,19 @@ def test_front_all_shows_the_packed_accuracy_beside_the_deployed_one(in_tmp, cap
     assert main(["front", "p", "--storage", db, "--all", "--format", "json"]) == 0
     row = json.loads(capsys.readouterr().out)[0]
     assert {"packed_val_accuracy", "packed_test_accuracy", "deploy_precision"} <= set(row)
+
+
+def test_early_stopping_follows_the_space_unless_eta_is_given_and_timeout_stops(in_tmp):
+    """mnist1d_compress turns rungs off (its rung accuracy does not predict final accuracy);
+    --eta turns them back on; --timeout starts no trial after it has passed."""
+    db = f"sqlite:///{in_tmp}/e.db"
+    common = ["search", "--dataset", "mnist1d", "--space", "mnist1d_compress", "--epochs", "1", "--storage", db,
+              "--quiet", "--sampler", "random"]
+    assert main([*common, "--study", "off", "--trials", "5", "--timeout", "0.01"]) == 0
+    off = optuna.load_study(study_name="off", storage=db)
+    assert off.user_attrs["nas"]["task"]["early_stop"] is None
+    assert len(off.trials) == 1  # the timeout passed during the first trial: no second one started
+    assert main([*common, "--study", "on", "--trials", "1", "--eta", "2"]) == 0
+    assert optuna.load_study(study_name="on", storage=db).user_attrs["nas"]["task"]["early_stop"] == {"eta": 2.0}
+    assert main(["search", "--epochs", "1", "--storage", db, "--quiet", "--study", "d", "--trials", "1"]) == 0
+    assert optuna.load_study(study_name="d", storage=db).user_attrs["nas"]["task"]["early_stop"] == {"eta": 3.0}

@@ -97,11 +97,15 @@ def test_every_method_round_trips_exports_and_shows_its_effect(name, data, train
     agree = (onnx_predict(path, data.x_val).argmax(1) == predict(shipped, data.x_val).numpy().argmax(1)).mean()
     assert agree >= (0.9 if "int8" in precision else 1.0)
     # 3. the effect it declares, against the same genes with its own off
-    b_compressed, b_blob, _ = _shipped(base, trained, data)
+    b_compressed, b_blob, b_shipped = _shipped(base, trained, data)
     if "params" in method.effect:
         assert count_params(shipped) < count_params(b_compressed)
     if "bytes" in method.effect:
         assert len(blob) < len(b_blob)
+    if "nodes" in method.effect:  # a leaner deployed graph (at this scale latency is node count)
+        b_path, _ = deploy_onnx(b_shipped, base, EXAMPLE, tmp_path / "b.onnx",
+                                data.x_train[:16])
+        assert len(onnx.load(str(path)).graph.node) < len(onnx.load(str(b_path)).graph.node)
     if "loss" in method.effect:
         loss, _ = training_terms(cfg, Task(teacher_epochs=1), data)
         assert loss is not None and training_terms(base, Task(), data)[0] is None

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import optuna
+import torch
 import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
@@ -241,3 +242,38 @@ def test_space_yaml_text_fuzz(tmp_path, text):
         assert str(p) in str(exc) and "\n" not in str(exc)  # names the file, one line
         return
     assert space.stages
+
+
+def test_mnist1d_compress_samples_a_strided_stem_and_stages_left_out():
+    """The lean-graph options: stem kernel/stride are genes, a `skip` stage adds no block and
+    samples none of its genes, and every sampled candidate builds to the width its head expects."""
+    space = load_space("mnist1d_compress")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
+    seen_stride, skipped = set(), 0
+    for _ in range(30):
+        t = study.ask()
+        cand = space.suggest(t, in_channels=1, input_size=(1, 40), num_classes=10)
+        seen_stride.add(cand.arch.stem_stride)
+        for i in range(3):
+            if t.params[f"s{i}.block"] == "skip":
+                skipped += 1
+                assert not any(k.startswith(f"s{i}.") and k != f"s{i}.block" for k in t.params)
+                assert all(b.stage != i for b in cand.arch.blocks)
+        out = build(cand.arch)(torch.zeros(2, 1, 1, 40))
+        assert out.shape == (2, 10)
+        study.tell(t, 0.0)
+    assert seen_stride == {1, 2} and skipped > 0
+    stem = build(cand.arch).stem[0]
+    assert stem.kernel_size == (1, cand.arch.stem_kernel) and stem.stride == (1, cand.arch.stem_stride)
+
+
+def test_new_space_keys_leave_old_fingerprints_and_are_validated(tmp_path):
+    base = parse_space(BASE)
+    same = parse_space({**BASE, "stem_kernel": 3, "stem_stride": 1, "early_stop": True})
+    assert same.fingerprint() == base.fingerprint()  # studies made before these keys still resume
+    assert parse_space({**BASE, "stem_stride": [1, 2]}).fingerprint() != base.fingerprint()
+    assert parse_space({**BASE, "early_stop": False}).fingerprint() != base.fingerprint()
+    with pytest.raises(SpaceError, match="early_stop: 'no' is not allowed"):
+        parse_space({**BASE, "early_stop": "no"})
+    with pytest.raises(SpaceError, match="stem_kernel.*odd"):
+        parse_space({**BASE, "stem_kernel": 4})

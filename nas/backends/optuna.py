@@ -236,8 +236,10 @@ def run_optuna(
     jobs: int = 1,
     callbacks: list[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]] | None = None,
     extra_meta: dict[str, Any] | None = None,
+    timeout: float | None = None,
 ) -> optuna.Study:
-    """Run (or resume) a search until the study holds ``n_trials`` finished trials."""
+    """Run (or resume) a search until the study holds ``n_trials`` finished trials, or until
+    ``timeout`` seconds have passed (Optuna's semantics: no trial starts after it)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     logging.getLogger("optuna").setLevel(logging.ERROR)  # failed trials are reported by our callback
     study = create_study(study_name, storage, task, space, make_sampler(sampler, task.seed, n_trials), extra_meta)
@@ -255,6 +257,7 @@ def run_optuna(
             make_objective(space, task),
             n_trials=remaining,
             n_jobs=jobs,
+            timeout=timeout,
             catch=(Exception,),
             callbacks=[stop_at_total, *(callbacks or [])],
             gc_after_trial=False,

@@ -218,8 +218,10 @@ def run_ray(
     resume: bool = False,
     runs_dir: str | Path = "runs",
     quiet: bool = False,
+    timeout: float | None = None,
 ) -> optuna.Study:
-    """Run (or, with ``resume``, restore) a Ray Tune search into the Optuna study."""
+    """Run (or, with ``resume``, restore) a Ray Tune search into the Optuna study; ``timeout``:
+    seconds after which no new trial starts (Tune's ``time_budget_s``)."""
     import ray
     from ray import tune
 
@@ -267,7 +269,8 @@ def run_ray(
             tuner = tune.Tuner(
                 trainable,
                 tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=remaining,
-                                            max_concurrent_trials=workers, reuse_actors=True),
+                                            max_concurrent_trials=workers, reuse_actors=True,
+                                            time_budget_s=timeout),
                 run_config=tune.RunConfig(name=study_name, storage_path=str(exp.parent), verbose=0,
                                           callbacks=[_progress_callback(list(task.objectives), quiet)]),
             )

@@ -14,6 +14,7 @@ from nas.compress import (  # noqa: F401
     quantize,
     share,
     sparsity,
+    weight_only,
 )
 from nas.compress.registry import (
     CODECS,

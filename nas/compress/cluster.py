@@ -49,6 +49,7 @@ def cluster_(layers: Sequence[nn.Module], bits: int) -> None:
         if not nz.any():
             continue
         centers, assign = kmeans_1d(w[nz], 2**bits)
+        centers = centers.half().float()  # an fp16 codebook: half the bytes in the packed file, exactly
         snapped = w.clone()
         snapped[nz] = centers[assign]
         w.copy_(snapped)

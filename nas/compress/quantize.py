@@ -43,11 +43,18 @@ def _per_channel(w: torch.Tensor) -> torch.Tensor:
     return w.reshape(w.shape[0], -1)
 
 
+def _fp16(scale: torch.Tensor) -> torch.Tensor:
+    """Scales on the fp16 grid (the packed file stores them in 2 bytes, exactly); a scale too
+    small for fp16 (a channel of zeros) becomes fp16's smallest step."""
+    s = scale.half().float()
+    return torch.where(s > 0, s, torch.full_like(s, 2.0**-24))
+
+
 def _symmetric(bits: int):  # noqa: ANN202
     qmax = 2 ** (bits - 1) - 1
 
     def encode(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scale = flat.abs().amax(1).clamp_min(1e-12) / qmax
+        scale = _fp16(flat.abs().amax(1) / qmax)
         return torch.round(flat / scale[:, None]).clamp(-qmax, qmax), scale
 
     return encode
@@ -59,7 +66,7 @@ def _ternary(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     codes = torch.where(flat > delta, 1.0, torch.where(flat < -delta, -1.0, 0.0))
     kept = codes.abs()
     scale = (flat.abs() * kept).sum(1) / kept.sum(1).clamp_min(1)
-    return codes, torch.where(kept.sum(1) > 0, scale, torch.full_like(scale, 1e-12))
+    return codes, _fp16(torch.where(kept.sum(1) > 0, scale, torch.zeros_like(scale)))
 
 
 def _binary(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,7 +74,7 @@ def _binary(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     their mask) and the scale is over the live weights."""
     codes = torch.sign(flat)
     live = codes.abs().sum(1)
-    return codes, (flat.abs().sum(1) / live.clamp_min(1)).clamp_min(1e-12)
+    return codes, _fp16(flat.abs().sum(1) / live.clamp_min(1))
 
 
 for _codec in (
@@ -199,7 +206,7 @@ class Quantize(Method):
 
     def card_notes(self, cfg) -> list[str]:  # noqa: ANN001
         low = [p for p in cfg.precisions if CODECS[p].kind == "int" and CODECS[p].bits < 8]
-        if low and not cfg.cluster_bits:
+        if low and not cfg.cluster_bits and not getattr(cfg, "weight_only", False):
             return [f"- Weights below 8 bits ({', '.join(low)}) are stored packed and run as int8 in ONNX Runtime "
                     "(no sub-8-bit kernels); the int8 weights are exactly the packed codes."]
         return []
