@@ -72,6 +72,6 @@ def test_config_parser_fuzz_only_raises_nas_errors(tmp_path_factory, raw):
     except NasError as exc:
         assert "\n" not in str(exc)
         return
-    for flag, kind in (("trials", int), ("seed", int), ("eta", float), ("jobs", int), ("early_stop", bool),
+    for flag, kind in (("trials", int), ("seed", int), ("eta", (float, type(None))), ("jobs", int), ("early_stop", bool),
                        ("quiet", bool), ("dataset", str), ("storage", str), ("sampler", str)):
         assert isinstance(getattr(args, flag), kind), (flag, getattr(args, flag))
