@@ -1,9 +1,14 @@
-"""Search efficiency and overhead on MNIST-1D: hypervolume vs wall-clock for
-(a) the default search (NSGA-II with Pareto early stopping), (b) the same without early
-stopping, (c) random sampling; 3 seeds each, the same trial budget. Also the time each trial
-spends outside training compute (sampling, storage, export, measurement).
+"""Search efficiency on MNIST-1D with every compression gene (`mnist1d_compress`):
+hypervolume vs wall-clock for the default sampler (the surrogate-screening sampler), the
+previous default (NSGA-II) and random sampling; 3 seeds each, the same trial budget, the
+space's own recipe and early-stopping setting, every run's hypervolume on one fixed reference
+point. Also the time each trial spends outside training compute.
 
-    python experiments/search_efficiency.py        # ~15 min on 2 cores (two searches at a time)
+Per seed: the wall-clock each other sampler needs to reach the default's final hypervolume
+(a run that never reaches it counts as its whole wall-clock, marked '>'), and hypervolumes at
+equal wall-clock. Runs go two at a time, one core each.
+
+    python experiments/search_efficiency.py --trials 100     # ~80 min on 2 cores
 
 Writes experiments/results/search_efficiency.{json,csv,png}; prints a one-line summary.
 """
@@ -14,6 +19,7 @@ import argparse
 import subprocess
 import sys
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import optuna
@@ -22,16 +28,15 @@ from _common import RESULTS, pyplot, write_json
 
 from nas.report import build_report
 
-CONFIGS = {"default": ("nsga2", True), "no_early_stop": ("nsga2", False), "random": ("random", False)}
+CONFIGS = {"default": "surrogate", "nsga2": "nsga2", "random": "random"}
 
 
-def run_one(storage: str, config: str, seed: int, trials: int, epochs: int) -> None:
-    sampler, early = CONFIGS[config]
-    cmd = [sys.executable, "-m", "nas.cli", "search", "--dataset", "mnist1d", "--study", f"{config}-s{seed}",
-           "--storage", storage, "--trials", str(trials), "--epochs", str(epochs), "--sampler", sampler,
+def run_one(storage: str, config: str, seed: int, trials: int, epochs: int | None) -> None:
+    cmd = [sys.executable, "-m", "nas.cli", "search", "--dataset", "mnist1d", "--space", "mnist1d_compress",
+           "--study", f"{config}-s{seed}", "--storage", storage, "--trials", str(trials), "--sampler", CONFIGS[config],
            "--seed", str(seed), "--train-threads", "1", "--quiet", "--artifacts", storage.split("///")[1] + ".art"]
-    if not early:
-        cmd.append("--no-early-stop")
+    if epochs:
+        cmd += ["--epochs", str(epochs)]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
 
 
@@ -42,16 +47,19 @@ def first_time_reaching(curve: pd.DataFrame, target: float) -> float | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--trials", type=int, default=16)
-    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--trials", type=int, default=100)
+    ap.add_argument("--epochs", type=int, default=None, help="override the space's epochs (default: its own)")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--analyze", metavar="STORAGE", help="only re-analyze the studies of an earlier run")
     args = ap.parse_args()
     storage = args.analyze or f"sqlite:///{tempfile.mkdtemp(prefix='nas-eff-')}/eff.db"
+    print(f"storage: {storage}", flush=True)
     jobs = [(c, s) for s in range(args.seeds) for c in CONFIGS]
+    t0 = time.time()
     if not args.analyze:
         with ThreadPoolExecutor(2) as pool:  # two searches at a time, one core each
             list(pool.map(lambda j: run_one(storage, j[0], j[1], args.trials, args.epochs), jobs))
+    total_s = time.time() - t0
 
     studies = [optuna.load_study(study_name=f"{c}-s{s}", storage=storage) for c, s in jobs]
     rep = build_report(studies)
@@ -63,15 +71,22 @@ def main() -> None:
         at = curve[curve["elapsed_s"] <= same_time]
         rows.append({"config": c, "seed": s, "final_hv": float(curve["hypervolume"].iloc[-1]),
                      "hv_at_default_wall": float(at["hypervolume"].iloc[-1]) if len(at) else 0.0,
-                     "wall_s": float(curve["elapsed_s"].max())})
+                     "wall_s": float(curve["elapsed_s"].max()), "trials": int(len(curve))})
     df = pd.DataFrame(rows)
     agg = df.groupby("config").agg(hv_mean=("final_hv", "mean"), hv_std=("final_hv", "std"),
                                    hv_at_default_wall=("hv_at_default_wall", "mean"), wall_mean=("wall_s", "mean"))
     reach = []
     for s in range(args.seeds):
         target = curves[f"default-s{s}"]["hypervolume"].iloc[-1]
-        reach.append({"seed": s, "default_wall_s": float(curves[f"default-s{s}"]["elapsed_s"].max()),
-                      "random_reaches_at_s": first_time_reaching(curves[f"random-s{s}"], target)})
+        default_wall = float(curves[f"default-s{s}"]["elapsed_s"].max())
+        row = {"seed": s, "default_final_hv": float(target), "default_wall_s": default_wall}
+        for other in ("random", "nsga2"):
+            hit = first_time_reaching(curves[f"{other}-s{s}"], target)
+            wall = hit if hit is not None else float(curves[f"{other}-s{s}"]["elapsed_s"].max())
+            row[f"{other}_reaches_at_s"] = hit
+            row[f"{other}_time_ratio"] = wall / default_wall
+            row[f"{other}_time_ratio_text"] = f"{'' if hit is not None else '>'}{wall / default_wall:.2f}x"
+        reach.append(row)
 
     # overhead: trial time outside training compute (train + fine-tuning)
     over = []
@@ -87,19 +102,20 @@ def main() -> None:
     over_df = pd.DataFrame(over)
 
     ratio = agg.loc["default", "hv_mean"] / agg.loc["random", "hv_mean"]
-    reached = [r["random_reaches_at_s"] for r in reach]
-    summary = (f"final hypervolume default {agg.loc['default', 'hv_mean']:.4f} vs no-early-stop "
-               f"{agg.loc['no_early_stop', 'hv_mean']:.4f} vs random {agg.loc['random', 'hv_mean']:.4f} "
-               f"(default/random {ratio:.3f}); at the default's wall-clock ({agg.loc['default', 'wall_mean']:.0f}s): "
-               f"{agg.loc['no_early_stop', 'hv_at_default_wall']:.4f} / {agg.loc['random', 'hv_at_default_wall']:.4f}; "
-               f"random reached the default's final HV in "
-               f"{sum(r is not None for r in reached)}/{len(reached)} seeds; "
-               f"overhead {over_df['overhead_fraction'].median():.1%} of trial time (median)")
+    mean_ratio = sum(r["random_time_ratio"] for r in reach) / len(reach)
+    summary = (f"final hypervolume default (surrogate) {agg.loc['default', 'hv_mean']:.4f} vs NSGA-II "
+               f"{agg.loc['nsga2', 'hv_mean']:.4f} vs random {agg.loc['random', 'hv_mean']:.4f}; "
+               f"at the default's wall-clock: NSGA-II {agg.loc['nsga2', 'hv_at_default_wall']:.4f}, random "
+               f"{agg.loc['random', 'hv_at_default_wall']:.4f}; random's wall-clock to the default's final HV per seed: "
+               + ", ".join(r["random_time_ratio_text"] for r in reach) + f" (mean {mean_ratio:.2f}x); NSGA-II's: "
+               + ", ".join(r["nsga2_time_ratio_text"] for r in reach)
+               + f"; overhead {over_df['overhead_fraction'].median():.1%} of trial time (median); total {total_s / 60:.0f} min")
     write_json("search_efficiency", {
-        "command": "python experiments/search_efficiency.py", "trials": args.trials, "epochs": args.epochs,
-        "seeds": args.seeds, "dataset": "mnist1d", "space": "mnist1d", "reference_point": rep.reference,
+        "command": f"python experiments/search_efficiency.py --trials {args.trials}", "trials": args.trials,
+        "epochs": args.epochs or "space default", "seeds": args.seeds, "dataset": "mnist1d", "space": "mnist1d_compress",
+        "total_wall_s": total_s, "reference_point": rep.reference, "random_time_ratio_mean": mean_ratio,
         "per_run": rows, "by_config": agg.reset_index().to_dict("records"), "hv_ratio_default_over_random": ratio,
-        "random_time_to_default_hv": reach,
+        "time_to_default_hv": reach,
         "overhead": {"median_fraction": float(over_df["overhead_fraction"].median()),
                      "median_preflight_s": float(over_df["preflight_s"].median()),
                      "median_eval_s": float(over_df["eval_s"].median()),
@@ -111,13 +127,13 @@ def main() -> None:
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    colors = {"default": "tab:red", "no_early_stop": "tab:blue", "random": "tab:grey"}
+    colors = {"default": "tab:red", "nsga2": "tab:blue", "random": "tab:grey"}
     for (c, s) in jobs:
         curve = curves[f"{c}-s{s}"]
         ax.plot(curve["elapsed_s"], curve["hypervolume"], color=colors[c], alpha=0.8, label=c if s == 0 else None)
     ax.set_xlabel("wall-clock since the search started (s)")
     ax.set_ylabel("hypervolume (normalized)")
-    ax.set_title(f"MNIST-1D, {args.trials} trials x {args.seeds} seeds per config", fontsize=9)
+    ax.set_title(f"MNIST-1D mnist1d_compress, {args.trials} trials x {args.seeds} seeds per sampler", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -58,7 +58,12 @@ CALIBRATION_SAMPLES = 64
 
 
 class ConstraintViolation(TrialFailure):
-    """A hard constraint failed in pre-flight: the trial is pruned, not trained."""
+    """A hard constraint failed in pre-flight: the trial is pruned, not trained. ``costs``: the
+    measured costs (recorded with the trial: a sampler learns where the limits bite)."""
+
+    def __init__(self, message: str, costs: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.costs = dict(costs or {})
 
 
 @dataclass(frozen=True)
@@ -242,7 +247,7 @@ def _preflight(t: _Trial) -> tuple[dict[str, Any], Exported]:
     later = value_dependent_size(t.candidate.compression)
     reason = check_constraints(costs, {k: v for k, v in t.task.constraints.items() if not (k == "size_bytes" and later)})
     if reason:
-        raise ConstraintViolation(reason)
+        raise ConstraintViolation(reason, costs)
     return costs, exported
 
 
@@ -303,7 +308,7 @@ def _result(t: _Trial, costs: dict[str, Any], scores: dict[str, Any], stats: Any
         costs.update({k.removeprefix("deployed_"): v for k, v in scores.items() if k.startswith("deployed_")})
     reason = check_constraints(costs, t.task.constraints)
     if reason:
-        raise ConstraintViolation(reason.replace("before training", "after compression"))
+        raise ConstraintViolation(reason.replace("before training", "after compression"), costs)
     acc = scores["accuracy"]
     objectives = {"accuracy": acc, **{k: float(costs[k]) for k in ("latency_ms", "size_bytes", "flops", "params")}}
     if t.task.reward:

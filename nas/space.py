@@ -158,8 +158,10 @@ class Space:
             p = self.compression[k]
             if known[k].matters is not None and not known[k].matters(genes):
                 continue  # no effect at these settings: not sampled, left at its default
-            if k in self.per_stage:  # mixed precision / per-stage pruning: one gene per stage
-                genes[known[k].per_stage] = tuple(p.suggest(trial, f"compress.s{i}.{k}") for i in range(len(self.stages)))
+            if k in self.per_stage:  # mixed precision / per-stage pruning: one gene per stage that has blocks
+                present = {b.stage for b in blocks} or {0}  # (stem and head go with stage 0)
+                genes[known[k].per_stage] = tuple(p.suggest(trial, f"compress.s{i}.{k}") if i in present
+                                                  else p.options()[0] for i in range(len(self.stages)))
             else:
                 genes[k] = p.suggest(trial, "compress." + k)
         compression = CompressionConfig(**genes)

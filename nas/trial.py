@@ -54,7 +54,8 @@ def outcome(exc: BaseException) -> tuple[str, dict[str, Any]]:
     if isinstance(exc, EarlyStopped):
         return "PRUNED", {"fail_reason": str(exc), "rung_reached": exc.rung}
     if isinstance(exc, ConstraintViolation):
-        return "PRUNED", {"fail_reason": str(exc)}
+        costs = {n: float(v) for n, v in exc.costs.items() if n in COSTS and isinstance(v, (int, float))}
+        return "PRUNED", {"fail_reason": str(exc), **({"costs": costs} if costs else {})}
     if isinstance(exc, TrialFailure):
         return "FAIL", {"fail_reason": str(exc)}
     return "FAIL", {"fail_reason": f"{type(exc).__name__}: {exc}"}

@@ -64,6 +64,7 @@ def test_constraint_prunes_with_reason(in_tmp, capsys):
     study = optuna.load_study(study_name="c", storage=db)
     assert all(t.state == optuna.trial.TrialState.PRUNED for t in study.trials)
     assert all("size_bytes" in t.user_attrs["fail_reason"] for t in study.trials)
+    assert all(t.user_attrs["costs"]["size_bytes"] > 100 for t in study.trials)  # measured, kept for the sampler
     capsys.readouterr()
     assert main(["front", "c", "--storage", db, "--all", "--format", "json"]) == 0
     rows = json.loads(capsys.readouterr().out)
@@ -74,7 +75,7 @@ BAD_ARGS = [
     (["search", "--dataset", "cifar"], "unknown dataset 'cifar' (allowed: digits, mnist1d"),
     (["search", "--space", "nope"], "unknown space 'nope' (allowed: default, mnist1d"),
     (["search", "--objectives", "accuracy,speed"], "unknown objective 'speed' (allowed: accuracy, latency_ms"),
-    (["search", "--sampler", "cma"], "unknown sampler 'cma' (allowed: nsga2, tpe, random, gp)"),
+    (["search", "--sampler", "cma"], "unknown sampler 'cma' (allowed: surrogate, nsga2, tpe, random, gp)"),
     (["search", "--dataset", "mnist1d", "--space", "default"], "space 'default' is for 2d inputs but dataset mnist1d is 1d"),
     (["search", "--storage", "runs/x.db"], "storage 'runs/x.db' is not usable (allowed:"),
     (["front", "nope", "--storage", "sqlite:///missing.db"], "database file missing.db does not exist"),

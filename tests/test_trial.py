@@ -13,6 +13,9 @@ from nas.trial import outcome, record_rung_and_judge, rung_names
 def test_outcomes_map_to_states_with_reasons():
     assert outcome(EarlyStopped("stopped", 2)) == ("PRUNED", {"fail_reason": "stopped", "rung_reached": 2})
     assert outcome(ConstraintViolation("too big")) == ("PRUNED", {"fail_reason": "too big"})
+    # a rejected candidate keeps its measured costs (a sampler learns where the limits bite)
+    assert outcome(ConstraintViolation("too big", {"size_bytes": 9e4, "latency_ms": 0.02, "val_accuracy": 0.5})) == (
+        "PRUNED", {"fail_reason": "too big", "costs": {"size_bytes": 9e4, "latency_ms": 0.02}})
     assert outcome(TrialFailure("nan loss")) == ("FAIL", {"fail_reason": "nan loss"})
     assert outcome(ValueError("bug")) == ("FAIL", {"fail_reason": "ValueError: bug"})
 

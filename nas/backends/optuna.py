@@ -24,12 +24,23 @@ from nas.trial import outcome, record_rung_and_judge, rung_names
 
 __all__ = ["SAMPLERS", "make_sampler", "make_objective", "create_study", "run_optuna"]
 
-SAMPLERS = ("nsga2", "tpe", "random", "gp")
+SAMPLERS = ("surrogate", "nsga2", "tpe", "random", "gp")
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
 
 
-def make_sampler(name: str, seed: int, n_trials: int = 50) -> optuna.samplers.BaseSampler:
-    """Samplers are always chosen explicitly (Optuna's defaults changed between majors)."""
+def make_sampler(name: str, seed: int, n_trials: int = 50, space: Space | None = None,
+                 task: Task | None = None) -> optuna.samplers.BaseSampler:
+    """Samplers are always chosen explicitly (Optuna's defaults changed between majors).
+    ``surrogate`` (:class:`nas.samplers.SurrogateSampler`) needs the space and task."""
+    if name == "surrogate":
+        if space is None or task is None:
+            raise ConfigError("the surrogate sampler needs the search space and task")
+        from nas.samplers import SurrogateSampler
+
+        data = get_dataset(task.dataset, task.seed)
+        dims = {"in_channels": data.in_channels, "input_size": data.input_size, "num_classes": data.num_classes}
+        return SurrogateSampler(lambda t: space.suggest(t, **dims), objective_directions(task.objectives), seed=seed,
+                                n_startup=max(4, min(10, n_trials // 5)), objectives=task.objectives)
     if name == "nsga2":
         # Small budgets need small generations, or NSGA-II never leaves its random first one.
         return optuna.samplers.NSGAIISampler(population_size=max(4, min(50, n_trials // 3)), seed=seed)
@@ -242,7 +253,7 @@ def run_optuna(
     ``timeout`` seconds have passed (Optuna's semantics: no trial starts after it)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     logging.getLogger("optuna").setLevel(logging.ERROR)  # failed trials are reported by our callback
-    study = create_study(study_name, storage, task, space, make_sampler(sampler, task.seed, n_trials), extra_meta)
+    study = create_study(study_name, storage, task, space, make_sampler(sampler, task.seed, n_trials, space, task), extra_meta)
     task = with_study_floor(task, study)
     recover_dead_trials(study)
     remaining = n_trials - finished_count(study)

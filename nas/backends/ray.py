@@ -235,7 +235,7 @@ def run_ray(
     task = dataclasses.replace(task, train_threads=task.train_threads or 1)
     storage = open_storage(storage_url, create=True, heartbeat=False)  # Tune asks/tells: no optimize() heartbeat
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = create_study(study_name, storage, task, space, make_sampler(sampler, task.seed, n_trials),
+    study = create_study(study_name, storage, task, space, make_sampler(sampler, task.seed, n_trials, space, task),
                          {"backend": "ray"})
     task = with_study_floor(task, study)
     exp = experiment_dir(runs_dir, study_name)
@@ -261,7 +261,7 @@ def run_ray(
             searcher = _make_searcher_class()(
                 space=DefineByRun(space, (data.in_channels, data.input_size, data.num_classes), task.to_dict()),
                 metric=list(task.objectives), mode=["max" if d == "maximize" else "min" for d in study_directions(study)],
-                sampler=make_sampler(sampler, task.seed, n_trials), study_name=study_name, storage=storage,
+                sampler=make_sampler(sampler, task.seed, n_trials, space, task), study_name=study_name, storage=storage,
             )
             searcher.total = n_trials
             rule = task.rung_rule()
