@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["to_minimize", "non_dominated_ranks", "pareto_mask", "hypervolume"]
+__all__ = ["to_minimize", "non_dominated_ranks", "pareto_mask", "hypervolume", "hypervolume_curve"]
 
 
 def to_minimize(values: np.ndarray, directions: Sequence[str]) -> np.ndarray:
@@ -20,8 +20,29 @@ def to_minimize(values: np.ndarray, directions: Sequence[str]) -> np.ndarray:
     return v * sign
 
 
-def _dominates(a: np.ndarray, b: np.ndarray) -> bool:
-    return bool(np.all(a <= b) and np.any(a < b))
+def pareto_mask(values: np.ndarray, directions: Sequence[str]) -> np.ndarray:
+    """Whether each row is Pareto-optimal (rank 0); invalid rows never are.
+
+    Rows are visited in lexicographic order, where no later row can dominate an earlier one, so
+    one pass that checks each row against the front kept so far (vectorized) is exact:
+    O(n x front size) instead of the O(n^2) pairwise loop (1,000 trials: milliseconds)."""
+    v = to_minimize(values, directions)
+    mask = np.zeros(len(v), dtype=bool)
+    idx = np.flatnonzero(np.all(np.isfinite(v), axis=1))
+    if not len(idx):
+        return mask
+    order = idx[np.lexsort(v[idx].T[::-1])]
+    front = np.empty((len(order), v.shape[1]))
+    k = 0
+    for i in order:
+        p = v[i]
+        f = front[:k]
+        if k and np.any(np.all(f <= p, axis=1) & np.any(f < p, axis=1)):
+            continue
+        front[k] = p
+        k += 1
+        mask[i] = True
+    return mask
 
 
 def non_dominated_ranks(values: np.ndarray, directions: Sequence[str]) -> np.ndarray:
@@ -30,23 +51,15 @@ def non_dominated_ranks(values: np.ndarray, directions: Sequence[str]) -> np.nda
     Equal points share a rank (neither dominates the other).
     """
     v = to_minimize(values, directions)
-    n = len(v)
-    ranks = np.full(n, -1, dtype=int)
-    valid = np.all(np.isfinite(v), axis=1)
-    remaining = set(np.flatnonzero(valid).tolist())
+    ranks = np.full(len(v), -1, dtype=int)
+    remaining = np.flatnonzero(np.all(np.isfinite(v), axis=1))
     rank = 0
-    while remaining:
-        idx = sorted(remaining)
-        front = [i for i in idx if not any(_dominates(v[j], v[i]) for j in idx if j != i)]
-        for i in front:
-            ranks[i] = rank
-        remaining -= set(front)
+    while len(remaining):
+        on = pareto_mask(v[remaining], ["minimize"] * v.shape[1])
+        ranks[remaining[on]] = rank
+        remaining = remaining[~on]
         rank += 1
     return ranks
-
-
-def pareto_mask(values: np.ndarray, directions: Sequence[str]) -> np.ndarray:
-    return non_dominated_ranks(values, directions) == 0
 
 
 def _hv_min(points: np.ndarray, ref: np.ndarray) -> float:
@@ -83,4 +96,31 @@ def hypervolume(values: np.ndarray, directions: Sequence[str], reference: Sequen
     if len(v) == 0:
         return 0.0
     v = v[pareto_mask(v, ["minimize"] * v.shape[1])]
-    return _hv_min(v, ref)
+    return _hv_exact(v, ref)
+
+
+def _hv_exact(points: np.ndarray, ref: np.ndarray) -> float:
+    """Optuna's own exact hypervolume (WFG, vectorized; a private module, hence the fallback to
+    the slicing implementation above if it moves)."""
+    try:
+        from optuna._hypervolume import compute_hypervolume
+    except ImportError:  # pragma: no cover - depends on the installed Optuna
+        return _hv_min(points, ref)
+    return float(compute_hypervolume(points, ref, assume_pareto=True))
+
+
+def hypervolume_curve(values: np.ndarray, directions: Sequence[str], reference: Sequence[float]) -> np.ndarray:
+    """Hypervolume of every prefix of ``values`` (rows in the order they arrived). It changes
+    only when a row enters the front, so only then is it recomputed."""
+    v = to_minimize(values, directions)
+    ref = to_minimize(np.asarray([reference], dtype=float), directions)[0]
+    out = np.zeros(len(v))
+    front = np.empty((0, v.shape[1]))
+    hv = 0.0
+    for i, p in enumerate(v):
+        if np.all(np.isfinite(p)) and np.all(p < ref) and not np.any(
+                np.all(front <= p, axis=1) & np.any(front < p, axis=1)) and not np.any(np.all(front == p, axis=1)):
+            front = np.vstack([front[~(np.all(p <= front, axis=1) & np.any(p < front, axis=1))], p])
+            hv = _hv_exact(front, ref)
+        out[i] = hv
+    return out

@@ -18,7 +18,7 @@ import numpy as np
 import optuna
 import pandas as pd
 
-from nas.pareto import hypervolume, non_dominated_ranks
+from nas.pareto import hypervolume_curve, pareto_mask
 from nas.study import front_frame, study_meta, trials_frame
 
 __all__ = ["UNITS", "StudyData", "Report", "build_report", "write_report", "layer_costs"]
@@ -76,20 +76,17 @@ def _normalize(values: np.ndarray, names: list[str], dirs: list[str], ref: dict[
 
 
 def _hv_curve(df: pd.DataFrame, names: list[str], dirs: list[str], ref: dict[str, float]) -> pd.DataFrame:
-    df = df.sort_values("trial")
+    df = df.sort_values(["datetime_complete", "trial"], kind="stable")  # in the order trials finished
     if df.empty:
         return pd.DataFrame(columns=["trial", "elapsed_s", "hypervolume"])
     starts = pd.to_datetime(df["datetime_start"])
     ends = pd.to_datetime(df["datetime_complete"])
     t0 = starts.min()
     values, norm_ref = _normalize(df[names].to_numpy(dtype=float), names, dirs, ref)
-    rows = []
-    for i in range(len(df)):
-        hv = hypervolume(values[: i + 1], dirs, norm_ref)
-        end = ends.iloc[i]
-        rows.append({"trial": int(df["trial"].iloc[i]), "elapsed_s": (end - t0).total_seconds() if pd.notna(end) else np.nan,
-                     "hypervolume": hv})
-    return pd.DataFrame(rows)
+    hv = hypervolume_curve(values, dirs, norm_ref)
+    return pd.DataFrame({"trial": df["trial"].astype(int).to_numpy(),
+                         "elapsed_s": [(e - t0).total_seconds() if pd.notna(e) else np.nan for e in ends],
+                         "hypervolume": hv})
 
 
 def layer_costs(artifact_dir: str | Path) -> pd.DataFrame:
@@ -178,8 +175,7 @@ def _png_front(rep: Report, a: str, b: str, path: Path) -> None:
         ax.scatter(df[a], df[b], c="lightgrey", s=18, label=f"{st.name}: dominated" if len(rep.studies) > 1 else "dominated")
         pair_dirs = [rep.directions[rep.objectives.index(a)], rep.directions[rep.objectives.index(b)]]
         # the front of this pair of objectives, drawn as a step line; all-objective front members ringed
-        ranks = non_dominated_ranks(df[[a, b]].to_numpy(dtype=float), pair_dirs)
-        pf = df[ranks == 0].sort_values(a)
+        pf = df[pareto_mask(df[[a, b]].to_numpy(dtype=float), pair_dirs)].sort_values(a)
         ax.step(pf[a], pf[b], where="post", color=color, lw=1.2, alpha=0.8)
         ax.scatter(st.front[a], st.front[b], c=color, s=36, edgecolors="black", linewidths=0.5, label=f"{label} (Pareto-optimal)")
     ax.set_xlabel(UNITS.get(a, a))

@@ -19,7 +19,7 @@ import pandas as pd
 
 from nas.config import CompressionConfig
 from nas.errors import ConfigError, NasError
-from nas.pareto import non_dominated_ranks
+from nas.pareto import pareto_mask
 from nas.trust import redact_text, redact_url
 
 __all__ = [
@@ -151,6 +151,5 @@ def front_frame(study: optuna.Study) -> pd.DataFrame:
     df = trials_frame(study)
     if df.empty:
         return df
-    ranks = non_dominated_ranks(df[names].to_numpy(dtype=float), dirs)
-    front = df[ranks == 0].copy()
+    front = df[pareto_mask(df[names].to_numpy(dtype=float), dirs)].copy()
     return front.sort_values(names[0], ascending=dirs[0] == "minimize", kind="stable").reset_index(drop=True)

@@ -54,3 +54,27 @@ def test_hypervolume_with_maximized_accuracy():
     assert hypervolume(v, ["maximize", "minimize"], [0.0, 100.0]) == pytest.approx(65.0)
 
 
+
+
+def _brute_mask(v: np.ndarray) -> np.ndarray:
+    ok = np.all(np.isfinite(v), axis=1)
+    return np.array([ok[i] and not any(ok[j] and np.all(v[j] <= v[i]) and np.any(v[j] < v[i]) for j in range(len(v)))
+                     for i in range(len(v))])
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_fast_front_and_incremental_curve_match_brute_force(seed):
+    from nas.pareto import _hv_min, hypervolume_curve
+
+    rng = np.random.default_rng(seed)
+    v = rng.integers(0, 6, size=(60, 3)).astype(float)  # many ties and duplicates
+    v[rng.integers(0, 60, 3), 1] = np.nan
+    assert pareto_mask(v, ["minimize"] * 3).tolist() == _brute_mask(v).tolist()
+    ranks = non_dominated_ranks(v, ["minimize"] * 3)
+    rest = ranks > 0
+    assert (ranks[rest] > 0).all() and pareto_mask(np.where(ranks[:, None] == 0, np.nan, v), ["minimize"] * 3).tolist() == (ranks == 1).tolist()
+    ref = [6.0, 6.0, 6.0]
+    curve = hypervolume_curve(v, ["minimize"] * 3, ref)
+    assert curve == pytest.approx([hypervolume(v[: i + 1], ["minimize"] * 3, ref) for i in range(len(v))])
+    front = v[pareto_mask(v, ["minimize"] * 3)]
+    assert hypervolume(v, ["minimize"] * 3, ref) == pytest.approx(_hv_min(np.unique(front, axis=0), np.array(ref)))
