@@ -9,6 +9,7 @@ read the study through this module.
 from __future__ import annotations
 
 import json
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -68,18 +69,26 @@ def open_storage(url: str, *, create: bool, heartbeat: bool = True) -> optuna.st
             raise NasError(f"storage {shown!r}: database file {sqlite} does not exist (run `nas search` first)")
         sqlite.parent.mkdir(parents=True, exist_ok=True)
     beat: dict[str, Any] = {}
-    try:
-        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna since 2.8
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            if create and heartbeat:  # a writer: a heartbeat lets a later run fail and retry trials of dead workers
-                beat = {"heartbeat_interval": HEARTBEAT_S, "grace_period": 3 * HEARTBEAT_S,
-                             "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)}
-            return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}} if sqlite else None,
-                                              **beat)
-    except Exception as exc:  # SQLAlchemy raises many types for a bad URL or driver
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        first = redact_text(first, url)
-        raise ConfigError(f"storage {shown!r} cannot be opened: {first} (allowed: {_STORAGE_HELP})") from exc
+    for attempt in range(4):
+        try:
+            with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna since 2.8
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                if create and heartbeat:  # a writer: a heartbeat lets a later run fail and retry trials of dead workers
+                    beat = {"heartbeat_interval": HEARTBEAT_S, "grace_period": 3 * HEARTBEAT_S,
+                            "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)}
+                return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}} if sqlite else None,
+                                                  **beat)
+        except Exception as exc:  # SQLAlchemy raises many types for a bad URL or driver
+            # Two processes creating the same new database race on its schema (seen with two
+            # `nas search` started together on a new SQLite file): the loser retries and finds
+            # the schema the winner made.
+            if create and attempt < 3 and any(w in str(exc) for w in ("alembic_version", "already exists", "UNIQUE")):
+                time.sleep(0.5 * (attempt + 1))
+                continue
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            first = redact_text(first, url)
+            raise ConfigError(f"storage {shown!r} cannot be opened: {first} (allowed: {_STORAGE_HELP})") from exc
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def load_study(name: str, storage_url: str) -> optuna.Study:

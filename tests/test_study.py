@@ -37,3 +37,18 @@ def test_trials_frame_and_front_of_a_foreign_study(tmp_path):
     assert sorted(front_frame(loaded)["trial"]) == [0, 1] == sorted(t.number for t in loaded.best_trials)
     with pytest.raises(NasError, match="study 'x' not found .*existing: s"):
         load_study("x", db)
+
+
+def test_processes_creating_one_new_database_together_all_open_it(tmp_path):
+    """Searches started together on a new SQLite file race on its schema; every one opens it."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from nas.study import open_storage; import optuna; "
+            "s = open_storage(sys.argv[1], create=True); optuna.create_study(storage=s, study_name=sys.argv[2])")
+    for round_ in range(3):
+        url = f"sqlite:///{tmp_path}/race{round_}.db"
+        procs = [subprocess.Popen([sys.executable, "-c", code, url, f"s{i}"], stderr=subprocess.PIPE, text=True)
+                 for i in range(4)]
+        errors = [p.communicate(timeout=120)[1] for p in procs]
+        assert all(p.returncode == 0 for p in procs), errors
