@@ -47,7 +47,26 @@ def pyplot():  # noqa: ANN201
     return plt
 
 
-def compare_with_front(study, baselines: list[dict], input_shape: tuple[int, ...], passes: int = 2) -> dict[str, Any]:
+def front_within(study, within_s: float | None = None):  # noqa: ANN201
+    """The study's Pareto front, of the trials finished within ``within_s`` seconds of the first
+    trial's start (all trials if ``None``): what a search stopped at that time would report."""
+    import pandas as pd
+
+    from nas.pareto import pareto_mask
+    from nas.study import front_frame, study_meta, trials_frame
+
+    if within_s is None:
+        return front_frame(study)
+    meta = study_meta(study)
+    df = trials_frame(study)
+    t0 = pd.to_datetime(df["datetime_start"]).min()
+    df = df[(pd.to_datetime(df["datetime_complete"]) - t0).dt.total_seconds() <= within_s]
+    front = df[pareto_mask(df[meta["objectives"]].to_numpy(dtype=float), meta["directions"])]
+    return front.sort_values(meta["objectives"][0], ascending=False).reset_index(drop=True)
+
+
+def compare_with_front(study, baselines: list[dict], input_shape: tuple[int, ...], passes: int = 2,
+                       front=None) -> dict[str, Any]:  # noqa: ANN001
     """Time the baselines' ONNX files, every front member's deployed ``model.onnx`` and the
     runtime's floor (an Identity graph) one after the other within the same ``passes``, then
     compare each baseline with the front members at least as accurate on *validation* (the test
@@ -61,7 +80,7 @@ def compare_with_front(study, baselines: list[dict], input_shape: tuple[int, ...
     from nas.measure import _identity_graph, onnx_latency
     from nas.study import front_frame
 
-    front = front_frame(study)
+    front = front_frame(study) if front is None else front
     models: dict[Any, Path] = {b["name"]: Path(b["onnx"]) for b in baselines}
     models.update({int(t): Path(study.trials[int(t)].user_attrs["artifact_dir"]) / "model.onnx" for t in front["trial"]})
     models["runtime_floor"] = _identity_graph(input_shape)

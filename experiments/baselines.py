@@ -30,7 +30,7 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import torch
-from _common import RESULTS, compare_with_front, pyplot, write_json
+from _common import RESULTS, compare_with_front, front_within, pyplot, write_json
 from scipy.stats import spearmanr
 from torch import nn
 
@@ -40,7 +40,7 @@ from nas.export import export_bundle
 from nas.measure import count_params, export_onnx, onnx_latency
 from nas.pipeline import Task, get_dataset
 from nas.space import load_space
-from nas.study import front_frame, load_study, study_meta
+from nas.study import load_study, study_meta
 from nas.train import accuracy, seed_everything
 
 
@@ -109,6 +109,9 @@ def main() -> None:
     ap.add_argument("--storage", default=None)
     ap.add_argument("--trials", type=int, default=20, help="trials of the search run when no --study is given")
     ap.add_argument("--baseline-steps", type=int, default=6000)
+    ap.add_argument("--name", default="baselines", help="results file name (experiments/results/NAME.json)")
+    ap.add_argument("--within", type=float, default=None, metavar="SECONDS",
+                    help="compare the front of the trials finished within this many seconds of the search's start")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="nas-base-"))
     data = get_dataset("mnist1d", 0)
@@ -117,17 +120,19 @@ def main() -> None:
                  measure_baseline(PaperMLP, "paper_mlp", data, tmp, args.baseline_steps)]
     if args.study:
         study = load_study(args.study, args.storage)
-        command = f"python experiments/baselines.py --study {args.study} (study: {study_meta(study).get('config', {})})"
+        command = (f"python experiments/baselines.py --study {args.study}"
+                   + (f" --within {args.within:g}" if args.within else "")
+                   + f" (study: {study_meta(study).get('config', {})})")
     else:
         space = load_space("mnist1d_compress")
         task = Task(dataset="mnist1d", artifacts_dir=str(tmp / "art"), early_stop={"eta": 3.0} if space.early_stop else None)
         study = run_optuna(space, task, study_name="mnist1d_compress", storage=f"sqlite:///{tmp}/b.db",
                            sampler="nsga2", n_trials=args.trials)
         command = f"python experiments/baselines.py --trials {args.trials}"
-    front = front_frame(study)
+    front = front_within(study, args.within)
     # 1 + 4: baselines, front and the runtime floor timed within the same two passes, so a
     # latency ratio never compares figures taken minutes apart on a shared machine
-    cmp = compare_with_front(study, baselines, (1, 1, 1, 40))
+    cmp = compare_with_front(study, baselines, (1, 1, 1, 40), front=front)
     for b in baselines:
         b.pop("onnx")
     ratios = cmp["ratios"]
@@ -157,7 +162,7 @@ def main() -> None:
                   f"{best['val_accuracy']:.3f} val / {best['test_accuracy']:.3f} test; " if best else "")
                + f"latency rank corr between passes {rho:.2f}; "
                f"size_bytes == file length for {sum(r['reported'] == r['file_bytes'] for r in truth)}/{len(truth)}")
-    write_json("baselines", {
+    write_json(args.name, {
         "command": command, "trials": len(study.trials), "space": "mnist1d_compress",
         "runtime_floor_ms": cmp["runtime_floor_ms"], "same_pass_ms": cmp["same_pass_ms"],
         "baselines": baselines, "ratios": ratios, "best_member_vs_paper_cnn": best,
@@ -167,7 +172,7 @@ def main() -> None:
         "summary": summary,
     })
     pd.DataFrame(baselines + front.assign(name=[f"trial {t}" for t in front["trial"]]).to_dict("records")).to_csv(
-        RESULTS / "baselines.csv", index=False)
+        RESULTS / f"{args.name}.csv", index=False)
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.6), dpi=110)
@@ -186,7 +191,7 @@ def main() -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(RESULTS / "baselines.png")
+    fig.savefig(RESULTS / f"{args.name}.png")
     print(summary)
 
 

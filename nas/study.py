@@ -47,6 +47,18 @@ def _sqlite_path(url: str) -> Path | None:
     return None
 
 
+def _with_driver(url: str) -> str:
+    """``postgresql://`` names no driver and SQLAlchemy then wants psycopg2; with only psycopg 3
+    installed (the ``postgres`` extra), use it."""
+    scheme, sep, rest = url.partition("://")
+    if scheme in ("postgresql", "postgres") and sep:
+        import importlib.util
+
+        if importlib.util.find_spec("psycopg2") is None and importlib.util.find_spec("psycopg") is not None:
+            return f"postgresql+psycopg://{rest}"
+    return url
+
+
 def open_storage(url: str, *, create: bool, heartbeat: bool = True) -> optuna.storages.BaseStorage:
     """Open an Optuna storage; with ``create=False`` a missing SQLite/journal file is an error
     (opening it would silently create an empty database). Writers (``create=True``) get a
@@ -68,6 +80,7 @@ def open_storage(url: str, *, create: bool, heartbeat: bool = True) -> optuna.st
         if not create and not sqlite.is_file():
             raise NasError(f"storage {shown!r}: database file {sqlite} does not exist (run `nas search` first)")
         sqlite.parent.mkdir(parents=True, exist_ok=True)
+    engine_url = _with_driver(url)
     beat: dict[str, Any] = {}
     for attempt in range(4):
         try:
@@ -76,7 +89,8 @@ def open_storage(url: str, *, create: bool, heartbeat: bool = True) -> optuna.st
                 if create and heartbeat:  # a writer: a heartbeat lets a later run fail and retry trials of dead workers
                     beat = {"heartbeat_interval": HEARTBEAT_S, "grace_period": 3 * HEARTBEAT_S,
                             "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)}
-                return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}} if sqlite else None,
+                return optuna.storages.RDBStorage(engine_url,
+                                                  engine_kwargs={"connect_args": {"timeout": 60}} if sqlite else None,
                                                   **beat)
         except Exception as exc:  # SQLAlchemy raises many types for a bad URL or driver
             # Two processes creating the same new database race on its schema (seen with two
