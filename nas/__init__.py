@@ -4,11 +4,24 @@ Architecture and compression are searched together; every cost is measured on wh
 ship (ONNX Runtime latency, bytes of the packed weights file).
 """
 
-from nas.config import ArchConfig, BlockConfig, Candidate, CompressionConfig, Recipe
-from nas.errors import NasError
-from nas.pipeline import Task, TrialResult, evaluate
-from nas.space import Space, load_space
-from nas.verify import load_bundle
+import importlib
+from typing import Any
+
+# Imported on first use (PEP 562): `nas front` and `nas report` need no PyTorch, and importing
+# it costs ~1.5 s of every command's start-up.
+_LAZY = {
+    "ArchConfig": "nas.config", "BlockConfig": "nas.config", "Candidate": "nas.config",
+    "CompressionConfig": "nas.config", "Recipe": "nas.config", "NasError": "nas.errors",
+    "Task": "nas.pipeline", "TrialResult": "nas.pipeline", "evaluate": "nas.pipeline",
+    "Space": "nas.space", "load_space": "nas.space", "load_bundle": "nas.verify",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'nas' has no attribute {name!r}")
+
 
 __all__ = [
     "ArchConfig",

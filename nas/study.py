@@ -18,7 +18,6 @@ import numpy as np
 import optuna
 import pandas as pd
 
-from nas.config import CompressionConfig
 from nas.errors import ConfigError, NasError
 from nas.pareto import pareto_mask
 from nas.trust import redact_text, redact_url
@@ -89,9 +88,11 @@ def open_storage(url: str, *, create: bool, heartbeat: bool = True) -> optuna.st
                 if create and heartbeat:  # a writer: a heartbeat lets a later run fail and retry trials of dead workers
                     beat = {"heartbeat_interval": HEARTBEAT_S, "grace_period": 3 * HEARTBEAT_S,
                             "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)}
+                # a reader of an existing database needs no schema creation or upgrade check
+                quick = {} if create else {"skip_compatibility_check": True, "skip_table_creation": True}
                 return optuna.storages.RDBStorage(engine_url,
                                                   engine_kwargs={"connect_args": {"timeout": 60}} if sqlite else None,
-                                                  **beat)
+                                                  **beat, **quick)
         except Exception as exc:  # SQLAlchemy raises many types for a bad URL or driver
             # Two processes creating the same new database race on its schema (seen with two
             # `nas search` started together on a new SQLite file): the loser retries and finds
@@ -107,10 +108,12 @@ def open_storage(url: str, *, create: bool, heartbeat: bool = True) -> optuna.st
 
 def load_study(name: str, storage_url: str) -> optuna.Study:
     storage = open_storage(storage_url, create=False)
-    names = [s.study_name for s in optuna.study.get_all_study_summaries(storage, include_best_trial=False)]
-    if name not in names:
+    try:
+        storage.get_study_id_from_name(name)  # (listing study summaries would read every trial)
+    except KeyError:
+        names = [s.study_name for s in storage.get_all_studies()]
         existing = ", ".join(sorted(names)) or "none"
-        raise NasError(f"study {name!r} not found in {redact_url(storage_url)} (existing: {existing})")
+        raise NasError(f"study {name!r} not found in {redact_url(storage_url)} (existing: {existing})") from None
     return optuna.load_study(study_name=name, storage=storage)
 
 
@@ -128,6 +131,8 @@ def study_meta(study: optuna.Study) -> dict[str, Any]:
 def _compression_summary(cand: dict | None) -> str:
     if not cand:
         return ""
+    from nas.config import CompressionConfig
+
     try:
         return CompressionConfig.from_dict(cand.get("compression", {})).summary()
     except NasError:
@@ -153,7 +158,8 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
         row["deploy_precision"] = ua.get("deploy_precision", "") if values else ""
         cand = ua.get("candidate")
         row["arch"] = ua.get("summary", "")
-        row["compression"] = _compression_summary(cand)
+        # stored at suggest time; older studies: computed (which needs the registry, and PyTorch)
+        row["compression"] = ua["compression_summary"] if "compression_summary" in ua else _compression_summary(cand)
         row["candidate"] = json.dumps(cand, sort_keys=True) if cand else ""
         row["fail_reason"] = ua.get("fail_reason", "")
         row["duration_s"] = t.duration.total_seconds() if t.duration else np.nan

@@ -58,6 +58,7 @@ def suggest_candidate(trial: Any, space: Space, task: Task) -> Candidate:
     cand = space.suggest(trial, in_channels=data.in_channels, input_size=data.input_size, num_classes=data.num_classes)
     trial.set_user_attr("candidate", cand.to_dict())
     trial.set_user_attr("summary", cand.arch.summary())
+    trial.set_user_attr("compression_summary", cand.compression.summary())
     return cand
 
 

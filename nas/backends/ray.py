@@ -55,6 +55,7 @@ class DefineByRun:
         cand = self.space.suggest(trial, in_channels=c, input_size=size, num_classes=k)
         trial.set_user_attr("candidate", cand.to_dict())
         trial.set_user_attr("summary", cand.arch.summary())
+        trial.set_user_attr("compression_summary", cand.compression.summary())
         return {"candidate": cand.to_dict(), "optuna_number": trial.number, "task": self.task}
 
 
