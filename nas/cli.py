@@ -245,7 +245,12 @@ def cmd_front(args: argparse.Namespace) -> int:
     objectives = study_meta(study)["objectives"]
     df = trials_frame(study) if args.all else front_frame(study)
     title = f"{'All trials' if args.all else 'Pareto front'} of {args.study}"
-    sys.stdout.write(render(df, objectives, args.format, title, full=args.all))
+    hosts = df["timing_host"].unique() if "timing_host" in df else []
+    if args.all or len(hosts) <= 1 or args.format in ("json", "csv"):
+        sys.stdout.write(render(df, objectives, args.format, title, full=args.all))
+        return 0
+    for host in hosts:  # one front per kind of timing machine (their latencies are not comparable)
+        sys.stdout.write(render(df[df["timing_host"] == host], objectives, args.format, f"{title}, timed on {host}"))
     return 0
 
 

@@ -162,6 +162,8 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
         row["compression"] = ua["compression_summary"] if "compression_summary" in ua else _compression_summary(cand)
         row["candidate"] = json.dumps(cand, sort_keys=True) if cand else ""
         row["fail_reason"] = ua.get("fail_reason", "")
+        host = [ua.get(k) for k in ("latency_cpu", "latency_cores", "latency_onnxruntime")]
+        row["timing_host"] = (f"{host[0]} x{host[1]}, onnxruntime {host[2]}" if all(h is not None for h in host) else "")
         row["duration_s"] = t.duration.total_seconds() if t.duration else np.nan
         row["datetime_start"] = t.datetime_start
         row["datetime_complete"] = t.datetime_complete
@@ -180,5 +182,11 @@ def front_frame(study: optuna.Study) -> pd.DataFrame:
     df = trials_frame(study)
     if df.empty:
         return df
+    if "latency_ms" in names and df.loc[df["state"] == "COMPLETE", "timing_host"].nunique() > 1:
+        # latencies timed on different kinds of machine are never compared: one front per host
+        fronts = [g[pareto_mask(g[names].to_numpy(dtype=float), dirs)] for _, g in df.groupby("timing_host", sort=True)]
+        front = pd.concat(fronts).copy()
+        return front.sort_values(["timing_host", names[0]], ascending=[True, dirs[0] == "minimize"],
+                                 kind="stable").reset_index(drop=True)
     front = df[pareto_mask(df[names].to_numpy(dtype=float), dirs)].copy()
     return front.sort_values(names[0], ascending=dirs[0] == "minimize", kind="stable").reset_index(drop=True)

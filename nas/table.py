@@ -41,6 +41,8 @@ def _columns(df: pd.DataFrame, objectives: Sequence[str], full: bool) -> list[st
             cols.append(extra)
     if full:  # the packed model's accuracy beside the deployed one (they differ where int8 QDQ quantizes activations)
         cols += ["packed_val_accuracy", "packed_test_accuracy", "deploy_precision", "fail_reason"]
+    if full or ("timing_host" in df.columns and df["timing_host"].nunique() > 1):
+        cols.append("timing_host")
     return [c for c in cols if c in df.columns]
 
 

@@ -52,3 +52,28 @@ def test_processes_creating_one_new_database_together_all_open_it(tmp_path):
                  for i in range(4)]
         errors = [p.communicate(timeout=120)[1] for p in procs]
         assert all(p.returncode == 0 for p in procs), errors
+
+
+def test_latencies_from_different_timing_hosts_get_their_own_fronts(tmp_path, capsys):
+    """A trial timed on a slower kind of machine is never dropped as 'dominated' by figures from
+    another kind: each timing host gets its own front, and `nas front` prints one table each."""
+    import optuna
+
+    from nas.cli import main
+    from nas.study import META_KEY, front_frame
+
+    db = f"sqlite:///{tmp_path}/h.db"
+    study = optuna.create_study(study_name="h", storage=db, directions=["maximize", "minimize", "minimize"])
+    study.set_user_attr(META_KEY, {"objectives": ["accuracy", "latency_ms", "size_bytes"],
+                                   "directions": ["maximize", "minimize", "minimize"]})
+    dist = {"w": optuna.distributions.IntDistribution(0, 9)}
+    for i, (acc, lat, size, cpu) in enumerate([(0.9, 0.01, 1000, "fast"), (0.8, 0.05, 2000, "slow"),
+                                               (0.7, 0.02, 3000, "fast")]):
+        study.add_trial(optuna.trial.create_trial(
+            params={"w": i}, distributions=dist, values=[acc, lat, size],
+            user_attrs={"latency_cpu": cpu, "latency_cores": 2, "latency_onnxruntime": "1.2", "summary": "s"}))
+    front = front_frame(study)
+    assert sorted(front["trial"]) == [0, 1]  # trial 1 is dominated only by another host's trial 0
+    assert main(["front", "h", "--storage", db]) == 0
+    out = capsys.readouterr().out
+    assert "timed on fast x2, onnxruntime 1.2" in out and "timed on slow x2, onnxruntime 1.2" in out
