@@ -70,10 +70,16 @@ def _positive_float(text: str) -> float:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="nas", description="Compression-aware neural architecture search.")
+    p = _Parser(prog="nas", description="Compression-aware neural architecture search.",
+                formatter_class=argparse.RawDescriptionHelpFormatter,
+                epilog="examples:\n  nas search                      # 20 trials on digits, prints the Pareto front\n"
+                       "  nas front digits-default        # the front again\n"
+                       "  nas export digits-default --pick knee && nas verify runs/bundles/digits-default-trial7\n"
+                       "run 'nas COMMAND --help' for each command's options and examples")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    s = sub.add_parser("search", help="run (or resume) a search and print its Pareto front")
+    s = sub.add_parser("search", help="run (or resume) a search and print its Pareto front",
+                       epilog="examples:\n  nas search\n  nas search --dataset mnist1d --space mnist1d_compress --timeout 1800 --trials 1000\n  nas search --dataset data.npz --objectives accuracy,size_bytes --max-latency-ms 0.05\n  nas search --backend ray --workers 2 --storage postgresql://user:pass@host/db", formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("--dataset", default="digits", help="digits (default), mnist1d, or a .npz path")
     s.add_argument("--space", default=None, help="space name or YAML path (default: 'default', 'mnist1d' for 1-D data)")
     s.add_argument("--study", default=None, help="study name (default: DATASET-SPACE)")
@@ -111,17 +117,20 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", default=None, help="experiment YAML whose keys are these flags (flags given here win)")
     s.add_argument("--quiet", action="store_true", help="no per-trial progress")
 
-    f = sub.add_parser("front", help="print a study's Pareto-optimal trials")
+    f = sub.add_parser("front", help="print a study's Pareto-optimal trials",
+                       epilog="examples:\n  nas front digits-default\n  nas front digits-default --all --format csv", formatter_class=argparse.RawDescriptionHelpFormatter)
     f.add_argument("study")
     f.add_argument("--storage", default=DEFAULT_STORAGE)
     f.add_argument("--format", default="table", help="table (default), csv, json, markdown")
     f.add_argument("--all", action="store_true", help="every trial, with state and failure reason")
-    r = sub.add_parser("report", help="HTML page and PNG plots of one study, or several compared")
+    r = sub.add_parser("report", help="HTML page and PNG plots of one study, or several compared",
+                       epilog="examples:\n  nas report digits-default\n  nas report run-a run-b --out runs/reports/compare", formatter_class=argparse.RawDescriptionHelpFormatter)
     r.add_argument("studies", nargs="+", metavar="STUDY")
     r.add_argument("--storage", default=DEFAULT_STORAGE)
     r.add_argument("--out", default=None, help="output folder (default runs/reports/STUDY)")
 
-    e = sub.add_parser("export", help="write a bundle (ONNX, torch.export, packed weights, manifest, model card)")
+    e = sub.add_parser("export", help="write a bundle (ONNX, torch.export, packed weights, manifest, model card)",
+                       epilog="examples:\n  nas export digits-default --pick knee\n  nas export digits-default --trial 7 --out my-model", formatter_class=argparse.RawDescriptionHelpFormatter)
     e.add_argument("study")
     e.add_argument("--storage", default=DEFAULT_STORAGE)
     which = e.add_mutually_exclusive_group(required=True)
@@ -131,11 +140,13 @@ def _build_parser() -> argparse.ArgumentParser:
     e.add_argument("--retrain", type=_positive_int, default=None, metavar="EPOCHS",
                    help="retrain the candidate for EPOCHS before export; both figures are reported")
 
-    v = sub.add_parser("verify", help="re-check a bundle against its manifest (exit 1 on any mismatch)")
+    v = sub.add_parser("verify", help="re-check a bundle against its manifest (exit 1 on any mismatch)",
+                       epilog="examples:\n  nas verify runs/bundles/digits-default-trial7", formatter_class=argparse.RawDescriptionHelpFormatter)
     v.add_argument("bundle")
     v.add_argument("--no-latency", action="store_true", help="skip re-timing latency")
 
-    d = sub.add_parser("dashboard", help="open optuna-dashboard on the study's storage (localhost only)")
+    d = sub.add_parser("dashboard", help="open optuna-dashboard on the study's storage (localhost only)",
+                       epilog="examples:\n  nas dashboard digits-default --port 8080", formatter_class=argparse.RawDescriptionHelpFormatter)
     d.add_argument("study")
     d.add_argument("--storage", default=DEFAULT_STORAGE)
     d.add_argument("--port", type=_positive_int, default=8080)

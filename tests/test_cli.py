@@ -270,3 +270,21 @@ def test_early_stopping_follows_the_space_unless_eta_is_given_and_timeout_stops(
     assert optuna.load_study(study_name="on", storage=db).user_attrs["nas"]["task"]["early_stop"] == {"eta": 2.0}
     assert main(["search", "--epochs", "1", "--storage", db, "--quiet", "--study", "d", "--trials", "1"]) == 0
     assert optuna.load_study(study_name="d", storage=db).user_attrs["nas"]["task"]["early_stop"] == {"eta": 3.0}
+
+
+def test_every_command_shows_examples_that_parse():
+    import shlex
+
+    from nas.cli import _build_parser
+
+    parser = _build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, __import__("argparse")._SubParsersAction))
+    assert "examples:" in parser.format_help()
+    for name, p in sub.choices.items():
+        text = p.format_help()
+        assert "examples:" in text, name
+        examples = [ln.strip() for ln in text.split("examples:")[1].splitlines() if ln.strip().startswith("nas ")]
+        assert examples, name
+        for ex in examples:
+            args = parser.parse_args(shlex.split(ex.split("#")[0].split("&&")[0])[1:])
+            assert args.command == name
