@@ -19,6 +19,7 @@ import optuna
 import pandas as pd
 
 from nas.pareto import hypervolume_curve, pareto_mask
+from nas.table import counts_sentence
 from nas.study import front_frame, study_meta, trials_frame
 
 __all__ = ["UNITS", "StudyData", "Report", "build_report", "write_report", "layer_costs"]
@@ -216,7 +217,12 @@ def _png_hv(rep: Report, path: Path) -> None:
 
 
 def _html_table(df: pd.DataFrame) -> str:
-    return df.to_html(index=False, border=0, classes="t", float_format=lambda v: f"{v:.4g}")
+    from nas.table import human
+
+    shown = df.copy().astype(object)
+    for c in shown.columns:
+        shown[c] = [human(c, v) for v in df[c]]
+    return shown.to_html(index=False, border=0, classes="t", escape=True)
 
 
 def _threads_text(rep: Report) -> str:
@@ -268,8 +274,8 @@ def _html(rep: Report) -> str:
              "<h2>Hypervolume over time</h2>", hv.to_html(full_html=False, include_plotlyjs=False)]
     for st in rep.studies:
         final_hv = st.hv_curve["hypervolume"].iloc[-1] if len(st.hv_curve) else 0.0
-        counts = st.trials["state"].value_counts().to_dict() if not st.trials.empty else {}
-        parts.append(f"<h2>{html.escape(st.name)}</h2><p>{len(st.trials)} trials {html.escape(json.dumps(counts))}; "
+        counts = {str(k): int(v) for k, v in st.trials["state"].value_counts().items()} if not st.trials.empty else {}
+        parts.append(f"<h2>{html.escape(st.name)}</h2><p>{html.escape(counts_sentence(counts))}; "
                      f"final hypervolume {final_hv:.4f}</p>")
         cols = [c for c in ["trial", *rep.objectives, "test_accuracy", "packed_val_accuracy", "packed_test_accuracy",
                             "deploy_precision", "latency_iqr_ms", "params", "flops", "size_bytes",

@@ -13,11 +13,42 @@ from typing import Any
 
 import pandas as pd
 
-__all__ = ["FORMATS", "render"]
+__all__ = ["FORMATS", "render", "human", "counts_sentence"]
 
 FORMATS = ("table", "csv", "json", "markdown")
 
 
+
+
+ACCURACIES = ("accuracy", "test_accuracy", "val_accuracy", "packed_val_accuracy", "packed_test_accuracy")
+
+
+def human(col: str, v: Any) -> str:
+    """A value as a person reads it: ``97.8%``, ``64,139 B``, ``0.0131 ms``, ``12,345``."""
+    if v is None or v is pd.NA or (isinstance(v, float) and pd.isna(v)):
+        return ""
+    if col in ACCURACIES:
+        return f"{100 * float(v):.1f}%"
+    if col in ("latency_ms", "latency_iqr_ms", "latency_raw_ms"):
+        return f"{float(v):.4f} ms"
+    if col == "size_bytes":
+        return f"{int(v):,} B"
+    if col in ("params", "flops", "trial", "bytes"):
+        return f"{int(v):,}"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def counts_sentence(states: dict[str, int]) -> str:
+    """Trial counts by state as a sentence: ``40 trials: 17 complete, 23 stopped early or
+    rejected by a limit, 0 failed``."""
+    total = sum(states.values())
+    parts = [f"{states.get('COMPLETE', 0)} complete", f"{states.get('PRUNED', 0)} stopped early or rejected by a limit",
+             f"{states.get('FAIL', 0)} failed"]
+    if states.get("RUNNING"):
+        parts.append(f"{states['RUNNING']} running")
+    return f"{total} trial{'s' if total != 1 else ''}: " + ", ".join(parts)
 
 
 def _fmt(col: str, v: Any) -> str:

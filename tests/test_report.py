@@ -47,6 +47,14 @@ def test_report_writes_html_and_pngs_with_reference_and_layer_costs(two_studies,
         assert f"Trial {t.number}: cost per layer" in page  # per-layer params / FLOPs / bytes
     assert "classifier" in page and "Pareto-optimal trials" in page
     assert "<script" in page and 'src="http' not in page  # self-contained: plotly inlined, nothing fetched
+    # numbers as people read them: sizes in bytes with separators, accuracies in %, counts as a sentence
+    import re
+
+    tables = page[page.index("Pareto-optimal trials"):]
+    t = front[0]
+    assert f"{int(t.values[2]):,} B" in tables and f"{100 * t.values[0]:.1f}%" in tables
+    assert f"{t.values[1]:.4f} ms" in tables and not re.search(r"\d\.\d+e[+-]\d\d", tables)
+    assert re.search(r"\d+ trials: \d+ complete, \d+ stopped early or rejected by a limit, \d+ failed", page)
 
 
 def test_report_compares_studies_on_one_plot(two_studies, capsys):
