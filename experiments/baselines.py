@@ -127,7 +127,7 @@ def main() -> None:
         space = load_space("mnist1d_compress")
         task = Task(dataset="mnist1d", artifacts_dir=str(tmp / "art"), early_stop={"eta": 3.0} if space.early_stop else None)
         study = run_optuna(space, task, study_name="mnist1d_compress", storage=f"sqlite:///{tmp}/b.db",
-                           sampler="nsga2", n_trials=args.trials)
+                           sampler="surrogate", n_trials=args.trials)
         command = f"python experiments/baselines.py --trials {args.trials}"
     front = front_within(study, args.within)
     # 1 + 4: baselines, front and the runtime floor timed within the same two passes, so a

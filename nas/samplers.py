@@ -113,6 +113,15 @@ class SurrogateSampler(optuna.samplers.BaseSampler):
         self._plans: dict[int, dict[str, Any]] = {}
         self._lock = threading.Lock()
 
+    def __getstate__(self) -> dict[str, Any]:  # Ray pickles the search algorithm and its sampler
+        state = self.__dict__.copy()
+        state["_lock"], state["_plans"] = None, {}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     # -- Optuna's sampler interface: everything is decided in before_trial
     def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
         return {}

@@ -89,3 +89,14 @@ def test_make_sampler_builds_it_for_a_space_and_plans_through_it():
     assert cand.arch.blocks or t.params["s0.block"] == "skip"
     with pytest.raises(Exception, match="needs the search space"):
         make_sampler("surrogate", 0)
+
+
+def test_it_pickles_as_ray_needs():
+    import pickle
+
+    sampler = make_sampler("surrogate", 0, 50, load_space("mnist1d_compress"), Task(dataset="mnist1d"))
+    again = pickle.loads(pickle.dumps(sampler))
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"], sampler=again)
+    t = study.ask()
+    load_space("mnist1d_compress").suggest(t, in_channels=1, input_size=(1, 40), num_classes=10)
+    assert t.params  # the unpickled sampler proposes (random, without repeats, at the start)

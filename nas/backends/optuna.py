@@ -38,8 +38,8 @@ def make_sampler(name: str, seed: int, n_trials: int = 50, space: Space | None =
         from nas.samplers import SurrogateSampler
 
         data = get_dataset(task.dataset, task.seed)
-        dims = {"in_channels": data.in_channels, "input_size": data.input_size, "num_classes": data.num_classes}
-        return SurrogateSampler(lambda t: space.suggest(t, **dims), objective_directions(task.objectives), seed=seed,
+        dims = {"in_channels": data.in_channels, "input_size": tuple(data.input_size), "num_classes": data.num_classes}
+        return SurrogateSampler(SpaceProposer(space, dims), objective_directions(task.objectives), seed=seed,
                                 n_startup=max(4, min(10, n_trials // 5)), objectives=task.objectives)
     if name == "nsga2":
         # Small budgets need small generations, or NSGA-II never leaves its random first one.
@@ -51,6 +51,17 @@ def make_sampler(name: str, seed: int, n_trials: int = 50, space: Space | None =
     if name == "gp":
         return optuna.samplers.GPSampler(seed=seed, n_startup_trials=max(4, min(10, n_trials // 3)))
     raise ConfigError(f"unknown sampler {name!r} (allowed: {', '.join(SAMPLERS)})")
+
+
+class SpaceProposer:
+    """``space.suggest`` for one dataset's shapes, as a picklable callable (Ray pickles the
+    search algorithm with its sampler)."""
+
+    def __init__(self, space: Space, dims: dict[str, Any]) -> None:
+        self.space, self.dims = space, dims
+
+    def __call__(self, trial: Any) -> Candidate:
+        return self.space.suggest(trial, **self.dims)
 
 
 def suggest_candidate(trial: Any, space: Space, task: Task) -> Candidate:
@@ -243,7 +254,7 @@ def run_optuna(
     *,
     study_name: str,
     storage: str | optuna.storages.BaseStorage,
-    sampler: str = "nsga2",
+    sampler: str = "surrogate",
     n_trials: int = 20,
     jobs: int = 1,
     callbacks: list[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]] | None = None,

@@ -212,7 +212,7 @@ def run_ray(
     *,
     study_name: str,
     storage_url: str,
-    sampler: str = "nsga2",
+    sampler: str = "surrogate",
     n_trials: int = 20,
     workers: int = 2,
     ray_address: str | None = None,
