@@ -100,7 +100,11 @@ def open_storage(url: str, *, create: bool, heartbeat: bool = True) -> optuna.st
             if create and attempt < 3 and any(w in str(exc) for w in ("alembic_version", "already exists", "UNIQUE")):
                 time.sleep(0.5 * (attempt + 1))
                 continue
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            root = exc  # Optuna wraps driver errors ("An exception is raised during the commit"): say the cause
+            while root.__cause__ is not None or (root.__context__ is not None and not root.__suppress_context__):
+                root = root.__cause__ or root.__context__
+            text = str(root).strip() or str(exc).strip()
+            first = text.splitlines()[0] if text else type(exc).__name__
             first = redact_text(first, url)
             raise ConfigError(f"storage {shown!r} cannot be opened: {first} (allowed: {_STORAGE_HELP})") from exc
     raise AssertionError("unreachable")  # pragma: no cover
