@@ -152,7 +152,7 @@ def test_load_bundle_is_callable_and_pickle_free(study):
         for info in z.infolist():
             blob = z.read(info)
             assert not blob.startswith(b"\x80"), f"{info.filename} looks like a pickle"
-    program = torch.export.load(str(out / "model.pt2"))
+    program = torch.export.load(str(out / "model.pt2"))  # a bundle this test just exported (crafted ones: test_trust)
     assert program.module()(data.x_test[:3]).shape == (3, 10)
 
 

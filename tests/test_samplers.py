@@ -95,7 +95,7 @@ def test_it_pickles_as_ray_needs():
     import pickle
 
     sampler = make_sampler("surrogate", 0, 50, load_space("mnist1d_compress"), Task(dataset="mnist1d"))
-    again = pickle.loads(pickle.dumps(sampler))
+    again = pickle.loads(pickle.dumps(sampler))  # our own object, round-tripped as Ray does: no outside data
     study = optuna.create_study(directions=["maximize", "minimize", "minimize"], sampler=again)
     t = study.ask()
     load_space("mnist1d_compress").suggest(t, in_channels=1, input_size=(1, 40), num_classes=10)

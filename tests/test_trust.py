@@ -115,7 +115,10 @@ def test_the_load_itself_cannot_unpickle(copy, tmp_path, monkeypatch):
 def test_pt2_entries_nas_never_writes_are_refused(copy, capsys, entry, data):
     _rewrite_pt2(copy / "model.pt2", lambda root, e: e.__setitem__(f"{root}/{entry}", data))
     _rehash(copy)
-    _refused(capsys, copy, "model.pt2")
+    err = _refused(capsys, copy, "model.pt2")
+    assert "model.pt2" in err
+    with pytest.raises(BundleError, match="model.pt2"):  # the archive check itself, before any load
+        check_pt2(copy / "model.pt2")
 
 
 @pytest.mark.parametrize("name", ["../../etc/hostname", "/etc/hostname", "sub/../../x"])
@@ -132,36 +135,50 @@ def test_a_symlink_out_of_the_bundle_is_refused(copy, capsys, tmp_path):
     outside.write_bytes((copy / "weights.nasp").read_bytes())
     (copy / "weights.nasp").unlink()
     (copy / "weights.nasp").symlink_to(outside)
-    _refused(capsys, copy, "weights.nasp")
+    err = _refused(capsys, copy, "weights.nasp")
+    assert str(outside) not in err or "outside" in err
+    with pytest.raises(BundleError, match="weights.nasp"):
+        nas.load_bundle(copy)
 
 
 def test_empty_file_list_is_refused(copy, capsys):
     man = json.loads((copy / "manifest.json").read_text())
     man["files"] = {}
     (copy / "manifest.json").write_text(json.dumps(man))
-    _refused(capsys, copy, "required file", "not listed")
+    err = _refused(capsys, copy, "required file", "not listed")
+    assert "not listed" in err
+    with pytest.raises(BundleError, match="not listed"):
+        nas.load_bundle(copy)
 
 
 def test_missing_required_file_is_refused(copy, capsys):
     (copy / "model.pt2").unlink()
-    _refused(capsys, copy, "model.pt2", "missing")
+    err = _refused(capsys, copy, "model.pt2", "missing")
+    assert "missing" in err
+    with pytest.raises(BundleError, match="missing"):
+        nas.load_bundle(copy)
 
 
 @pytest.mark.parametrize("text", ["{}", "not json {", "[]", '{"format": "nas-bundle/1", "files": []}', "\udcff"])
 def test_malformed_manifest_is_one_line(copy, capsys, text):
     (copy / "manifest.json").write_bytes(text.encode("utf-8", "surrogateescape"))
-    _refused(capsys, copy, "manifest.json")
+    err = _refused(capsys, copy, "manifest.json")
+    assert "Traceback" not in err
+    with pytest.raises(BundleError, match="manifest.json"):
+        nas.load_bundle(copy)
 
 
 def test_manifest_fields_of_the_wrong_type_are_one_line(copy, capsys):
     man = json.loads((copy / "manifest.json").read_text())
     man["metrics"]["size_bytes"] = "big"
     (copy / "manifest.json").write_text(json.dumps(man))
-    _refused(capsys, copy, "metrics.size_bytes")
+    assert "metrics.size_bytes" in _refused(capsys, copy, "metrics.size_bytes")
     man["metrics"]["size_bytes"] = 1
     man["candidate"] = {"version": 1, "arch": "x"}
     (copy / "manifest.json").write_text(json.dumps(man))
-    _refused(capsys, copy, "candidate")
+    assert "candidate" in _refused(capsys, copy, "candidate")
+    with pytest.raises(BundleError, match="candidate"):
+        nas.load_bundle(copy)
 
 
 def test_onnx_with_external_data_is_refused(copy, capsys):
