@@ -48,6 +48,8 @@ def test_search_records_settings_and_resumes_to_total(in_tmp, capsys):
     assert main(args) == 0
     study = optuna.load_study(study_name="r", storage=db)
     assert len(study.trials) == 3
+    # the resumed run's sampler is not re-seeded as the first run's: it does not replay trial 0
+    assert study.trials[2].params != study.trials[0].params
     meta = study.user_attrs["nas"]
     assert meta["objectives"] == ["accuracy", "params"] and meta["directions"] == ["maximize", "minimize"]
     assert study.metric_names == ["accuracy", "params"]

@@ -10,6 +10,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 
@@ -51,6 +52,12 @@ def make_sampler(name: str, seed: int, n_trials: int = 50, space: Space | None =
     if name == "gp":
         return optuna.samplers.GPSampler(seed=seed, n_startup_trials=max(4, min(10, n_trials // 3)))
     raise ConfigError(f"unknown sampler {name!r} (allowed: {', '.join(SAMPLERS)})")
+
+
+def resume_seed(seed: int, existing: int) -> int:
+    """The sampler seed for a run that finds ``existing`` trials already in its study:
+    reproducible for a given history, different from the first run's."""
+    return int(np.random.SeedSequence([seed, existing]).generate_state(1)[0])
 
 
 class SpaceProposer:
@@ -266,6 +273,12 @@ def run_optuna(
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     logging.getLogger("optuna").setLevel(logging.ERROR)  # failed trials are reported by our callback
     study = create_study(study_name, storage, task, space, make_sampler(sampler, task.seed, n_trials, space, task), extra_meta)
+    existing = len(study.get_trials(deepcopy=False))
+    if existing:
+        # A resumed (or joined) study: a sampler seeded as before would replay its first draws
+        # (Optuna's RandomSampler and the random generation of NSGA-II start from the seed),
+        # re-training candidates the study already holds. Seed it from the study's progress.
+        study.sampler = make_sampler(sampler, resume_seed(task.seed, existing), n_trials, space, task)
     task = with_study_floor(task, study)
     recover_dead_trials(study)
     remaining = n_trials - finished_count(study)
