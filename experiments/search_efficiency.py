@@ -31,18 +31,81 @@ from nas.report import build_report
 CONFIGS = {"default": "surrogate", "nsga2": "nsga2", "random": "random"}
 
 
-def run_one(storage: str, config: str, seed: int, trials: int, epochs: int | None) -> None:
+def run_one(storage: str, config: str, seed: int, trials: int, epochs: int | None, timeout: float | None = None) -> None:
     cmd = [sys.executable, "-m", "nas.cli", "search", "--dataset", "mnist1d", "--space", "mnist1d_compress",
            "--study", f"{config}-s{seed}", "--storage", storage, "--trials", str(trials), "--sampler", CONFIGS[config],
            "--seed", str(seed), "--train-threads", "1", "--quiet", "--artifacts", storage.split("///")[1] + ".art"]
     if epochs:
         cmd += ["--epochs", str(epochs)]
+    if timeout:
+        cmd += ["--timeout", str(int(timeout))]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+
+
+PAUSE_S = 120.0  # consecutive trials of one run follow each other within seconds
+
+
+def busy_elapsed(trials: pd.DataFrame) -> pd.Series:
+    """Seconds from the run's first trial start to each trial's completion, with pauses removed:
+    a run extended later (``--extend-random``) is a resumed study, and the time between the two
+    sessions, when nothing of it ran, is not search time. Indexed by trial number."""
+    df = trials.dropna(subset=["datetime_start"]).sort_values("datetime_start")
+    start, end = pd.to_datetime(df["datetime_start"]), pd.to_datetime(df["datetime_complete"])
+    paused, latest, out = 0.0, None, {}
+    t0 = start.min()
+    for trial, st, en in zip(df["trial"], start, end):
+        if latest is not None and (st - latest).total_seconds() > PAUSE_S:
+            paused += (st - latest).total_seconds()
+        if pd.notna(en):
+            latest = en if latest is None else max(latest, en)
+            out[int(trial)] = (en - t0).total_seconds() - paused
+    return pd.Series(out, dtype=float)
+
+
+def linear_curve(st, names: list[str], dirs: list[str], ref: dict[str, float]) -> pd.DataFrame:
+    """The same run's hypervolume with costs on a linear scale (each divided by the reference),
+    as this benchmark measured it before the report moved to log-scale costs."""
+    from nas.report import _hv_curve
+
+    return _hv_curve(st.trials, names, dirs, ref)
 
 
 def first_time_reaching(curve: pd.DataFrame, target: float) -> float | None:
     hit = curve[curve["hypervolume"] >= target - 1e-12]
     return float(hit["elapsed_s"].iloc[0]) if len(hit) else None
+
+
+def compare(curves: dict[str, pd.DataFrame], jobs: list[tuple[str, int]], seeds: int, trials: int):
+    """Per run: final hypervolume, at the default's wall-clock and after ``trials`` trials; per seed:
+    the wall-clock random and NSGA-II need to reach the default's final hypervolume."""
+    rows = []
+    for (c, s) in jobs:
+        curve = curves[f"{c}-s{s}"]
+        same_time = float(curves[f"default-s{s}"]["elapsed_s"].max())  # the default search's duration
+        at = curve[curve["elapsed_s"] <= same_time]
+        rows.append({"config": c, "seed": s, "final_hv": float(curve["hypervolume"].iloc[-1]),
+                     "hv_at_default_wall": float(at["hypervolume"].iloc[-1]) if len(at) else 0.0,
+                     "hv_at_budget": float(curve["hypervolume"].iloc[min(trials, len(curve)) - 1]),
+                     "wall_s": float(curve["elapsed_s"].max()), "trials": int(len(curve))})
+    df = pd.DataFrame(rows)
+    agg = df.groupby("config").agg(hv_mean=("final_hv", "mean"), hv_std=("final_hv", "std"),
+                                   hv_at_default_wall=("hv_at_default_wall", "mean"),
+                                   hv_at_budget=("hv_at_budget", "mean"), wall_mean=("wall_s", "mean"))
+    reach = []
+    for s in range(seeds):
+        target = curves[f"default-s{s}"]["hypervolume"].iloc[-1]
+        default_wall = float(curves[f"default-s{s}"]["elapsed_s"].max())
+        row = {"seed": s, "default_final_hv": float(target), "default_wall_s": default_wall}
+        for other in ("random", "nsga2"):
+            if f"{other}-s{s}" not in curves:
+                continue
+            hit = first_time_reaching(curves[f"{other}-s{s}"], target)
+            wall = hit if hit is not None else float(curves[f"{other}-s{s}"]["elapsed_s"].max())
+            row[f"{other}_reaches_at_s"] = hit
+            row[f"{other}_time_ratio"] = wall / default_wall
+            row[f"{other}_time_ratio_text"] = f"{'' if hit is not None else '>'}{wall / default_wall:.2f}x"
+        reach.append(row)
+    return df, agg, reach
 
 
 def main() -> None:
@@ -51,6 +114,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=None, help="override the space's epochs (default: its own)")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--analyze", metavar="STORAGE", help="only re-analyze the studies of an earlier run")
+    ap.add_argument("--extend-random", metavar="FACTOR", type=float, default=None,
+                    help="with --analyze: first resume each random run until its wall-clock is FACTOR x the default's "
+                         "(a random run that has not reached the default's hypervolume by then counts as '>FACTORx')")
     args = ap.parse_args()
     storage = args.analyze or f"sqlite:///{tempfile.mkdtemp(prefix='nas-eff-')}/eff.db"
     print(f"storage: {storage}", flush=True)
@@ -67,34 +133,29 @@ def main() -> None:
 
     names = {st.study_name for st in optuna.study.get_all_study_summaries(storage, include_best_trial=False)}
     jobs = [(c, s) for c, s in jobs if f"{c}-s{s}" in names]  # (an interrupted run: what finished)
+    if args.analyze and args.extend_random:
+        from nas.study import trials_frame
+
+        t_ext = time.time()
+        for s in range(args.seeds):  # one at a time, beside whatever else runs (as the runs went two at a time)
+            walls = {c: float(busy_elapsed(trials_frame(optuna.load_study(study_name=f"{c}-s{s}", storage=storage))).max())
+                     for c in ("default", "random")}
+            more = args.extend_random * walls["default"] - walls["random"]
+            if more > 0:
+                print(f"random-s{s}: {walls['random']:.0f} s so far, resuming for {more:.0f} s more", flush=True)
+                run_one(storage, "random", s, 100_000, args.epochs, timeout=more + 30)
+        total_s += time.time() - t_ext
     studies = [optuna.load_study(study_name=f"{c}-s{s}", storage=storage) for c, s in jobs]
     rep = build_report(studies)
-    curves = {st.name: st.hv_curve for st in rep.studies}
-    rows = []
-    for (c, s) in jobs:
-        curve = curves[f"{c}-s{s}"]
-        same_time = float(curves[f"default-s{s}"]["elapsed_s"].max())  # the default search's duration
-        at = curve[curve["elapsed_s"] <= same_time]
-        rows.append({"config": c, "seed": s, "final_hv": float(curve["hypervolume"].iloc[-1]),
-                     "hv_at_default_wall": float(at["hypervolume"].iloc[-1]) if len(at) else 0.0,
-                     "wall_s": float(curve["elapsed_s"].max()), "trials": int(len(curve))})
-    df = pd.DataFrame(rows)
-    agg = df.groupby("config").agg(hv_mean=("final_hv", "mean"), hv_std=("final_hv", "std"),
-                                   hv_at_default_wall=("hv_at_default_wall", "mean"), wall_mean=("wall_s", "mean"))
-    reach = []
-    for s in range(args.seeds):
-        target = curves[f"default-s{s}"]["hypervolume"].iloc[-1]
-        default_wall = float(curves[f"default-s{s}"]["elapsed_s"].max())
-        row = {"seed": s, "default_final_hv": float(target), "default_wall_s": default_wall}
-        for other in ("random", "nsga2"):
-            if f"{other}-s{s}" not in curves:
-                continue
-            hit = first_time_reaching(curves[f"{other}-s{s}"], target)
-            wall = hit if hit is not None else float(curves[f"{other}-s{s}"]["elapsed_s"].max())
-            row[f"{other}_reaches_at_s"] = hit
-            row[f"{other}_time_ratio"] = wall / default_wall
-            row[f"{other}_time_ratio_text"] = f"{'' if hit is not None else '>'}{wall / default_wall:.2f}x"
-        reach.append(row)
+    curves, lin_curves = {}, {}
+    for st in rep.studies:  # elapsed time without pauses (a resumed run), on both cost scales
+        busy = busy_elapsed(st.trials)
+        for out, curve in ((curves, st.hv_curve), (lin_curves, linear_curve(st, rep.objectives, rep.directions, rep.reference))):
+            curve = curve.copy()
+            curve["elapsed_s"] = curve["trial"].map(busy).to_numpy()
+            out[st.name] = curve.sort_values("elapsed_s", kind="stable").reset_index(drop=True)
+    scales = {"log": compare(curves, jobs, args.seeds, args.trials), "linear": compare(lin_curves, jobs, args.seeds, args.trials)}
+    df, agg, reach = scales["log"]
 
     # overhead: trial time outside training compute (train + fine-tuning)
     over = []
@@ -109,23 +170,33 @@ def main() -> None:
                          "sampling_storage_s": max(0.0, dur - u["total_s"]), "overhead_fraction": (dur - compute) / dur})
     over_df = pd.DataFrame(over)
 
-    ratio = agg.loc["default", "hv_mean"] / agg.loc["random", "hv_mean"]
-    mean_ratio = sum(r["random_time_ratio"] for r in reach) / len(reach)  # (the default and random run per seed)
-    def hv(c: str, col: str = "hv_mean") -> str:
-        return f"{agg.loc[c, col]:.4f}" if c in agg.index else "not run"
+    def sentence(scale: str) -> str:
+        _, agg, reach = scales[scale]
+        mean_ratio = sum(r["random_time_ratio"] for r in reach) / len(reach)
 
-    summary = (f"final hypervolume default (surrogate) {hv('default')} vs NSGA-II {hv('nsga2')} vs random {hv('random')}; "
-               f"at the default's wall-clock: NSGA-II {hv('nsga2', 'hv_at_default_wall')}, random "
-               f"{hv('random', 'hv_at_default_wall')}; random's wall-clock to the default's final HV per seed: "
-               + ", ".join(r.get("random_time_ratio_text", "-") for r in reach) + f" (mean {mean_ratio:.2f}x); NSGA-II's: "
-               + ", ".join(r.get("nsga2_time_ratio_text", "-") for r in reach)
-               + f"; overhead {over_df['overhead_fraction'].median():.1%} of trial time (median); total {total_s / 60:.0f} min")
+        def hv(c: str, col: str = "hv_mean") -> str:
+            return f"{agg.loc[c, col]:.4f}" if c in agg.index else "not run"
+
+        return (f"{scale}-scale costs: final hypervolume default (surrogate) {hv('default')} vs NSGA-II {hv('nsga2')} vs "
+                f"random {hv('random')} (random after {args.trials} trials: {hv('random', 'hv_at_budget')}); at the "
+                f"default's wall-clock: NSGA-II {hv('nsga2', 'hv_at_default_wall')}, random {hv('random', 'hv_at_default_wall')}; "
+                "random's wall-clock to the default's final HV per seed: "
+                + ", ".join(r.get("random_time_ratio_text", "-") for r in reach) + f" (mean {mean_ratio:.2f}x); NSGA-II's: "
+                + ", ".join(r.get("nsga2_time_ratio_text", "-") for r in reach))
+
+    summary = (sentence("log") + ". " + sentence("linear")
+               + f". Overhead {over_df['overhead_fraction'].median():.1%} of trial time (median); total {total_s / 60:.0f} min")
     write_json("search_efficiency", {
-        "command": f"python experiments/search_efficiency.py --trials {args.trials}", "trials": args.trials,
+        "command": f"python experiments/search_efficiency.py --trials {args.trials}"
+                   + (f" (then --analyze STORAGE --extend-random {args.extend_random})" if args.extend_random else ""),
+        "trials": args.trials,
         "epochs": args.epochs or "space default", "seeds": args.seeds, "dataset": "mnist1d", "space": "mnist1d_compress",
-        "total_wall_s": total_s, "reference_point": rep.reference, "random_time_ratio_mean": mean_ratio,
-        "per_run": rows, "by_config": agg.reset_index().to_dict("records"), "hv_ratio_default_over_random": ratio,
-        "time_to_default_hv": reach,
+        "total_wall_s": total_s, "reference_point": rep.reference, "log_scale_zero": rep.lower,
+        "pause_removed_over_s": PAUSE_S, "extend_random": args.extend_random,
+        **{f"{scale}_scale": {"per_run": d.to_dict("records"), "by_config": a.reset_index().to_dict("records"),
+                              "time_to_default_hv": r,
+                              "random_time_ratio_mean": sum(x["random_time_ratio"] for x in r) / len(r)}
+           for scale, (d, a, r) in scales.items()},
         "overhead": {"median_fraction": float(over_df["overhead_fraction"].median()),
                      "median_preflight_s": float(over_df["preflight_s"].median()),
                      "median_eval_s": float(over_df["eval_s"].median()),
@@ -136,16 +207,18 @@ def main() -> None:
     df.to_csv(RESULTS / "search_efficiency.csv", index=False)
 
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
     colors = {"default": "tab:red", "nsga2": "tab:blue", "random": "tab:grey"}
-    for (c, s) in jobs:
-        curve = curves[f"{c}-s{s}"]
-        ax.plot(curve["elapsed_s"], curve["hypervolume"], color=colors[c], alpha=0.8, label=c if s == 0 else None)
-    ax.set_xlabel("wall-clock since the search started (s)")
-    ax.set_ylabel("hypervolume (normalized)")
-    ax.set_title(f"MNIST-1D mnist1d_compress, {args.trials} trials x {args.seeds} seeds per sampler", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend()
+    for ax, (scale, cs) in zip(axes, (("log", curves), ("linear", lin_curves))):
+        for (c, s) in jobs:
+            curve = cs[f"{c}-s{s}"]
+            ax.plot(curve["elapsed_s"], curve["hypervolume"], color=colors[c], alpha=0.8, label=c if s == 0 else None)
+        ax.set_xlabel("wall-clock since the search started (s, pauses removed)")
+        ax.set_ylabel(f"hypervolume (costs on a {scale} scale)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"MNIST-1D mnist1d_compress, {args.trials} trials x {args.seeds} seeds per sampler"
+                 + (f" (random extended to {args.extend_random}x the default's wall-clock)" if args.extend_random else ""), fontsize=9)
     fig.tight_layout()
     fig.savefig(RESULTS / "search_efficiency.png")
     print(summary)

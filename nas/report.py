@@ -2,8 +2,13 @@
 (matplotlib PNGs, one self-contained plotly HTML page).
 
 Hypervolume is computed on normalized objectives: accuracy as is (a fraction, reference 0),
-each cost divided by 1.1 x its largest value over all compared studies (reference 1). The
-reference point is written into the report in the objectives' own units.
+each cost on a log scale between its smallest value / 1.1 (0) and 1.1 x its largest value
+(1, the reference) over all compared studies. Costs are compared as ratios (a model 10x smaller
+is worth the same whether it goes from 200 KB to 20 KB or from 20 KB to 2 KB); on a linear
+scale every model under a tenth of the largest one counts as about the same size, and the
+hypervolume says almost nothing about compression. The search's surrogate sampler scores
+candidates on the same scale. The reference point and the lower bounds are written into the
+report in the objectives' own units.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ class Report:
     directions: list[str]
     reference: dict[str, float]
     studies: list[StudyData]
+    lower: dict[str, float] = field(default_factory=dict)  # log-scale costs: the 0 of each
 
 
 def _reference(frames: list[pd.DataFrame], names: list[str], dirs: list[str]) -> dict[str, float]:
@@ -64,26 +70,48 @@ def _reference(frames: list[pd.DataFrame], names: list[str], dirs: list[str]) ->
     return ref
 
 
-def _normalize(values: np.ndarray, names: list[str], dirs: list[str], ref: dict[str, float]) -> tuple[np.ndarray, list[float]]:
+def _lower(frames: list[pd.DataFrame], names: list[str], dirs: list[str]) -> dict[str, float]:
+    """The 0 of each cost's log scale: its smallest positive value over the compared studies / 1.1."""
+    low = {}
+    for n, d in zip(names, dirs):
+        if d != "minimize":
+            continue
+        vals = pd.concat([f[n] for f in frames if n in f]).astype(float)
+        vals = vals[np.isfinite(vals)]
+        if not vals.empty and float(vals.min()) > 0:
+            low[n] = float(vals.min()) / REF_MARGIN
+    return low
+
+
+def _normalize(values: np.ndarray, names: list[str], dirs: list[str], ref: dict[str, float],
+               lower: dict[str, float] | None = None) -> tuple[np.ndarray, list[float]]:
+    """Costs with a lower bound on a log scale (0 at the bound, 1 at the reference), other costs
+    divided by the reference; maximized objectives as they are."""
     out = values.astype(float).copy()
     norm_ref = []
+    lower = lower or {}
     for j, (n, d) in enumerate(zip(names, dirs)):
         if d == "minimize":
-            out[:, j] = out[:, j] / ref[n]
+            if n in lower and ref[n] > lower[n]:
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    out[:, j] = np.log(out[:, j] / lower[n]) / np.log(ref[n] / lower[n])
+            else:
+                out[:, j] = out[:, j] / ref[n]
             norm_ref.append(1.0)
         else:
             norm_ref.append(ref[n])
     return out, norm_ref
 
 
-def _hv_curve(df: pd.DataFrame, names: list[str], dirs: list[str], ref: dict[str, float]) -> pd.DataFrame:
+def _hv_curve(df: pd.DataFrame, names: list[str], dirs: list[str], ref: dict[str, float],
+              lower: dict[str, float] | None = None) -> pd.DataFrame:
     df = df.sort_values(["datetime_complete", "trial"], kind="stable")  # in the order trials finished
     if df.empty:
         return pd.DataFrame(columns=["trial", "elapsed_s", "hypervolume"])
     starts = pd.to_datetime(df["datetime_start"])
     ends = pd.to_datetime(df["datetime_complete"])
     t0 = starts.min()
-    values, norm_ref = _normalize(df[names].to_numpy(dtype=float), names, dirs, ref)
+    values, norm_ref = _normalize(df[names].to_numpy(dtype=float), names, dirs, ref, lower)
     hv = hypervolume_curve(values, dirs, norm_ref)
     return pd.DataFrame({"trial": df["trial"].astype(int).to_numpy(),
                          "elapsed_s": [(e - t0).total_seconds() if pd.notna(e) else np.nan for e in ends],
@@ -138,17 +166,18 @@ def build_report(studies: list[optuna.Study]) -> Report:
                              "only studies with the same objectives can be compared")
     frames = [trials_frame(s) for s in studies]
     ref = _reference(frames, names, dirs)
+    lower = _lower(frames, names, dirs)
     out = []
     for s, df in zip(studies, frames):
         front = front_frame(s)
-        data = StudyData(s.study_name, df, front, _hv_curve(df, names, dirs, ref))
+        data = StudyData(s.study_name, df, front, _hv_curve(df, names, dirs, ref, lower))
         if not front.empty:
             for _, row in front.iterrows():
                 folder = s.trials[int(row["trial"])].user_attrs.get("artifact_dir")
                 if folder and Path(folder, "candidate.json").is_file():
                     data.layers[int(row["trial"])] = layer_costs(folder)
         out.append(data)
-    return Report(list(names), list(dirs), ref, out)
+    return Report(list(names), list(dirs), ref, out, lower)
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -263,8 +292,9 @@ def _html(rep: Report) -> str:
              " table.t td,table.t th{padding:3px 8px;border-bottom:1px solid #ddd;text-align:right}</style></head><body>",
              f"<h1>nas report: {html.escape(', '.join(s.name for s in rep.studies))}</h1>",
              "<p>Objectives: " + ", ".join(f"{n} ({d})" for n, d in zip(rep.objectives, rep.directions)) + ". "
-             "Hypervolume on normalized objectives; reference point: "
-             + html.escape(json.dumps({k: round(v, 6) for k, v in rep.reference.items()}), quote=False) + ".</p>",
+             "Hypervolume on normalized objectives (costs on a log scale: they are compared as ratios); reference point: "
+             + html.escape(json.dumps({k: round(v, 6) for k, v in rep.reference.items()}), quote=False)
+             + "; log-scale zero: " + html.escape(json.dumps({k: round(v, 6) for k, v in rep.lower.items()}), quote=False) + ".</p>",
              "<p>Measurement: latency_ms is the median of 500 timed runs of the deployable ONNX model in ONNX "
              f"Runtime on CPU (batch 1, {html.escape(_threads_text(rep))}, 50 warm-up runs, re-measured when IQR/median &gt; 0.10); timings "
              "hold a host-wide lock, so no two trials were ever timed at the same moment, whatever ran in "

@@ -7,6 +7,7 @@ import sys
 import time
 import urllib.request
 
+import numpy as np
 import optuna
 import pytest
 
@@ -123,3 +124,23 @@ def test_report_states_the_recorded_thread_count(tmp_path, capsys):
     assert main(["report", "t", "--storage", db, "--out", str(tmp_path / "r")]) == 0
     page = (tmp_path / "r" / "report.html").read_text()
     assert "batch 1, 2 threads" in page and "1 thread," not in page
+
+
+def test_hypervolume_counts_costs_as_ratios():
+    """A 10x smaller model adds the same hypervolume at any size (costs on a log scale), and
+    nothing outside the [lower, reference] box counts."""
+    from nas.pareto import hypervolume
+    from nas.report import _normalize
+
+    names, dirs = ["accuracy", "size_bytes"], ["maximize", "minimize"]
+    ref, lower = {"accuracy": 0.0, "size_bytes": 1e6}, {"size_bytes": 1e2}
+
+    def hv(points):
+        vals, r = _normalize(np.array(points, dtype=float), names, dirs, ref, lower)
+        return hypervolume(vals, dirs, r)
+
+    base = hv([[0.9, 1e5]])
+    assert hv([[0.9, 1e4]]) - base == pytest.approx(0.9 * 0.25)  # one decade of four
+    big, small = hv([[0.9, 1e5], [0.95, 1e5]]), hv([[0.9, 1e3], [0.95, 1e3]])
+    assert hv([[0.9, 1e4], [0.95, 1e5]]) - big == pytest.approx(hv([[0.9, 1e2], [0.95, 1e3]]) - small)
+    assert hv([[0.9, 1e2]]) == pytest.approx(0.9)
