@@ -79,8 +79,13 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     s = sub.add_parser("search", help="run (or resume) a search and print its Pareto front",
-                       epilog="examples:\n  nas search\n  nas search --dataset mnist1d --space mnist1d_compress --timeout 1800 --trials 1000\n  nas search --dataset data.npz --objectives accuracy,size_bytes --max-latency-ms 0.05\n  nas search --backend ray --workers 2 --storage postgresql://user:pass@host/db", formatter_class=argparse.RawDescriptionHelpFormatter)
-    s.add_argument("--dataset", default="digits", help="digits (default), mnist1d, or a .npz path")
+                       epilog="examples:\n  nas search\n  nas search --dataset mnist1d --space mnist1d_compress --timeout 1800 --trials 1000\n  nas search --dataset data.npz --objectives accuracy,size_bytes --max-latency-ms 0.05\n  nas search --dataset photos/ --image-size 32 --image-mode rgb\n  nas search --backend ray --workers 2 --storage postgresql://user:pass@host/db", formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("--dataset", default="digits",
+                   help="digits (default), mnist1d, a .npz path, or a folder of images with one subfolder per class")
+    s.add_argument("--image-size", metavar="HxW", help="image folders: resize every image to this (e.g. 32 or 32x24); "
+                   "needed when the images differ in size")
+    s.add_argument("--image-mode", choices=("grey", "rgb"), help="image folders: colour mode (default: rgb if any "
+                   "image has colour, else grey)")
     s.add_argument("--space", default=None, help="space name or YAML path (default: 'default', 'mnist1d' for 1-D data)")
     s.add_argument("--study", default=None, help="study name (default: DATASET-SPACE)")
     s.add_argument("--storage", default=DEFAULT_STORAGE, help=f"Optuna storage URL or journal .log path (default {DEFAULT_STORAGE})")
@@ -197,6 +202,12 @@ def cmd_search(args: argparse.Namespace) -> int:
     if args.sampler not in SAMPLERS:
         raise NasError(f"unknown sampler {args.sampler!r} (allowed: {', '.join(SAMPLERS)})")
     constraints = parse_constraints({c: getattr(args, f"max_{c}") for c in ("latency_ms", "size_bytes", "flops", "params")})
+    if Path(args.dataset).is_dir():
+        from nas.images import folder_dataset_id
+
+        args.dataset = folder_dataset_id(args.dataset, args.image_size, args.image_mode)
+    elif args.image_size or args.image_mode:
+        raise NasError(f"--image-size and --image-mode are for image folders; {args.dataset!r} is not a folder")
     data = get_dataset(args.dataset, args.seed)
     space = load_space(args.space or ("mnist1d" if data.spatial == "1d" else "default"))
     if space.spatial != data.spatial:

@@ -8,6 +8,8 @@ touches ``test``; ``test`` is reported alongside and re-checked by ``nas verify`
   length 40), as an image of height 1.
 - a path to a ``.npz`` file with ``x`` (N, C, H, W) and integer labels ``y`` (N,); optional
   ``x_test`` / ``y_test`` give a fixed test split.
+- a folder of PNG/JPEG images, one subfolder per class, optionally under ``train/`` and
+  ``test/`` (see :mod:`nas.images`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from nas.errors import DataError
 __all__ = ["Dataset", "load_dataset", "DATASETS"]
 
 DATASETS = ("digits", "mnist1d")
-_ALLOWED = "digits, mnist1d, or a path to a .npz file with x (N,C,H,W) and y (N,)"
+_ALLOWED = ("digits, mnist1d, a path to a .npz file with x (N,C,H,W) and y (N,), "
+            "or a folder of PNG/JPEG images with one subfolder per class")
 
 
 @dataclass(frozen=True)
@@ -173,12 +176,28 @@ def _npz(path: Path, seed: int) -> Dataset:
                    None if y_test is None else y_test.astype(np.int64), seed, num_classes)
 
 
+def _folder(name: str, seed: int) -> Dataset:
+    from nas.images import load_folder, split_id
+
+    arrays = load_folder(name)
+    x, y = arrays["x"], arrays["y"]
+    if len(y) < 10:
+        raise DataError(f"{split_id(name)[0]}: {len(y)} images is too few to split into train/val/test (need >= 10)")
+    xt, yt = arrays.get("x_test"), arrays.get("y_test")
+    return _finish(Path(split_id(name)[0]).name, x.astype(np.float32) / 255.0, y,
+                   None if xt is None else xt.astype(np.float32) / 255.0, yt, seed, len(arrays["classes"]))
+
+
 def load_dataset(name: str, seed: int = 0) -> Dataset:
-    """Load a dataset by name (``digits``, ``mnist1d``) or ``.npz`` path, split by ``seed``."""
+    """Load a dataset by name (``digits``, ``mnist1d``), ``.npz`` path or image folder, split by ``seed``."""
     if name == "digits":
         return _digits(seed)
     if name == "mnist1d":
         return _mnist1d(seed)
+    from nas.images import is_folder_dataset
+
+    if is_folder_dataset(name):
+        return _folder(name, seed)
     path = Path(name)
     if path.suffix == ".npz":
         if not path.is_file():
