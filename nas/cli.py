@@ -17,7 +17,7 @@ from nas.errors import NasError
 from nas.experiment import _apply_config, _given_dests  # noqa: F401 - re-exported for callers
 from nas.objectives import DEFAULT_OBJECTIVES, parse_constraints, parse_objectives
 from nas.study import DEFAULT_STORAGE
-from nas.table import FORMATS, _fmt, render
+from nas.table import FORMATS, human, render
 from nas.trust import redact_url
 
 __all__ = ["main"]
@@ -122,18 +122,27 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="candidates estimated to need more memory to train fail in pre-flight (default 4096)")
     s.add_argument("--config", default=None, help="experiment YAML whose keys are these flags (flags given here win)")
     s.add_argument("--quiet", action="store_true", help="no per-trial progress")
+    s.add_argument("--baseline", action="append", default=[], metavar="MODEL",
+                   help="your own model (.onnx, or .pt2 from torch.export) measured on the study's data and "
+                   "shown beside the front; stored with the study (repeatable)")
 
     f = sub.add_parser("front", help="print a study's Pareto-optimal trials",
-                       epilog="examples:\n  nas front digits-default\n  nas front digits-default --all --format csv", formatter_class=argparse.RawDescriptionHelpFormatter)
+                       epilog="examples:\n  nas front digits-default\n  nas front digits-default --all --format csv\n  nas front digits-default --baseline my_model.onnx", formatter_class=argparse.RawDescriptionHelpFormatter)
     f.add_argument("study")
     f.add_argument("--storage", default=DEFAULT_STORAGE)
     f.add_argument("--format", default="table", help="table (default), csv, json, markdown")
     f.add_argument("--all", action="store_true", help="every trial, with state and failure reason")
+    f.add_argument("--baseline", action="append", default=[], metavar="MODEL",
+                   help="your own model (.onnx, or .pt2 from torch.export) measured on the study's data and "
+                   "shown beside the front; stored with the study (repeatable)")
     r = sub.add_parser("report", help="HTML page and PNG plots of one study, or several compared",
-                       epilog="examples:\n  nas report digits-default\n  nas report run-a run-b --out runs/reports/compare", formatter_class=argparse.RawDescriptionHelpFormatter)
+                       epilog="examples:\n  nas report digits-default\n  nas report run-a run-b --out runs/reports/compare\n  nas report digits-default --baseline my_model.pt2", formatter_class=argparse.RawDescriptionHelpFormatter)
     r.add_argument("studies", nargs="+", metavar="STUDY")
     r.add_argument("--storage", default=DEFAULT_STORAGE)
     r.add_argument("--out", default=None, help="output folder (default runs/reports/STUDY)")
+    r.add_argument("--baseline", action="append", default=[], metavar="MODEL",
+                   help="your own model (.onnx, or .pt2 from torch.export) measured on the study's data and "
+                   "shown beside the front; stored with the study (repeatable)")
 
     e = sub.add_parser("export", help="write a bundle (ONNX, torch.export, packed weights, manifest, model card)",
                        epilog="examples:\n  nas export digits-default --pick knee\n  nas export digits-default --trial 7 --out my-model", formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -174,7 +183,7 @@ def _progress_callback(objectives: Sequence[str], total: int, quiet: bool):  # n
         done = len([t for t in study.get_trials(deepcopy=False) if t.state.is_finished()])
         head = f"[{done}/{total}] trial {trial.number} {trial.state.name.lower()}"
         if trial.values:
-            vals = "  ".join(f"{n}={_fmt(n, v)}" for n, v in zip(objectives, trial.values))
+            vals = "  ".join(f"{n}={human(n, v)}" for n, v in zip(objectives, trial.values))
             console.print(f"{head}  {vals}  ({trial.duration.total_seconds():.1f}s)  {trial.user_attrs.get('summary', '')}")
         else:
             console.print(f"{head}: {trial.user_attrs.get('fail_reason', 'no reason recorded')}")
@@ -234,6 +243,11 @@ def cmd_search(args: argparse.Namespace) -> int:
     from nas.backends.optuna import check_existing
 
     check_existing(study_name, storage, task, space)
+    if args.baseline:
+        from nas.baseline import check_baseline
+
+        for b in args.baseline:  # refused now, not after the search
+            check_baseline(b, data, args.latency_threads)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     err.print(f"study {study_name!r} in {redact_url(args.storage)}: dataset {data.name} {data.describe()['input_shape']}, "
               f"space {space.name}, sampler {args.sampler}, objectives {','.join(objectives)}")
@@ -254,7 +268,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                                                         for k, v in vars(args).items() if k != "func"}},
         )
     done = finished_count(study)
-    sys.stdout.write(render(front_frame(study), objectives, "table", f"Pareto front of {study_name} ({done} trials)"))
+    _print_front(study, front_frame(study), objectives, "table", f"Pareto front of {study_name} ({done} trials)", args.baseline)
     err.print(f"see it again: nas front {study_name} --storage {redact_url(args.storage)}")
     return 0
 
@@ -268,13 +282,30 @@ def cmd_front(args: argparse.Namespace) -> int:
     objectives = study_meta(study)["objectives"]
     df = trials_frame(study) if args.all else front_frame(study)
     title = f"{'All trials' if args.all else 'Pareto front'} of {args.study}"
-    hosts = df["timing_host"].unique() if "timing_host" in df else []
-    if args.all or len(hosts) <= 1 or args.format in ("json", "csv"):
-        sys.stdout.write(render(df, objectives, args.format, title, full=args.all))
-        return 0
-    for host in hosts:  # one front per kind of timing machine (their latencies are not comparable)
-        sys.stdout.write(render(df[df["timing_host"] == host], objectives, args.format, f"{title}, timed on {host}"))
+    _print_front(study, df, objectives, args.format, title, args.baseline, full=args.all)
     return 0
+
+
+def _print_front(study: Any, df: Any, objectives: Sequence[str], fmt: str, title: str, new_baselines: list[str],
+                 full: bool = False) -> None:
+    """The table (one per kind of timing host), with a column per baseline saying how much each
+    member beats it, then a line per baseline. ``new_baselines`` are measured and stored first."""
+    from nas.baseline import annotate, baseline_lines, measure_baseline, store_baseline, stored_baselines
+
+    for b in new_baselines:
+        store_baseline(study, measure_baseline(b, study))
+    baselines = stored_baselines(study)
+    if baselines and not full:
+        df = annotate(df, baselines, list(objectives))
+    hosts = df["timing_host"].unique() if "timing_host" in df else []
+    if full or len(hosts) <= 1 or fmt in ("json", "csv"):
+        sys.stdout.write(render(df, objectives, fmt, title, full=full))
+    else:
+        for host in hosts:  # one front per kind of timing machine (their latencies are not comparable)
+            sys.stdout.write(render(df[df["timing_host"] == host], objectives, fmt, f"{title}, timed on {host}"))
+    if baselines and fmt in ("table", "markdown"):
+        for line in baseline_lines(baselines, df):
+            sys.stdout.write(line + "\n")
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -282,6 +313,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     from nas.study import load_study
 
     studies = [load_study(name, args.storage) for name in args.studies]
+    if args.baseline:
+        from nas.baseline import measure_baseline, store_baseline
+
+        for st in studies:  # each study's own splits and reference floor
+            for b in args.baseline:
+                store_baseline(st, measure_baseline(b, st))
     try:
         rep = build_report(studies)
     except ValueError as exc:

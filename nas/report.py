@@ -23,6 +23,7 @@ import numpy as np
 import optuna
 import pandas as pd
 
+from nas.baseline import annotate, baseline_lines, stored_baselines
 from nas.pareto import hypervolume_curve, pareto_mask
 from nas.table import counts_sentence
 from nas.study import front_frame, study_meta, trials_frame
@@ -47,6 +48,7 @@ class StudyData:
     front: pd.DataFrame
     hv_curve: pd.DataFrame  # trial, elapsed_s, hypervolume
     layers: dict[int, pd.DataFrame] = field(default_factory=dict)
+    baselines: list[dict] = field(default_factory=list)  # the user's own models, as stored with the study
 
 
 @dataclass
@@ -170,7 +172,10 @@ def build_report(studies: list[optuna.Study]) -> Report:
     out = []
     for s, df in zip(studies, frames):
         front = front_frame(s)
-        data = StudyData(s.study_name, df, front, _hv_curve(df, names, dirs, ref, lower))
+        baselines = stored_baselines(s)
+        if baselines:
+            front = annotate(front, baselines, list(names))
+        data = StudyData(s.study_name, df, front, _hv_curve(df, names, dirs, ref, lower), baselines=baselines)
         if not front.empty:
             for _, row in front.iterrows():
                 folder = s.trials[int(row["trial"])].user_attrs.get("artifact_dir")
@@ -183,6 +188,20 @@ def build_report(studies: list[optuna.Study]) -> Report:
 # ----------------------------------------------------------------------------- rendering
 
 _COLORS = ["tab:red", "tab:blue", "tab:green", "tab:purple", "tab:orange"]
+
+
+def _baselines(rep: Report) -> list[dict]:
+    """Each baseline once (as measured on the first study that has it)."""
+    seen: dict[str, dict] = {}
+    for st in rep.studies:
+        for b in st.baselines:
+            seen.setdefault(b["name"], b)
+    return list(seen.values())
+
+
+# Dominated points drawn in the interactive page at most (a 10,000-trial study would make the
+# page slow to open and pan); the front is always drawn in full.
+MAX_DOMINATED_POINTS = 2000
 
 
 def _pairs(names: list[str]) -> list[tuple[str, str]]:
@@ -208,6 +227,10 @@ def _png_front(rep: Report, a: str, b: str, path: Path) -> None:
         pf = df[pareto_mask(df[[a, b]].to_numpy(dtype=float), pair_dirs)].sort_values(a)
         ax.step(pf[a], pf[b], where="post", color=color, lw=1.2, alpha=0.8)
         ax.scatter(st.front[a], st.front[b], c=color, s=36, edgecolors="black", linewidths=0.5, label=f"{label} (Pareto-optimal)")
+    for base in _baselines(rep):
+        if a in base and b in base:
+            ax.scatter([base[a]], [base[b]], marker="*", s=220, c="gold", edgecolors="black", linewidths=0.8,
+                       label=f"baseline {base['name']}", zorder=5)
     ax.set_xlabel(UNITS.get(a, a))
     ax.set_ylabel(UNITS.get(b, b))
     for axis, name in (("x", a), ("y", b)):
@@ -272,13 +295,26 @@ def _html(rep: Report) -> str:
     for i, st in enumerate(rep.studies):
         df = st.trials[st.trials["state"] == "COMPLETE"]
         on_front = df["trial"].isin(st.front["trial"])
+        dominated = df[~on_front]
+        shown_note = ""
+        if len(dominated) > MAX_DOMINATED_POINTS:  # a fixed sample of the dominated points, never of the front
+            shown_note = f" ({MAX_DOMINATED_POINTS:,} of {len(dominated):,} shown)"
+            dominated = dominated.sample(MAX_DOMINATED_POINTS, random_state=0).sort_index()
         for j, (a, b) in enumerate(pairs, start=1):
-            for mask, color, label in ((~on_front, "lightgrey", "dominated"), (on_front, _COLORS[i % 5].split(":")[1], "Pareto-optimal")):
-                part = df[mask]
+            for part, color, label in ((dominated, "lightgrey", "dominated" + shown_note),
+                                       (df[on_front], _COLORS[i % 5].split(":")[1], "Pareto-optimal")):
                 fig.add_trace(go.Scatter(x=part[a], y=part[b], mode="markers", marker={"color": color, "size": 8},
                                          name=f"{st.name}: {label}", showlegend=j == 1,
                                          text=[f"trial {t}<br>{ar}<br>{co}" for t, ar, co in zip(part["trial"], part["arch"], part["compression"])]),
                               row=1, col=j)
+            if i == len(rep.studies) - 1:
+                for base in _baselines(rep):
+                    if a in base and b in base:
+                        fig.add_trace(go.Scatter(
+                            x=[base[a]], y=[base[b]], mode="markers", name=f"baseline {base['name']}", showlegend=j == 1,
+                            marker={"symbol": "star", "size": 16, "color": "gold", "line": {"color": "black", "width": 1}},
+                            text=[f"baseline {base['name']}<br>{100 * base['accuracy']:.1f}% val / "
+                                  f"{100 * base['test_accuracy']:.1f}% test"]), row=1, col=j)
             fig.update_xaxes(title_text=UNITS.get(a, a), row=1, col=j, type="log" if a in ("size_bytes", "flops", "params") else None)
             fig.update_yaxes(title_text=UNITS.get(b, b), row=1, col=j, type="log" if b in ("size_bytes", "flops", "params") else None)
     fig.update_layout(height=450, width=max(700, 450 * len(pairs)))
@@ -310,8 +346,10 @@ def _html(rep: Report) -> str:
         cols = [c for c in ["trial", *rep.objectives, "test_accuracy", "packed_val_accuracy", "packed_test_accuracy",
                             "deploy_precision", "latency_iqr_ms", "params", "flops", "size_bytes",
                             "arch", "compression"] if c in st.front.columns]
-        cols = list(dict.fromkeys(cols))
+        cols = list(dict.fromkeys(cols)) + [c for c in st.front.columns if str(c).startswith("vs ")]
         parts.append("<h3>Pareto-optimal trials</h3>" + _html_table(st.front[cols]))
+        for line in baseline_lines(st.baselines, st.front):
+            parts.append(f"<p class='baseline'>{html.escape(line)}</p>")
         for trial, layers in st.layers.items():
             parts.append(f"<h3>Trial {trial}: cost per layer</h3>" + _html_table(layers))
     parts.append("</body></html>")

@@ -1,6 +1,7 @@
 """Trials tables as text: a rich table for terminals, CSV, JSON and markdown.
 
-Counts (trial numbers, bytes, params, FLOPs, threads) are integers in every format.
+Counts (trial numbers, bytes, params, FLOPs, threads) are integers in every format; the table
+and markdown formats show numbers as people read them (``97.8%``, ``64,139 B``, ``0.0131 ms``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ def human(col: str, v: Any) -> str:
         return f"{float(v):.4f} ms"
     if col == "size_bytes":
         return f"{int(v):,} B"
-    if col in ("params", "flops", "trial", "bytes"):
+    if col == "trial":
+        return str(int(v))
+    if col in ("params", "flops", "bytes"):
         return f"{int(v):,}"
     if isinstance(v, float):
         return f"{v:.4g}"
@@ -51,20 +54,6 @@ def counts_sentence(states: dict[str, int]) -> str:
     return f"{total} trial{'s' if total != 1 else ''}: " + ", ".join(parts)
 
 
-def _fmt(col: str, v: Any) -> str:
-    if v is None or v is pd.NA or (isinstance(v, float) and pd.isna(v)):
-        return ""
-    if col in ("accuracy", "test_accuracy", "val_accuracy", "packed_val_accuracy", "packed_test_accuracy"):
-        return f"{v:.4f}"
-    if col in ("latency_ms", "latency_iqr_ms"):
-        return f"{v:.4f}"
-    if col in ("size_bytes", "params", "flops", "trial"):
-        return f"{int(v):,}"
-    if isinstance(v, float):
-        return f"{v:.3g}"
-    return str(v)
-
-
 def _columns(df: pd.DataFrame, objectives: Sequence[str], full: bool) -> list[str]:
     cols = ["trial"] + (["state"] if full else []) + list(objectives)
     for extra in ("accuracy", "test_accuracy", "latency_ms", "latency_iqr_ms", "params", "flops", "size_bytes", "arch", "compression"):
@@ -74,6 +63,7 @@ def _columns(df: pd.DataFrame, objectives: Sequence[str], full: bool) -> list[st
         cols += ["packed_val_accuracy", "packed_test_accuracy", "deploy_precision", "fail_reason"]
     if full or ("timing_host" in df.columns and df["timing_host"].nunique() > 1):
         cols.append("timing_host")
+    cols += [c for c in df.columns if isinstance(c, str) and c.startswith("vs ")]  # how much each beats a baseline
     return [c for c in cols if c in df.columns]
 
 
@@ -92,7 +82,7 @@ def render(df: pd.DataFrame, objectives: Sequence[str], fmt: str, title: str, fu
         return json.dumps(json.loads(view.to_json(orient="records")), indent=2) + "\n"
     if fmt == "markdown":
         head = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
-        body = "".join("| " + " | ".join(_fmt(c, r[c]) for c in cols) + " |\n" for _, r in view.iterrows())
+        body = "".join("| " + " | ".join(human(c, r[c]) for c in cols) + " |\n" for _, r in view.iterrows())
         return head + body
     from rich.console import Console
     from rich.table import Table
@@ -102,7 +92,7 @@ def render(df: pd.DataFrame, objectives: Sequence[str], fmt: str, title: str, fu
         table.add_column(c, justify="left" if c in ("arch", "compression", "state", "fail_reason") else "right",
                          overflow="fold")
     for _, r in view.iterrows():
-        table.add_row(*(_fmt(c, r[c]) for c in cols))
+        table.add_row(*(human(c, r[c]) for c in cols))
     import shutil
 
     # On a terminal, fit it; into a pipe or file, never fold cells.
