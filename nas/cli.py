@@ -122,6 +122,9 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="candidates estimated to need more memory to train fail in pre-flight (default 4096)")
     s.add_argument("--config", default=None, help="experiment YAML whose keys are these flags (flags given here win)")
     s.add_argument("--quiet", action="store_true", help="no per-trial progress")
+    s.add_argument("--log-format", default="text", choices=("text", "json"),
+                   help="progress on stderr: text (a live bar on a terminal, a line per trial otherwise) or json "
+                        "(one object per line: each finished trial, then the end)")
     s.add_argument("--baseline", action="append", default=[], metavar="MODEL",
                    help="your own model (.onnx, or .pt2 from torch.export) measured on the study's data and "
                    "shown beside the front; stored with the study (repeatable)")
@@ -171,24 +174,19 @@ def _build_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------- commands
 
 
-def _progress_callback(objectives: Sequence[str], total: int, quiet: bool):  # noqa: ANN202
-    from rich.console import Console
+def trial_line(trial: Any, objectives: Sequence[str]) -> str:
+    """One finished trial as a person reads it."""
+    head = f"trial {trial.number} {trial.state.name.lower()}"
+    if trial.values:
+        vals = "  ".join(f"{n}={human(n, v)}" for n, v in zip(objectives, trial.values))
+        dur = f"  ({trial.duration.total_seconds():.1f}s)" if trial.duration else ""
+        return f"{head}  {vals}{dur}  {trial.user_attrs.get('summary', '')}"
+    return f"{head}: {trial.user_attrs.get('fail_reason', 'no reason recorded')}"
 
-    console = Console(stderr=True, highlight=False, soft_wrap=True)
-    start = time.perf_counter()
 
+def _progress_callback(progress: Any, objectives: Sequence[str]):  # noqa: ANN202
     def callback(study: Any, trial: Any) -> None:
-        if quiet:
-            return
-        done = len([t for t in study.get_trials(deepcopy=False) if t.state.is_finished()])
-        head = f"[{done}/{total}] trial {trial.number} {trial.state.name.lower()}"
-        if trial.values:
-            vals = "  ".join(f"{n}={human(n, v)}" for n, v in zip(objectives, trial.values))
-            console.print(f"{head}  {vals}  ({trial.duration.total_seconds():.1f}s)  {trial.user_attrs.get('summary', '')}")
-        else:
-            console.print(f"{head}: {trial.user_attrs.get('fail_reason', 'no reason recorded')}")
-        if done >= total:
-            console.print(f"search finished in {time.perf_counter() - start:.0f}s")
+        progress.trial_finished(study.get_trials(deepcopy=False), trial, trial_line(trial, objectives))
 
     return callback
 
@@ -249,27 +247,41 @@ def cmd_search(args: argparse.Namespace) -> int:
         for b in args.baseline:  # refused now, not after the search
             check_baseline(b, data, args.latency_threads)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
-    err.print(f"study {study_name!r} in {redact_url(args.storage)}: dataset {data.name} {data.describe()['input_shape']}, "
-              f"space {space.name}, sampler {args.sampler}, objectives {','.join(objectives)}")
+    if args.log_format == "json":  # stderr holds JSON lines only
+        if not args.quiet:
+            print(json.dumps({"event": "start", "study": study_name, "storage": redact_url(args.storage),
+                              "dataset": data.name, "input_shape": data.describe()["input_shape"], "space": space.name,
+                              "sampler": args.sampler, "objectives": list(objectives), "total": args.trials}),
+                  file=sys.stderr, flush=True)
+    else:
+        err.print(f"study {study_name!r} in {redact_url(args.storage)}: dataset {data.name} {data.describe()['input_shape']}, "
+                  f"space {space.name}, sampler {args.sampler}, objectives {','.join(objectives)}")
+    from nas.objectives import directions as objective_directions
+    from nas.progress import SearchProgress
+
+    progress = SearchProgress(objectives, objective_directions(objectives), args.trials, log_format=args.log_format,
+                              quiet=args.quiet, timeout=args.timeout)
     if args.backend == "ray":
         from nas.backends.ray import run_ray
 
         study = run_ray(space, task, study_name=study_name, storage_url=args.storage, sampler=args.sampler,
                         n_trials=args.trials, workers=args.workers, ray_address=args.ray_address, resume=args.resume,
-                        quiet=args.quiet, timeout=args.timeout)
+                        quiet=args.quiet, timeout=args.timeout, progress=progress)
     else:
         if args.resume or args.ray_address:
             raise NasError("--resume and --ray-address are for --backend ray (the optuna backend resumes by rerunning)")
         study = run_optuna(
             space, task, study_name=study_name, storage=storage, sampler=args.sampler,
             n_trials=args.trials, jobs=args.jobs, timeout=args.timeout,
-            callbacks=[_progress_callback(objectives, args.trials, args.quiet)],
+            callbacks=[_progress_callback(progress, objectives)],
             extra_meta={"backend": "optuna", "config": {k: redact_url(v) if k == "storage" else v
                                                         for k, v in vars(args).items() if k != "func"}},
         )
+    progress.finished(study.get_trials(deepcopy=False))
     done = finished_count(study)
     _print_front(study, front_frame(study), objectives, "table", f"Pareto front of {study_name} ({done} trials)", args.baseline)
-    err.print(f"see it again: nas front {study_name} --storage {redact_url(args.storage)}")
+    if args.log_format != "json":
+        err.print(f"see it again: nas front {study_name} --storage {redact_url(args.storage)}")
     return 0
 
 

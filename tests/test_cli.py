@@ -290,3 +290,52 @@ def test_every_command_shows_examples_that_parse():
         for ex in examples:
             args = parser.parse_args(shlex.split(ex.split("#")[0].split("&&")[0])[1:])
             assert args.command == name
+
+
+def test_json_progress_is_one_object_per_line(in_tmp):
+    db = f"sqlite:///{in_tmp}/j.db"
+    run = _run("search", "--trials", "3", "--epochs", "1", "--study", "j", "--storage", db, "--log-format", "json",
+               cwd=in_tmp)
+    assert run.returncode == 0, run.stderr
+    events = [json.loads(line) for line in run.stderr.splitlines() if line.strip()]  # every line is JSON
+    assert [e["event"] for e in events] == ["start", "trial", "trial", "trial", "finished"]
+    study = optuna.load_study(study_name="j", storage=db)
+    for e in events[1:-1]:
+        t = study.trials[e["trial"]]
+        assert e["state"] == t.state.name and e["total"] == 3
+        if t.values:
+            assert e["values"] == dict(zip(["accuracy", "latency_ms", "size_bytes"], t.values))
+    assert [e["done"] for e in events[1:]] == [1, 2, 3, 3]
+    end = events[-1]
+    assert end["front_size"] == len(study.best_trials) and 0 < end["hypervolume"] <= 1 and end["eta_s"] == 0
+    assert end["complete"] + end["pruned"] + end["failed"] == 3 and end["elapsed_s"] > 0
+
+
+def test_live_bar_on_a_terminal_and_lines_in_a_pipe():
+    import io
+    import types
+
+    from nas.progress import SearchProgress
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    def trial(n, acc, lat, size):
+        return types.SimpleNamespace(number=n, state=optuna.trial.TrialState.COMPLETE, values=[acc, lat, size],
+                                     duration=None, user_attrs={})
+
+    trials = [trial(0, 0.9, 0.01, 1000), trial(1, 0.8, 0.005, 500), trial(2, 0.7, 0.02, 2000)]
+    dirs = ["maximize", "minimize", "minimize"]
+    for stream, live in ((Tty(), True), (io.StringIO(), False)):
+        p = SearchProgress(["accuracy", "latency_ms", "size_bytes"], dirs, 10, stream=stream)
+        assert p.live is live
+        for i in range(3):
+            p.trial_finished(trials[: i + 1], trials[i], f"trial {i} complete")
+        p.finished(trials)
+        out = stream.getvalue()
+        assert "trial 2 complete" in out and "front 2, HV" in out  # trial 2 is dominated by trial 0
+        if live:
+            assert "3/10" in out and "ETA" in out and "front 2 · HV" in out
+        else:
+            assert "[3/10] trial 2 complete" in out and "\x1b" not in out  # no control characters in a pipe

@@ -20,6 +20,7 @@ from typing import Any
 import optuna
 
 from nas.backends.optuna import (
+    resume_seed,
     create_study,
     finished_count,
     make_sampler,
@@ -152,27 +153,43 @@ def _make_scheduler_class():  # noqa: ANN202
     return ParetoHalvingScheduler
 
 
-def _progress_callback(objectives: list[str], quiet: bool):  # noqa: ANN202
-    import sys
-
+def _progress_callback(objectives: list[str], quiet: bool, progress: Any, study_name: str, storage_url: str):  # noqa: ANN202
     from ray import tune
 
-    class Progress(tune.Callback):  # plain prints: the Tuner pickles its callbacks
+    settings = None if progress is None else {
+        "directions": progress.directions, "total": progress.total, "log_format": progress.log_format,
+        "timeout": progress.timeout, "started_at": progress.start}
+
+    class Progress(tune.Callback):
+        """Per finished trial, the same progress as the optuna backend's (lines or JSON: no live bar,
+        Tune owns the terminal). Holds only plain settings: the Tuner pickles its callbacks."""
+
         def __init__(self) -> None:
-            self.done = 0
+            self._p: Any = None
+            self._study: Any = None
+
+        def __getstate__(self) -> dict[str, Any]:
+            return {"_p": None, "_study": None}
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            self.done += 1
-            if quiet:
+            if quiet or settings is None:
                 return
+            from nas.cli import trial_line
+            from nas.progress import SearchProgress
+
+            if self._p is None:
+                self._p = SearchProgress(objectives, settings["directions"], settings["total"], live=False,
+                                         log_format=settings["log_format"], timeout=settings["timeout"],
+                                         started_at=settings["started_at"])
+                self._study = optuna.load_study(study_name=study_name,
+                                                storage=open_storage(storage_url, create=False, heartbeat=False))
             r = trial.last_result or {}
-            head = f"[{self.done}] ray trial {r.get('config', {}).get('optuna_number', '?')} {str(r.get('nas_state', 'stopped')).lower()}"
-            if r.get("nas_state") == "COMPLETE":
-                vals = "  ".join(f"{o}={r[o]:.4g}" for o in objectives if o in r)
-                print(f"{head}  {vals}", file=sys.stderr, flush=True)
-            else:
-                print(f"{head}: {r.get('fail_reason', 'early-stopped at a rung' if 'rung' in r else '')}",
-                      file=sys.stderr, flush=True)
+            number = r.get("config", {}).get("optuna_number")
+            frozen = self._study.get_trials(deepcopy=False)
+            mine = next((t for t in frozen if t.number == number), None)
+            if mine is None or not mine.state.is_finished():
+                return  # not recorded (yet): shown with the next one's counts
+            self._p.trial_finished(frozen, mine, "ray " + trial_line(mine, objectives))
 
     return Progress()
 
@@ -220,6 +237,7 @@ def run_ray(
     runs_dir: str | Path = "runs",
     quiet: bool = False,
     timeout: float | None = None,
+    progress: Any = None,
 ) -> optuna.Study:
     """Run (or, with ``resume``, restore) a Ray Tune search into the Optuna study; ``timeout``:
     seconds after which no new trial starts (Tune's ``time_budget_s``)."""
@@ -258,11 +276,13 @@ def run_ray(
             remaining = n_trials - finished_count(study)
             if remaining <= 0:
                 return study
+            existing = len(study.get_trials(deepcopy=False))  # a resumed study: do not replay its draws
             data = get_dataset(task.dataset, task.seed)
             searcher = _make_searcher_class()(
                 space=DefineByRun(space, (data.in_channels, data.input_size, data.num_classes), task.to_dict()),
                 metric=list(task.objectives), mode=["max" if d == "maximize" else "min" for d in study_directions(study)],
-                sampler=make_sampler(sampler, task.seed, n_trials, space, task), study_name=study_name, storage=storage,
+                sampler=make_sampler(sampler, resume_seed(task.seed, existing) if existing else task.seed, n_trials, space,
+                                     task), study_name=study_name, storage=storage,
             )
             searcher.total = n_trials
             rule = task.rung_rule()
@@ -273,7 +293,8 @@ def run_ray(
                                             max_concurrent_trials=workers, reuse_actors=True,
                                             time_budget_s=timeout),
                 run_config=tune.RunConfig(name=study_name, storage_path=str(exp.parent), verbose=0,
-                                          callbacks=[_progress_callback(list(task.objectives), quiet)]),
+                                          callbacks=[_progress_callback(list(task.objectives), quiet, progress,
+                                                                        study_name, storage_url)]),
             )
         tuner.fit()
     finally:
