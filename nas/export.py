@@ -134,6 +134,8 @@ def _context(threads: int) -> dict[str, Any]:
 
 
 def _card(manifest: dict[str, Any]) -> str:
+    from nas.table import human
+
     m, c = manifest["metrics"], Candidate.from_dict(manifest["candidate"])
     src = manifest["source"]
     ctx = manifest["measurement"]
@@ -156,13 +158,13 @@ def _card(manifest: dict[str, Any]) -> str:
         "## Figures (measured on the files in this folder)",
         "| metric | value |",
         "|---|---|",
-        f"| validation accuracy | {m['val_accuracy']:.4f} |",
-        f"| test accuracy | {m['test_accuracy']:.4f} |",
-        *([f"| packed PyTorch model (weights only, float activations) | val {m['packed_val_accuracy']:.4f}, "
-           f"test {m['packed_test_accuracy']:.4f} |"] if "packed_test_accuracy" in m else []),
+        f"| validation accuracy | {human('accuracy', m['val_accuracy'])} |",
+        f"| test accuracy | {human('accuracy', m['test_accuracy'])} |",
+        *([f"| packed PyTorch model (weights only, float activations) | val {human('accuracy', m['packed_val_accuracy'])}, "
+           f"test {human('accuracy', m['packed_test_accuracy'])} |"] if "packed_test_accuracy" in m else []),
         f"| latency (ONNX Runtime, batch 1, {m.get('latency_threads', ctx['threads'])} thread"
-        f"{'s' if m.get('latency_threads', ctx['threads']) != 1 else ''}) | {m['latency_ms']:.4f} ms median, IQR {m['latency_iqr_ms']:.4f} ms |",
-        f"| size of `{PACKED_NAME}` | {m['size_bytes']:,} bytes |",
+        f"{'s' if m.get('latency_threads', ctx['threads']) != 1 else ''}) | {human('latency_ms', m['latency_ms'])} median, IQR {human('latency_ms', m['latency_iqr_ms'])} |",
+        f"| size of `{PACKED_NAME}` | {human('size_bytes', m['size_bytes'])} |",
         f"| parameters | {m['params']:,} |",
         f"| FLOPs (fvcore, multiply-adds) | {m['flops']:,} |",
         f"| deployed precision | {m['deploy_precision']} |",
@@ -171,8 +173,8 @@ def _card(manifest: dict[str, Any]) -> str:
     ]
     if manifest.get("search_metrics"):
         s = manifest["search_metrics"]
-        lines.append(f"| at search time | val {s['val_accuracy']:.4f}, test {s['test_accuracy']:.4f}, "
-                     f"{s['size_bytes']:,} bytes (retrained for {manifest['retrain_epochs']} epochs since) |")
+        lines.append(f"| at search time | val {human('accuracy', s['val_accuracy'])}, test {human('accuracy', s['test_accuracy'])}, "
+                     f"{human('size_bytes', s['size_bytes'])} (retrained for {manifest['retrain_epochs']} epochs since) |")
     lines += [
         "",
         "## Use it",

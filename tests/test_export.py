@@ -108,8 +108,8 @@ def test_manifest_and_card_carry_the_measured_figures(study):
     assert manifest["measurement"]["threads"] == 1 and manifest["measurement"]["batch_size"] == 1
     assert manifest["data"]["seed"] == 0 and manifest["data"]["name"] == "digits"
     card = (out / "MODEL_CARD.md").read_text()
-    assert f"{manifest['metrics']['test_accuracy']:.4f}" in card
-    assert f"{manifest['metrics']['size_bytes']:,} bytes" in card
+    assert f"| test accuracy | {100 * manifest['metrics']['test_accuracy']:.1f}% |" in card  # numbers as people read them
+    assert f"{manifest['metrics']['size_bytes']:,} B" in card
     assert f"{manifest['metrics']['latency_ms']:.4f} ms" in card
     assert "TODO" not in card and "nan" not in card
 
@@ -264,7 +264,7 @@ def test_every_front_member_of_a_compressed_study_verifies(tmp_path, capsys):
         manifest = json.loads((out / "manifest.json").read_text())
         precisions.add(manifest["metrics"]["deploy_precision"])
         m = manifest["metrics"]
-        assert "packed_test_accuracy" in m and f"{m['packed_test_accuracy']:.4f}" in (out / "MODEL_CARD.md").read_text()
+        assert "packed_test_accuracy" in m and f"test {100 * m['packed_test_accuracy']:.1f}%" in (out / "MODEL_CARD.md").read_text()
     assert len(front) >= 2 and precisions
 
 
