@@ -194,6 +194,37 @@ def _progress_callback(objectives: list[str], quiet: bool, progress: Any, study_
     return Progress()
 
 
+def _node_id() -> str:
+    """The Ray node this trial ran on (several nodes can share a host name)."""
+    import ray
+
+    try:
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - outside Ray (tests call the trainable directly)
+        return ""
+
+
+def _retry_recorder(study_name: str, storage_url: str):  # noqa: ANN202
+    """A Tune callback that records, on the Optuna trial, each time Tune restarted it after its
+    worker or node died (``FailureConfig(max_failures=1)``: one retry, on any live node)."""
+    from ray import tune
+
+    class RetryRecorder(tune.Callback):
+        def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            number = (trial.config or {}).get("optuna_number")
+            if number is None:
+                return
+            storage = open_storage(storage_url, create=False, heartbeat=False)
+            study = optuna.load_study(study_name=study_name, storage=storage)
+            mine = next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
+            if mine is not None and not mine.state.is_finished():
+                storage.set_trial_user_attr(mine._trial_id, "retries", int(mine.user_attrs.get("retries", 0)) + 1)
+                storage.set_trial_user_attr(mine._trial_id, "retry_reason", str(getattr(trial, "error_file", "") or
+                                                                                 "its worker or node died"))
+
+    return RetryRecorder()
+
+
 def _trainable(config: dict[str, Any]) -> None:
     """One trial on a Ray worker: evaluate, then report objectives and metrics to the driver."""
     from ray import tune
@@ -211,9 +242,10 @@ def _trainable(config: dict[str, Any]) -> None:
     except Exception as exc:  # a bug in a block, say: recorded, the study goes on
         state, attrs = outcome(exc)
         tune.report({"nas_state": state, "fail_reason": attrs["fail_reason"],
-                     "nas_metrics": {"worker": worker_id(), **{k: v for k, v in attrs.items() if k != "fail_reason"}}})
+                     "nas_metrics": {"worker": worker_id(), "ray_node": _node_id(),
+                                     **{k: v for k, v in attrs.items() if k != "fail_reason"}}})
         return
-    metrics = {**res.metrics, "worker": worker_id()}
+    metrics = {**res.metrics, "worker": worker_id(), "ray_node": _node_id()}
     if res.artifact_dir:
         metrics["artifact_dir"] = res.artifact_dir
     tune.report({"nas_state": "COMPLETE", **{o: res.objectives[o] for o in task.objectives}, "nas_metrics": metrics})
@@ -293,8 +325,12 @@ def run_ray(
                                             max_concurrent_trials=workers, reuse_actors=True,
                                             time_budget_s=timeout),
                 run_config=tune.RunConfig(name=study_name, storage_path=str(exp.parent), verbose=0,
+                                          # a trial whose worker or node dies (our trainable catches its own
+                                          # errors) is restarted once, from scratch, wherever a CPU is free
+                                          failure_config=tune.FailureConfig(max_failures=1),
                                           callbacks=[_progress_callback(list(task.objectives), quiet, progress,
-                                                                        study_name, storage_url)]),
+                                                                        study_name, storage_url),
+                                                     _retry_recorder(study_name, storage_url)]),
             )
         tuner.fit()
     finally:
