@@ -208,7 +208,7 @@ def _front_position(study: optuna.Study, number: int) -> dict[str, Any]:
 def export_bundle(study: optuna.Study, number: int, out: Path, *, storage_url: str = "",
                   retrain_epochs: int | None = None) -> Path:
     """Write the bundle of trial ``number`` into ``out`` (a new or empty folder)."""
-    trials = {t.number: t for t in study.trials}
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     if number not in trials:
         raise NasError(f"study {study.study_name!r} has no trial {number} (trials 0..{len(trials) - 1})")
     trial = trials[number]

@@ -177,8 +177,9 @@ def build_report(studies: list[optuna.Study]) -> Report:
             front = annotate(front, baselines, list(names))
         data = StudyData(s.study_name, df, front, _hv_curve(df, names, dirs, ref, lower), baselines=baselines)
         if not front.empty:
+            by_number = {t.number: t for t in s.get_trials(deepcopy=False)}  # (study.trials deep-copies them all)
             for _, row in front.iterrows():
-                folder = s.trials[int(row["trial"])].user_attrs.get("artifact_dir")
+                folder = by_number[int(row["trial"])].user_attrs.get("artifact_dir")
                 if folder and Path(folder, "candidate.json").is_file():
                     data.layers[int(row["trial"])] = layer_costs(folder)
         out.append(data)
