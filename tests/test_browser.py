@@ -68,6 +68,13 @@ def study(tmp_path_factory):
     return root, db
 
 
+def _shots(tmp_path: Path) -> Path:
+    """Where screenshots go: $NAS_SCREENSHOTS (kept for a person to look at), else the test's tmp."""
+    folder = Path(os.environ.get("NAS_SCREENSHOTS") or tmp_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 def _page(browser, errors: list[str], requests: list[str]):
     page = browser.new_page(viewport={"width": 1500, "height": 1000})
     page.on("console", lambda m: errors.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
@@ -113,7 +120,7 @@ def test_report_draws_every_front_member_with_trial_hover_offline(browser, study
     page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
     label = page.wait_for_selector(".hoverlayer .hovertext", timeout=5000).text_content()
     assert any(f"trial {n}" in label for n in front), label
-    shot = tmp_path / "report.png"
+    shot = _shots(tmp_path) / "report.png"
     page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 20_000
     assert not errors, errors
@@ -155,7 +162,7 @@ def test_dashboard_shows_the_study_without_script_errors(browser, study, tmp_pat
         page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
         label = page.wait_for_selector(".hoverlayer .hovertext", timeout=5000).text_content()
         assert '"number":' in label.replace(" ", "")  # the dashboard's hover names the trial
-        shot = tmp_path / "dashboard.png"
+        shot = _shots(tmp_path) / "dashboard.png"
         page.screenshot(path=str(shot))
         assert shot.stat().st_size > 10_000
         assert not errors, errors
@@ -164,18 +171,3 @@ def test_dashboard_shows_the_study_without_script_errors(browser, study, tmp_pat
     finally:
         proc.terminate()  # the one process this test started
         proc.wait(timeout=20)
-
-
-def test_screenshots_dir_is_kept_when_asked(browser, study, tmp_path):
-    """NAS_SCREENSHOTS=folder keeps the report's screenshot for a person to look at (CI logs)."""
-    keep = os.environ.get("NAS_SCREENSHOTS")
-    if not keep:
-        pytest.skip("set NAS_SCREENSHOTS=folder to keep screenshots")
-    root, db = study
-    assert main(["report", "s", "--storage", db, "--out", str(root / "r2")]) == 0
-    page = browser.new_page(viewport={"width": 1500, "height": 1000})
-    page.goto((root / "r2" / "report.html").as_uri())
-    page.wait_for_selector(".js-plotly-plot .scatterlayer .trace .point")
-    Path(keep).mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(Path(keep) / "report.png"), full_page=True)
-    page.close()
