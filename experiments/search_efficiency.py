@@ -141,6 +141,10 @@ def main() -> None:
             walls = {c: float(busy_elapsed(trials_frame(optuna.load_study(study_name=f"{c}-s{s}", storage=storage))).max())
                      for c in ("default", "random")}
             more = args.extend_random * walls["default"] - walls["random"]
+            pair = build_report([optuna.load_study(study_name=f"{c}-s{s}", storage=storage) for c in ("default", "random")])
+            if pair.studies[1].hv_curve["hypervolume"].max() >= pair.studies[0].hv_curve["hypervolume"].iloc[-1]:
+                print(f"random-s{s}: already reached the default's final hypervolume; not extended", flush=True)
+                continue
             if more > 0:
                 print(f"random-s{s}: {walls['random']:.0f} s so far, resuming for {more:.0f} s more", flush=True)
                 run_one(storage, "random", s, 100_000, args.epochs, timeout=more + 30)
