@@ -37,7 +37,7 @@ SUFFIXES = (".onnx", ".pt2")
 def _onnx_from_pt2(path: Path, example: Any, workdir: Path) -> Path:
     import torch
 
-    from nas.measure import _quiet
+    from nas.measure import _quiet, _quiet_exporter
     from nas.trust import MAX_PT2_BYTES
     from nas.verify import _load_pt2
 
@@ -45,17 +45,32 @@ def _onnx_from_pt2(path: Path, example: Any, workdir: Path) -> Path:
     # the archive with that entry emptied is what gets checked and loaded (nothing is unpickled).
     import zipfile
 
+    import zlib
+
     clean = workdir / "baseline.pt2"
+    budget = MAX_PT2_BYTES  # decompressed bytes copied at most (declared sizes can lie)
     try:
         with zipfile.ZipFile(path) as src, zipfile.ZipFile(clean, "w") as dst:
-            if sum(i.file_size for i in src.infolist()) > MAX_PT2_BYTES:
-                raise BundleError(f"{path}: {path.name} unpacks to more than {MAX_PT2_BYTES >> 20} MiB")
             for info in src.infolist():
-                dst.writestr(info, b"" if info.filename.endswith("/data/sample_inputs/model.pt") else src.read(info))
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+                if info.filename.endswith("/data/sample_inputs/model.pt"):
+                    dst.writestr(info, b"")
+                    continue
+                with src.open(info) as fin, dst.open(info, "w") as fout:
+                    while chunk := fin.read(1 << 20):
+                        budget -= len(chunk)
+                        if budget < 0:
+                            raise BundleError(f"{path}: {path.name} unpacks to more than {MAX_PT2_BYTES >> 20} MiB")
+                        fout.write(chunk)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, zlib.error, NotImplementedError) as exc:
+        if isinstance(exc, BundleError):
+            raise
         raise BundleError(f"{path}: {path.name} is not a torch.export archive ({exc})") from exc
-    program = _load_pt2(clean)
+    try:
+        program = _load_pt2(clean)
+    except BundleError as exc:  # name the user's file, not the checked copy
+        raise BundleError(str(exc).replace(str(clean), str(path)).replace("baseline.pt2", path.name)) from exc
     out = workdir / "baseline.onnx"
+    _quiet_exporter()  # (it logs a line per missing torchvision operator)
     try:  # the program as it is (its graph is already captured): the torch.export-based exporter
         with _quiet():
             torch.onnx.export(program, (example,), str(out), dynamo=True, optimize=True)

@@ -209,9 +209,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     if args.sampler not in SAMPLERS:
         raise NasError(f"unknown sampler {args.sampler!r} (allowed: {', '.join(SAMPLERS)})")
     constraints = parse_constraints({c: getattr(args, f"max_{c}") for c in ("latency_ms", "size_bytes", "flops", "params")})
-    if Path(args.dataset).is_dir():
-        from nas.images import folder_dataset_id
+    from nas.images import folder_dataset_id, is_folder_dataset
 
+    if is_folder_dataset(args.dataset):
         args.dataset = folder_dataset_id(args.dataset, args.image_size, args.image_mode)
     elif args.image_size or args.image_mode:
         raise NasError(f"--image-size and --image-mode are for image folders; {args.dataset!r} is not a folder")

@@ -40,6 +40,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 MODES = ("grey", "rgb")
 _SIZE = re.compile(r"^(\d{1,4})(?:x(\d{1,4}))?$")
 CACHE_VERSION = 1
+MAX_IMAGE_BYTES = 64 * 2**20
+SPLIT_NAMES = ("train", "test", "val", "valid", "validation")
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -52,8 +54,11 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def split_id(name: str) -> tuple[str, dict[str, str]]:
-    """``path?size=32x32&mode=grey`` -> (path, options)."""
-    path, _, query = name.partition("?")
+    """``path?size=32x32&mode=grey`` -> (path, options). A folder whose own name holds a ``?``
+    is a path without options; options follow the last ``?``."""
+    if "?" not in name or Path(name).is_dir():
+        return name, {}
+    path, _, query = name.rpartition("?")
     opts = {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()}
     unknown = sorted(set(opts) - {"size", "mode"})
     if unknown:
@@ -62,7 +67,12 @@ def split_id(name: str) -> tuple[str, dict[str, str]]:
 
 
 def is_folder_dataset(name: str) -> bool:
-    return Path(split_id(name)[0]).is_dir() if "?" in name else Path(name).is_dir()
+    if Path(name).is_dir():
+        return True
+    try:
+        return "?" in name and Path(split_id(name)[0]).is_dir()
+    except DataError:
+        return False
 
 
 def folder_dataset_id(folder: str | Path, size: str | None = None, mode: str | None = None) -> str:
@@ -121,7 +131,7 @@ def _decode(path: Path, mode: str, size: tuple[int, int] | None) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with Image.open(path, formats=["PNG", "JPEG"]) as im:  # never another decoder (EPS would run Ghostscript)
                 im.load()
                 out = im.convert("L" if mode == "grey" else "RGB")
                 if size is not None and out.size != (size[1], size[0]):
@@ -139,7 +149,12 @@ def _key(root: Path, parts: list[tuple[str, dict[str, list[Path]]]], opts: dict[
         for cls, files in classes.items():
             for f in files:
                 h.update(f"\0{split}/{cls}/{f.relative_to(root / split if split else root)}\0".encode())
-                h.update(f.read_bytes())
+                if f.stat().st_size > MAX_IMAGE_BYTES:
+                    raise DataError(f"{f}: {f.stat().st_size:,} bytes is larger than an image file may be "
+                                    f"({MAX_IMAGE_BYTES >> 20} MiB)")
+                with open(f, "rb") as fh:
+                    while chunk := fh.read(1 << 20):
+                        h.update(chunk)
     return h.hexdigest()[:32]
 
 
@@ -165,6 +180,10 @@ def load_folder(name: str) -> dict[str, np.ndarray | list[str]]:
     if mode is not None and mode not in MODES:
         raise DataError(f"image mode {mode!r} is not allowed (allowed: {', '.join(MODES)})")
     split_layout = (root / "train").is_dir() and (root / "test").is_dir()
+    named = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.lower() in SPLIT_NAMES)
+    if named and (not split_layout or len(named) > 2):
+        raise DataError(f"{root}: subfolders {', '.join(named)} look like splits; the layouts read are one folder per "
+                        "class, or train/ and test/ each holding one folder per class (validation is split from train/)")
     parts = [("train", _class_files(root, root / "train")), ("test", _class_files(root, root / "test"))] if split_layout \
         else [("", _class_files(root, root))]
     classes = list(parts[0][1])

@@ -81,18 +81,23 @@ def render(df: pd.DataFrame, objectives: Sequence[str], fmt: str, title: str, fu
     if fmt == "json":
         return json.dumps(json.loads(view.to_json(orient="records")), indent=2) + "\n"
     if fmt == "markdown":
-        head = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
-        body = "".join("| " + " | ".join(human(c, r[c]) for c in cols) + " |\n" for _, r in view.iterrows())
+        def cell(text: str) -> str:  # a '|' inside a cell (arch summaries have them) would split it
+            return str(text).replace("\\", "\\\\").replace("|", "\\|")
+
+        head = "| " + " | ".join(cell(c) for c in cols) + " |\n|" + "---|" * len(cols) + "\n"
+        body = "".join("| " + " | ".join(cell(human(c, r[c])) for c in cols) + " |\n" for _, r in view.iterrows())
         return head + body
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=title)
+    from rich.text import Text
+
+    table = Table(title=Text(title))  # Text: names such as 'model[v2].onnx' are not rich markup
     for c in cols:
-        table.add_column(c, justify="left" if c in ("arch", "compression", "state", "fail_reason") else "right",
+        table.add_column(Text(c), justify="left" if c in ("arch", "compression", "state", "fail_reason") else "right",
                          overflow="fold")
     for _, r in view.iterrows():
-        table.add_row(*(human(c, r[c]) for c in cols))
+        table.add_row(*(Text(human(c, r[c])) for c in cols))
     import shutil
 
     # On a terminal, fit it; into a pipe or file, never fold cells.

@@ -8,7 +8,9 @@ hold are checked here *before* any loader sees them:
   paths, no symlinks leading out), and the bundle's required files are present;
 - ``model.pt2`` (a zip archive written by ``torch.export.save``) holds only the entries that
   our exporter writes: JSON configs and raw tensor bytes, no entry marked for pickle, no
-  sample inputs, constants, custom objects, extra files or AOTInductor shared libraries.
+  sample inputs, constants, custom objects, extra files or AOTInductor shared libraries; its
+  graph calls only the operators CNN classifiers are made of (no ``aten.from_file``, nothing
+  that reaches storage or files);
   :func:`no_unpickling` then guards the load itself: any unpickling attempted inside it raises;
 - ``model.onnx`` names no external data file and uses only the standard ONNX domains;
 - storage URLs are shown with their password masked (:func:`redact_url`).
@@ -23,6 +25,7 @@ import json
 import pickle
 import re
 import zipfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -84,6 +87,53 @@ _PT2_FIXED = {"archive_format", "archive_version", "byteorder", ".data/version",
 _PT2_WEIGHT = re.compile(r"^data/weights/weight_\d+$")
 _PT2_EMPTY = {"data/sample_inputs/model.pt"}  # present but must be empty (it would be torch.load-ed)
 MAX_PT2_BYTES = 512 * 2**20
+MAX_PT2_JSON_BYTES = 64 * 2**20
+
+# The operators a handed-over program may call: what CNN classifiers are made of (ours and the
+# usual baselines). ``torch.export.load`` rebuilds the graph and running it calls each node's
+# target, so a crafted archive could otherwise call ``aten.from_file`` (reads, or with
+# ``shared=True`` writes, any file) or other storage operators. In-place variants of the
+# activations are allowed: they only ever touch the graph's own tensors.
+_PT2_OPS = frozenset("""
+    conv1d conv2d convolution _convolution conv_transpose1d conv_transpose2d batch_norm _native_batch_norm_legit_no_training
+    _native_batch_norm_legit_functional native_batch_norm layer_norm native_layer_norm group_norm native_group_norm
+    relu relu_ hardtanh hardtanh_ hardswish hardswish_ hardsigmoid hardsigmoid_ silu silu_ sigmoid sigmoid_ gelu
+    leaky_relu leaky_relu_ elu elu_ tanh tanh_ relu6 prelu _prelu_kernel softmax _softmax log_softmax _log_softmax
+    add add_ sub sub_ mul mul_ div div_ neg abs sign clamp clamp_ clamp_min clamp_max round floor ceil sqrt rsqrt pow exp log
+    mean sum amax amin max min argmax adaptive_avg_pool1d adaptive_avg_pool2d _adaptive_avg_pool2d avg_pool1d avg_pool2d
+    max_pool1d max_pool2d max_pool2d_with_indices linear addmm mm bmm matmul t transpose permute view reshape _unsafe_view
+    flatten squeeze unsqueeze expand cat stack split split_with_sizes chunk slice select contiguous clone alias detach
+    dropout native_dropout _to_copy to constant_pad_nd pad upsample_nearest2d upsample_bilinear2d zeros_like ones_like
+    full scalar_tensor where lift_fresh_copy sym_size
+""".split())
+_PT2_TARGET = re.compile(r"^torch\.ops\.aten\.(\w+)\.(\w+)$")
+
+
+def _read_capped(zf: zipfile.ZipFile, name: str, limit: int, path: Path) -> bytes:
+    """An archive entry, read no further than ``limit`` bytes (declared sizes can lie)."""
+    try:
+        with zf.open(name) as fh:
+            data = fh.read(limit + 1)
+    except KeyError:
+        raise
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error, NotImplementedError) as exc:
+        raise BundleError(f"{path}: {path.name}: {name} cannot be read ({exc})") from exc
+    if len(data) > limit:
+        raise BundleError(f"{path}: {path.name}: {name} unpacks to more than {limit >> 20} MiB")
+    return data
+
+
+def _node_targets(obj: Any) -> Iterator[Any]:
+    """Every node target in a serialized program (nested graphs included)."""
+    stack = [obj]
+    while stack:
+        o = stack.pop()
+        if isinstance(o, dict):
+            if "target" in o and "inputs" in o:
+                yield o["target"]
+            stack.extend(reversed(list(o.values())))
+        elif isinstance(o, list):
+            stack.extend(reversed(o))  # (graph order: the first offending node is the one named)
 
 
 def check_pt2(path: Path) -> None:
@@ -112,11 +162,26 @@ def check_pt2(path: Path) -> None:
                     raise BundleError(f"{path}: {name} carries pickled sample inputs ({info.filename}); refused")
                 continue
             raise BundleError(f"{path}: {name} holds an entry nas never writes ({info.filename}); refused")
+        try:
+            raw = _read_capped(zf, f"{root}/models/model.json", MAX_PT2_JSON_BYTES, path)
+        except KeyError:
+            raise BundleError(f"{path}: {name} lacks models/model.json") from None
+        try:
+            program = json.loads(raw)
+        except (ValueError, RecursionError) as exc:
+            raise BundleError(f"{path}: {name}: models/model.json is not valid JSON") from exc
+        for target in _node_targets(program):
+            m = _PT2_TARGET.match(target) if isinstance(target, str) else None
+            if target != "_operator.getitem" and not (m and m.group(1) in _PT2_OPS):
+                raise BundleError(f"{path}: {name} calls operator {str(target)[:80]!r}, which a handed-over "
+                                  "program may not use; refused")
         for cfg_name in ("data/weights/model_weights_config.json", "data/constants/model_constants_config.json"):
             try:
-                cfg = json.loads(zf.read(f"{root}/{cfg_name}"))
+                raw = _read_capped(zf, f"{root}/{cfg_name}", MAX_PT2_JSON_BYTES, path)
             except KeyError:
                 raise BundleError(f"{path}: {name} lacks {cfg_name}") from None
+            try:
+                cfg = json.loads(raw)
             except (ValueError, RecursionError) as exc:
                 raise BundleError(f"{path}: {name}: {cfg_name} is not valid JSON") from exc
             entries = cfg.get("config") if isinstance(cfg, dict) else None
@@ -172,7 +237,12 @@ def check_onnx(path: Path) -> None:
                 for sub in attr.graphs:
                     yield from graphs(sub)
 
-    for g in graphs(model.graph):
+    class _Fn:  # a function body, walked like a graph (its nodes may hold tensors and subgraphs too)
+        def __init__(self, fn: Any) -> None:
+            self.node, self.initializer = fn.node, []
+
+    bodies = [model.graph] + [_Fn(fn) for fn in model.functions]
+    for g in (sub for body in bodies for sub in graphs(body)):
         for t in list(g.initializer) + [a.t for n in g.node for a in n.attribute if a.HasField("t")]:
             if uses_external_data(t):
                 raise BundleError(f"{path}: {path.name}: tensor {t.name!r} names an external data file; refused")

@@ -103,6 +103,13 @@ def test_pt2_baseline_is_measured_like_the_onnx_one(study, capsys):
     assert rec["format"] == "pt2" and rec["size_bytes"] == (root / "big.pt2").stat().st_size
     if onnx_rec:  # the same weights: the same predictions
         assert rec["accuracy"] == onnx_rec["accuracy"] and rec["test_accuracy"] == onnx_rec["test_accuracy"]
+    # as a user runs it: the exporter's log lines (missing torchvision operators) stay out of stderr
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "nas.cli", "front", "s", "--storage", db, "--baseline", str(root / "big.pt2")],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stderr.strip() == "", run.stderr[-2000:]
 
 
 def test_bad_baselines_are_one_line_errors_before_any_work(study, tmp_path, capsys):

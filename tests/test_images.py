@@ -157,3 +157,39 @@ def test_search_on_a_folder_then_export_and_verify(tmp_path, capsys):
     assert main(["search", "--dataset", str(root), "--image-size", "16", "--trials", "3", "--study", "img",
                  "--storage", db, "--quiet", "--space", str(tmp_path / "space.yaml")]) == 2
     assert "--dataset" in capsys.readouterr().err
+
+
+def test_only_png_and_jpeg_decoders_run_and_split_like_folders_are_refused(tmp_path, monkeypatch):
+    root = tmp_path / "flat"
+    rng = np.random.default_rng(2)
+    for c, name in enumerate(CLASSES):
+        (root / name).mkdir(parents=True)
+        for i in range(5):
+            _draw(c, 10, rgb=False, rng=rng).save(root / name / f"{i}.png")
+    # another format under a .png name: Pillow would pick its decoder (EPS runs Ghostscript)
+    _draw(0, 10, rgb=False, rng=rng).save(root / "circle" / "sneaky.png", format="BMP")
+    with pytest.raises(DataError, match=r"sneaky\.png: cannot read as an image"):
+        load_dataset(str(root))
+    (root / "circle" / "sneaky.png").unlink()
+    monkeypatch.setattr(images, "MAX_IMAGE_BYTES", 100)  # a file larger than an image may be: refused unread
+    with pytest.raises(DataError, match=r"larger than an image file may be"):
+        load_dataset(str(root))
+    monkeypatch.undo()
+    monkeypatch.setenv("NAS_CACHE_DIR", str(tmp_path / "cache"))
+    split = tmp_path / "tv"
+    for part in ("train", "val"):
+        shutil.copytree(root, split / part)
+    with pytest.raises(DataError, match=r"subfolders train, val look like splits"):
+        load_dataset(str(split))
+
+
+def test_a_folder_whose_name_holds_a_question_mark(tmp_path):
+    root = tmp_path / "q?size=4"
+    rng = np.random.default_rng(3)
+    for c, name in enumerate(CLASSES[:2]):
+        (root / name).mkdir(parents=True)
+        for i in range(6):
+            _draw(c, 10, rgb=False, rng=rng).save(root / name / f"{i}.png")
+    assert load_dataset(str(root)).input_size == (10, 10)
+    ident = images.folder_dataset_id(root, "8")
+    assert ident == f"{root.resolve()}?size=8x8" and load_dataset(ident).input_size == (8, 8)

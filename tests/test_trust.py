@@ -230,3 +230,62 @@ def test_credentials_never_reach_errors_or_stored_records(bundle, capsys, tmp_pa
     for f in ("manifest.json", "MODEL_CARD.md"):
         text = (tmp_path / "e" / f).read_text()
         assert "hunter2" not in text and "alice:***@127.0.0.1:1/nas" in text
+
+
+def test_a_program_calling_file_operators_is_refused_before_it_runs(copy, capsys, tmp_path):
+    """A crafted graph that maps a file (aten.from_file, shared) and overwrites it (fill_):
+    refused by the operator check, and the file is untouched."""
+    victim = tmp_path / "victim.bin"
+    victim.write_bytes(b"\x00" * 64)
+
+    def change(root, entries):  # noqa: ANN001, ANN202
+        m = json.loads(entries[f"{root}/models/model.json"])
+        g = m["graph_module"]["graph"]
+        meta = {"dtype": 7, "sizes": [{"as_int": 16}], "requires_grad": False, "device": {"type": "cpu", "index": None},
+                "strides": [{"as_int": 1}], "storage_offset": {"as_int": 0}, "layout": 7}
+        g["tensor_values"]["ff"] = meta
+        g["tensor_values"]["ff2"] = dict(meta)
+        g["nodes"][:0] = [
+            {"target": "torch.ops.aten.from_file.default", "name": "ff", "metadata": {}, "is_hop_single_tensor_return": None,
+             "inputs": [{"name": "filename", "arg": {"as_string": str(victim)}, "kind": 1},
+                        {"name": "shared", "arg": {"as_bool": True}, "kind": 1},
+                        {"name": "size", "arg": {"as_int": 16}, "kind": 1},
+                        {"name": "dtype", "arg": {"as_scalar_type": 7}, "kind": 2}],
+             "outputs": [{"as_tensor": {"name": "ff"}}]},
+            {"target": "torch.ops.aten.fill_.Scalar", "name": "ff2", "metadata": {}, "is_hop_single_tensor_return": None,
+             "inputs": [{"name": "self", "arg": {"as_tensor": {"name": "ff"}}, "kind": 1},
+                        {"name": "value", "arg": {"as_float": 7.0}, "kind": 1}],
+             "outputs": [{"as_tensor": {"name": "ff2"}}]}]
+        entries[f"{root}/models/model.json"] = json.dumps(m).encode()
+
+    _rewrite_pt2(copy / "model.pt2", change)
+    _rehash(copy)
+    _refused(capsys, copy, "model.pt2", "from_file", "refused")
+    with pytest.raises(BundleError, match="from_file"):
+        check_pt2(copy / "model.pt2")  # what nas verify and --baseline run before any load
+    assert victim.read_bytes() == b"\x00" * 64
+
+
+def test_pt2_entries_are_read_no_further_than_the_limit(copy, capsys, monkeypatch):
+    """Declared sizes can lie: an entry is decompressed only up to the limit."""
+    import nas.trust as trust
+
+    monkeypatch.setattr(trust, "MAX_PT2_JSON_BYTES", 1024)
+    _rehash(copy)
+    _refused(capsys, copy, "model.pt2", "unpacks to more than")
+
+
+def test_onnx_functions_are_checked_like_the_graph(copy, capsys):
+    from onnx import TensorProto, helper
+
+    model = onnx.load(str(copy / "model.onnx"))
+    secret = helper.make_tensor("s", TensorProto.FLOAT, [1], [0.0])
+    secret.ClearField("float_data")
+    secret.data_location = TensorProto.EXTERNAL
+    secret.external_data.add(key="location", value="id_rsa")
+    node = helper.make_node("Constant", [], ["out"], value=secret)
+    model.functions.append(helper.make_function("custom.fn", "leak", [], ["out"], [node],
+                                                [helper.make_opsetid("", 17)]))
+    onnx.save(model, str(copy / "model.onnx"))
+    _rehash(copy)
+    _refused(capsys, copy, "model.onnx", "external data")
