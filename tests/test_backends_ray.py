@@ -45,7 +45,7 @@ def test_ray_search_lands_in_the_same_storage_with_same_fields_and_runs_concurre
     opt_study = optuna.load_study(study_name="opt", storage=db)
     done = [t for t in ray_study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(done) == 4
-    assert set(done[0].user_attrs) == set(opt_study.trials[0].user_attrs)
+    assert set(done[0].user_attrs) - {"ray_node"} == set(opt_study.trials[0].user_attrs)  # + the Ray node it ran on
     assert ray_study.user_attrs["nas"]["objectives"] == opt_study.user_attrs["nas"]["objectives"]
     assert ray_study.user_attrs["nas"]["backend"] == "ray"
     spans = sorted((t.datetime_start, t.datetime_complete) for t in done)
@@ -92,7 +92,7 @@ def test_killed_driver_resumes_keeping_every_completed_trial_once(ray_head, in_t
     after = _complete(db, "k")
     for number, values in before.items():
         assert after[number] == values  # kept, unchanged
-    assert len(after) == 12  # the budget, each completed trial counted once
+    assert len(after) == 12, [(t.number, t.state.name, t.user_attrs.get("fail_reason")) for t in study.trials]
     assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
     # trials the killed driver had started but not recorded are FAIL with a reason, never COMPLETE
     for t in study.trials:

@@ -76,7 +76,12 @@ def _make_searcher_class():  # noqa: ANN202
             from ray.tune.search import Searcher
 
             if self.total is not None:
-                live = sum(1 for tid in self._ot_trials if tid not in self._completed_trials)
+                # live: asked and not yet recorded. After a resume, a trial the restored searcher
+                # still thinks live may already be recorded (it finished after the checkpoint):
+                # it is counted by finished_count, so not here too (else the budget ends short).
+                storage = self._ot_study._storage
+                live = sum(1 for tid, ot in self._ot_trials.items() if tid not in self._completed_trials
+                           and not storage.get_trial(ot._trial_id).state.is_finished())
                 if finished_count(self._ot_study) + live >= self.total:
                     return Searcher.FINISHED
             return super().suggest(trial_id)
