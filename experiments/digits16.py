@@ -134,10 +134,11 @@ def main() -> None:
         return
     if not (args.data and args.study and args.storage):
         ap.error("give --make PATH, or --data, --study and --storage")
-    data = get_dataset(str(args.data.resolve()), 0)
+    study = load_study(args.study, args.storage)
+    seed = int(study_meta(study)["task"]["seed"])  # the study's own splits: baselines train and validate on them
+    data = get_dataset(str(args.data.resolve()), seed)
     tmp = Path(tempfile.mkdtemp(prefix="nas-d16-"))
     baselines = [measure(LeNet5, "lenet5", data, tmp), measure(SmallMobileNet, "small_mobilenet", data, tmp)]
-    study = load_study(args.study, args.storage)
     cmp = compare_with_front(study, baselines, (1, *data.x_train.shape[1:]))
     for b in baselines:
         b["latency_ms"] = cmp["same_pass_ms"][b.pop("onnx") and b["name"]]
