@@ -42,7 +42,7 @@ def _stop(proc: subprocess.Popen) -> None:
     """End one node: its own process group (the `ray start --block` process and its children)."""
     if proc.poll() is not None and not _group_alive(proc.pid):
         return
-    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+    for sig, wait in ((signal.SIGTERM, 3), (signal.SIGKILL, 10)):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
