@@ -123,6 +123,18 @@ def _read_capped(zf: zipfile.ZipFile, name: str, limit: int, path: Path) -> byte
     return data
 
 
+def _json_entry(zf: zipfile.ZipFile, root: str, rel: str, path: Path) -> Any:
+    """A JSON entry of the archive, read within the size limit, parsed."""
+    try:
+        raw = _read_capped(zf, f"{root}/{rel}", MAX_PT2_JSON_BYTES, path)
+    except KeyError:
+        raise BundleError(f"{path}: {path.name} lacks {rel}") from None
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise BundleError(f"{path}: {path.name}: {rel} is not valid JSON") from exc
+
+
 def _node_targets(obj: Any) -> Iterator[Any]:
     """Every node target in a serialized program (nested graphs included)."""
     stack = [obj]
@@ -162,28 +174,14 @@ def check_pt2(path: Path) -> None:
                     raise BundleError(f"{path}: {name} carries pickled sample inputs ({info.filename}); refused")
                 continue
             raise BundleError(f"{path}: {name} holds an entry nas never writes ({info.filename}); refused")
-        try:
-            raw = _read_capped(zf, f"{root}/models/model.json", MAX_PT2_JSON_BYTES, path)
-        except KeyError:
-            raise BundleError(f"{path}: {name} lacks models/model.json") from None
-        try:
-            program = json.loads(raw)
-        except (ValueError, RecursionError) as exc:
-            raise BundleError(f"{path}: {name}: models/model.json is not valid JSON") from exc
+        program = _json_entry(zf, root, "models/model.json", path)
         for target in _node_targets(program):
             m = _PT2_TARGET.match(target) if isinstance(target, str) else None
             if target != "_operator.getitem" and not (m and m.group(1) in _PT2_OPS):
                 raise BundleError(f"{path}: {name} calls operator {str(target)[:80]!r}, which a handed-over "
                                   "program may not use; refused")
         for cfg_name in ("data/weights/model_weights_config.json", "data/constants/model_constants_config.json"):
-            try:
-                raw = _read_capped(zf, f"{root}/{cfg_name}", MAX_PT2_JSON_BYTES, path)
-            except KeyError:
-                raise BundleError(f"{path}: {name} lacks {cfg_name}") from None
-            try:
-                cfg = json.loads(raw)
-            except (ValueError, RecursionError) as exc:
-                raise BundleError(f"{path}: {name}: {cfg_name} is not valid JSON") from exc
+            cfg = _json_entry(zf, root, cfg_name, path)
             entries = cfg.get("config") if isinstance(cfg, dict) else None
             if not isinstance(entries, dict):
                 raise BundleError(f"{path}: {name}: {cfg_name} has no 'config' mapping")
