@@ -57,11 +57,16 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--trials", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--task", action="append", metavar="DATASET:SPACE",
+                    help="instead of the bundled tasks, e.g. runs/digits16.npz:default (repeatable)")
+    ap.add_argument("--name", default="rung_correlation", help="results file name")
     a = ap.parse_args()
-    results = [one(d, s, a.trials, a.seed) for d, s in TASKS]
+    tasks = [tuple(t.rsplit(":", 1)) for t in a.task] if a.task else TASKS
+    results = [one(str(Path(d).resolve()) if d.endswith(".npz") else d, s, a.trials, a.seed) for d, s in tasks]
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "rung_correlation.json").write_text(json.dumps(
-        {"command": f"python experiments/rung_correlation.py --trials {a.trials}", "tasks": results}, indent=2) + "\n")
+    extra = "".join(f" --task {t}" for t in a.task or []) + (f" --name {a.name}" if a.task else "")
+    (RESULTS / f"{a.name}.json").write_text(json.dumps(
+        {"command": f"python experiments/rung_correlation.py --trials {a.trials}{extra}", "tasks": results}, indent=2) + "\n")
     for r in results:
         rungs = ", ".join(f"epoch {v['epoch']}: rho {v['spearman']}, top third kept {v['top_third_kept']}"
                           for v in r["rungs"].values())
