@@ -115,7 +115,7 @@ def _decode(cand: Candidate, path: Path) -> torch.nn.Module:
 def _load_pt2(path: Path) -> Any:
     """torch.export.load of an archive already checked to hold nothing pickled, with every
     unpickling entry point disabled while it loads."""
-    check_pt2(path)
+    check_pt2(path)  # entries, pickle flags and the graph's operators (crafted archives: tests/test_trust.py)
     try:
         with no_unpickling():
             return torch.export.load(str(path))

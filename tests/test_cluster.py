@@ -6,7 +6,7 @@ and `nas export` then run from another process on the head.
 
 Each node is a `ray start --block` process started by this test in a session of its own, so
 stopping it (its process group) ends exactly the Ray processes of that node and nothing else
-on the machine (never `ray stop`). Ray's token authentication gets a token of this test's own
+on the machine: never a host-wide stop, which would end a user's own cluster too. Ray's token authentication gets a token of this test's own
 through the environment, so no file in the user's ~/.ray is read or written.
 """
 

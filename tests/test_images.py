@@ -43,6 +43,16 @@ def make_folder(root, per_class=(8, 3), sizes=(12, 16), corrupt=True):
     return root
 
 
+def make_flat(root, per_class: int, seed: int, size: int = 10, classes=CLASSES):
+    """One folder per class of grey PNGs, no train/ or test/."""
+    rng = np.random.default_rng(seed)
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            _draw(c, size, rgb=False, rng=rng).save(root / name / f"{i}.png")
+    return root
+
+
 @pytest.fixture(autouse=True)
 def _own_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("NAS_CACHE_DIR", str(tmp_path / "cache"))
@@ -76,12 +86,7 @@ def test_sized_folder_loads_train_and_held_out_test(tmp_path):
 
 
 def test_all_grey_folder_loads_as_one_channel_and_flat_folder_splits_test(tmp_path):
-    root = tmp_path / "flat"
-    rng = np.random.default_rng(1)
-    for c, name in enumerate(CLASSES):
-        (root / name).mkdir(parents=True)
-        for i in range(10):
-            _draw(c, 10, rgb=False, rng=rng).save(root / name / f"{i}.png")
+    root = make_flat(tmp_path / "flat", per_class=10, seed=1)
     ds = load_dataset(str(root), seed=0)
     assert ds.in_channels == 1 and ds.input_size == (10, 10)
     assert len(ds.y_test) == 6  # a seeded 20% of 30
@@ -160,12 +165,8 @@ def test_search_on_a_folder_then_export_and_verify(tmp_path, capsys):
 
 
 def test_only_png_and_jpeg_decoders_run_and_split_like_folders_are_refused(tmp_path, monkeypatch):
-    root = tmp_path / "flat"
+    root = make_flat(tmp_path / "flat", per_class=5, seed=2)
     rng = np.random.default_rng(2)
-    for c, name in enumerate(CLASSES):
-        (root / name).mkdir(parents=True)
-        for i in range(5):
-            _draw(c, 10, rgb=False, rng=rng).save(root / name / f"{i}.png")
     # another format under a .png name: Pillow would pick its decoder (EPS runs Ghostscript)
     _draw(0, 10, rgb=False, rng=rng).save(root / "circle" / "sneaky.png", format="BMP")
     with pytest.raises(DataError, match=r"sneaky\.png: cannot read as an image"):
@@ -184,12 +185,7 @@ def test_only_png_and_jpeg_decoders_run_and_split_like_folders_are_refused(tmp_p
 
 
 def test_a_folder_whose_name_holds_a_question_mark(tmp_path):
-    root = tmp_path / "q?size=4"
-    rng = np.random.default_rng(3)
-    for c, name in enumerate(CLASSES[:2]):
-        (root / name).mkdir(parents=True)
-        for i in range(6):
-            _draw(c, 10, rgb=False, rng=rng).save(root / name / f"{i}.png")
+    root = make_flat(tmp_path / "q?size=4", per_class=6, seed=3, classes=CLASSES[:2])
     assert load_dataset(str(root)).input_size == (10, 10)
     ident = images.folder_dataset_id(root, "8")
     assert ident == f"{root.resolve()}?size=8x8" and load_dataset(ident).input_size == (8, 8)

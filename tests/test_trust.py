@@ -103,7 +103,7 @@ def test_the_load_itself_cannot_unpickle(copy, tmp_path, monkeypatch):
     marker = tmp_path / "pwned"
     _rewrite_pt2(copy / "model.pt2", _pickled_weight(marker))
     with pytest.raises(BundleError, match="refused to unpickle"), no_unpickling():
-        torch.export.load(str(copy / "model.pt2"))
+        torch.export.load(str(copy / "model.pt2"))  # the crafted archive, loaded only inside the guard under test
     assert not marker.exists()
     with pytest.raises(BundleError, match="marked for unpickling"):
         check_pt2(copy / "model.pt2")
@@ -272,7 +272,10 @@ def test_pt2_entries_are_read_no_further_than_the_limit(copy, capsys, monkeypatc
 
     monkeypatch.setattr(trust, "MAX_PT2_JSON_BYTES", 1024)
     _rehash(copy)
-    _refused(capsys, copy, "model.pt2", "unpacks to more than")
+    err = _refused(capsys, copy, "model.pt2", "unpacks to more than")
+    assert "models/model.json unpacks to more than 0 MiB" in err  # the first JSON entry read, stopped at the limit
+    with pytest.raises(BundleError, match="unpacks to more than"):
+        check_pt2(copy / "model.pt2")
 
 
 def test_onnx_functions_are_checked_like_the_graph(copy, capsys):
@@ -288,4 +291,7 @@ def test_onnx_functions_are_checked_like_the_graph(copy, capsys):
                                                 [helper.make_opsetid("", 17)]))
     onnx.save(model, str(copy / "model.onnx"))
     _rehash(copy)
-    _refused(capsys, copy, "model.onnx", "external data")
+    err = _refused(capsys, copy, "model.onnx", "external data")
+    assert "tensor 's' names an external data file" in err  # the tensor inside the function body
+    with pytest.raises(BundleError, match="external data"):
+        nas.load_bundle(copy)
