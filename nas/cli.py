@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,8 @@ from nas.errors import NasError
 from nas.experiment import _apply_config, _given_dests  # noqa: F401 - re-exported for callers
 from nas.objectives import DEFAULT_OBJECTIVES, parse_constraints, parse_objectives
 from nas.study import DEFAULT_STORAGE
-from nas.table import FORMATS, human, render
+from nas.progress import trial_line
+from nas.table import FORMATS, render
 from nas.trust import redact_url
 
 __all__ = ["main"]
@@ -172,16 +172,6 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 # ----------------------------------------------------------------------------- commands
-
-
-def trial_line(trial: Any, objectives: Sequence[str]) -> str:
-    """One finished trial as a person reads it."""
-    head = f"trial {trial.number} {trial.state.name.lower()}"
-    if trial.values:
-        vals = "  ".join(f"{n}={human(n, v)}" for n, v in zip(objectives, trial.values))
-        dur = f"  ({trial.duration.total_seconds():.1f}s)" if trial.duration else ""
-        return f"{head}  {vals}{dur}  {trial.user_attrs.get('summary', '')}"
-    return f"{head}: {trial.user_attrs.get('fail_reason', 'no reason recorded')}"
 
 
 def _progress_callback(progress: Any, objectives: Sequence[str]):  # noqa: ANN202

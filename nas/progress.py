@@ -24,7 +24,7 @@ from typing import IO, Any
 
 import numpy as np
 
-__all__ = ["LOG_FORMATS", "SearchProgress", "front_stats"]
+__all__ = ["LOG_FORMATS", "SearchProgress", "front_stats", "trial_line"]
 
 LOG_FORMATS = ("text", "json")
 
@@ -48,6 +48,18 @@ def front_stats(trials: Sequence[Any], objectives: Sequence[str], directions: Se
     ref, lower = _reference(frame, list(objectives), list(directions)), _lower(frame, list(objectives), list(directions))
     norm, norm_ref = _normalize(front, list(objectives), list(directions), ref, lower)
     return int(len(front)), float(hypervolume(norm, directions, norm_ref))
+
+
+def trial_line(trial: Any, objectives: Sequence[str]) -> str:
+    """One finished trial as a person reads it."""
+    head = f"trial {trial.number} {trial.state.name.lower()}"
+    if trial.values:
+        from nas.table import human
+
+        vals = "  ".join(f"{n}={human(n, v)}" for n, v in zip(objectives, trial.values))
+        dur = f"  ({trial.duration.total_seconds():.1f}s)" if trial.duration else ""
+        return f"{head}  {vals}{dur}  {trial.user_attrs.get('summary', '')}"
+    return f"{head}: {trial.user_attrs.get('fail_reason', 'no reason recorded')}"
 
 
 def _counts(trials: Sequence[Any]) -> dict[str, int]:

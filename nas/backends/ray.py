@@ -179,8 +179,7 @@ def _progress_callback(objectives: list[str], quiet: bool, progress: Any, study_
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             if quiet or settings is None:
                 return
-            from nas.cli import trial_line
-            from nas.progress import SearchProgress
+            from nas.progress import SearchProgress, trial_line
 
             if self._p is None:
                 self._p = SearchProgress(objectives, settings["directions"], settings["total"], live=False,
