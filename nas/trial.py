@@ -2,7 +2,8 @@
 
 - :func:`record_rung_and_judge`: store a trial's accuracy at an early-stopping rung (and its
   pre-flight costs) in the study storage, then apply the Pareto rung rule against every other
-  trial recorded at that rung, read back from the same storage. Because the comparison data
+  trial recorded at that rung, read back from the same storage, where the rung's calibration on
+  the earliest finished trials says it predicts final accuracy (recorded as ``rung_E_rule``). Because the comparison data
   lives in the storage, it is shared by parallel workers, by both backends and across resumes.
 - :func:`outcome`: how a pipeline exception maps to a trial state and a recorded reason.
 """
@@ -35,9 +36,17 @@ def record_rung_and_judge(study: optuna.Study, trial_id: int, number: int, rule:
     storage = study._storage  # user attributes are written through the storage, as Trial.set_user_attr does
     storage.set_trial_user_attr(trial_id, "costs", {n: float(costs[n]) for n in COSTS if n in costs})
     storage.set_trial_user_attr(trial_id, key, float(acc))
+    trials = study.get_trials(deepcopy=False)
+    finished = sorted((t.number, t.user_attrs[key], t.user_attrs["val_accuracy"]) for t in trials
+                      if t.state == optuna.trial.TrialState.COMPLETE and key in t.user_attrs
+                      and isinstance(t.user_attrs.get("val_accuracy"), (int, float)))
+    use, why = rule.calibration([(r, f) for _, r, f in finished])
+    storage.set_trial_user_attr(trial_id, f"{key}_rule", why)
+    if not use:
+        return None
     peers = [
         [t.user_attrs[key]] + [t.user_attrs["costs"][n] for n in names[1:]]
-        for t in study.get_trials(deepcopy=False)
+        for t in trials
         if t.number != number and key in t.user_attrs and "costs" in t.user_attrs
     ]
     point = [float(acc)] + [float(costs[n]) for n in names[1:]]

@@ -127,7 +127,7 @@ def test_ray_scheduler_judges_rungs_from_the_study_storage(in_tmp):
     class FakeTrial:
         config = {"optuna_number": judged.number}
 
-    scheduler = _make_scheduler_class()(RungRule(), names, db, "r")
+    scheduler = _make_scheduler_class()(RungRule(calibrate=0), names, db, "r")
     verdict = scheduler.on_trial_result(None, FakeTrial(), {"rung": 2, "rung_accuracy": 0.2, "latency_ms": 0.05})
     assert verdict == TrialScheduler.STOP
     recorded = optuna.load_study(study_name="r", storage=db).trials[judged.number].user_attrs

@@ -269,9 +269,9 @@ def test_early_stopping_follows_the_space_unless_eta_is_given_and_timeout_stops(
     assert off.user_attrs["nas"]["task"]["early_stop"] is None
     assert len(off.trials) == 1  # the timeout passed during the first trial: no second one started
     assert main([*common, "--study", "on", "--trials", "1", "--eta", "2"]) == 0
-    assert optuna.load_study(study_name="on", storage=db).user_attrs["nas"]["task"]["early_stop"] == {"eta": 2.0}
+    assert optuna.load_study(study_name="on", storage=db).user_attrs["nas"]["task"]["early_stop"] == {"eta": 2.0, "calibrate": 12}
     assert main(["search", "--epochs", "1", "--storage", db, "--quiet", "--study", "d", "--trials", "1"]) == 0
-    assert optuna.load_study(study_name="d", storage=db).user_attrs["nas"]["task"]["early_stop"] == {"eta": 3.0}
+    assert optuna.load_study(study_name="d", storage=db).user_attrs["nas"]["task"]["early_stop"] == {"eta": 3.0, "calibrate": 12}
 
 
 def test_every_command_shows_examples_that_parse():

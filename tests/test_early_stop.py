@@ -42,7 +42,7 @@ def test_search_with_early_stopping_records_pruned_trials_with_their_rung(in_tmp
     db = f"sqlite:///{in_tmp}/e.db"
     # eta=100: keep only the rung's front (ceil(n/100) = 1 better-ranked point already stops)
     assert main(["search", "--trials", "8", "--epochs", "4", "--study", "e", "--storage", db, "--quiet",
-                 "--objectives", "accuracy,params", "--sampler", "random", "--eta", "100"]) == 0
+                 "--objectives", "accuracy,params", "--sampler", "random", "--eta", "100", "--calibrate-rungs", "0"]) == 0
     study = optuna.load_study(study_name="e", storage=db)
     trials = sorted(study.trials, key=lambda t: t.number)
     assert len(trials) == 8

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import numpy as np
 import optuna
+import pytest
 
 from nas.early_stop import EarlyStopped, RungRule
 from nas.errors import TrialFailure
@@ -24,7 +26,7 @@ def test_rung_records_live_in_the_storage_and_are_judged_against_it(tmp_path):
     study = optuna.create_study(storage=f"sqlite:///{tmp_path}/r.db", directions=["maximize", "minimize"])
     names = rung_names(("accuracy", "latency_ms", "size_bytes"))
     assert names == ["accuracy", "latency_ms", "size_bytes"]
-    rule = RungRule(min_peers=2)
+    rule = RungRule(min_peers=2, calibrate=0)
     costs = {"latency_ms": 0.01, "size_bytes": 100.0, "flops": 1.0, "params": 1.0}
     verdicts = []
     for acc in (0.9, 0.95, 0.5):
@@ -33,3 +35,41 @@ def test_rung_records_live_in_the_storage_and_are_judged_against_it(tmp_path):
     assert verdicts[:2] == [None, None]  # too few peers, then on the rung's front
     assert verdicts[2] and "early-stopped at epoch 2" in verdicts[2]  # dominated by both at equal costs
     assert [tr.user_attrs["rung_2"] for tr in study.get_trials()] == [0.9, 0.95, 0.5]
+
+
+def _finished(study, rung_acc, final):
+    for r, f in zip(rung_acc, final):
+        t = study.ask()
+        t.set_user_attr("rung_2", float(r))
+        t.set_user_attr("val_accuracy", float(f))
+        t.set_user_attr("costs", {"latency_ms": 0.01, "size_bytes": 100.0})
+        study.tell(t, [float(f), 0.01])
+
+
+@pytest.mark.parametrize(("final", "stops"), [
+    (np.linspace(0.5, 0.95, 12), True),  # rung order = final order: the rung predicts, it may stop
+    (np.linspace(0.5, 0.95, 12)[[7, 2, 11, 0, 9, 4, 1, 10, 5, 3, 8, 6]], False),  # shuffled: it does not
+])
+def test_a_rung_stops_trials_only_where_it_predicted_the_final_accuracy(tmp_path, final, stops):
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path}/c.db", directions=["maximize", "minimize"])
+    names = ["accuracy", "latency_ms"]
+    rule = RungRule(min_peers=2, calibrate=12)
+    costs = {"latency_ms": 0.01}
+    _finished(study, np.linspace(0.3, 0.9, 11), final[:11])
+    t = study.ask()  # 11 finished trials: still calibrating, a poor trial goes on
+    assert record_rung_and_judge(study, t._trial_id, t.number, rule, names, 2, 0.1, costs) is None
+    assert study.trials[t.number].user_attrs["rung_2_rule"] == "calibrating (11 of 12 finished trials)"
+    study.tell(t, state=optuna.trial.TrialState.PRUNED)
+    _finished(study, [0.95], final[11:])
+    t = study.ask()
+    verdict = record_rung_and_judge(study, t._trial_id, t.number, rule, names, 2, 0.1, costs)
+    rule_text = study.trials[t.number].user_attrs["rung_2_rule"]
+    assert bool(verdict) is stops and rule_text.startswith("on: " if stops else "off: ")
+    assert "first 12 finished trials" in rule_text
+
+
+def test_calibration_edge_cases():
+    assert RungRule(calibrate=0).calibration([]) == (True, "on")
+    assert RungRule(calibrate=3).calibration([(0.5, 0.5)] * 3)[0] is False  # no spread: no evidence, no stopping
+    use, why = RungRule(calibrate=3).calibration([(0.1, 0.2), (0.2, 0.3), (0.3, 0.4), (0.0, 0.9)])
+    assert use and "Spearman 1.00" in why  # only the first 3 finished trials decide
