@@ -332,18 +332,39 @@ def _window(sess: Any, name: str, x: np.ndarray, runs: int) -> tuple[float, floa
     return q1, med, q3
 
 
+_FLOOR_FILES: dict[str, Path] = {}
+
+
 def _identity_graph(input_shape: tuple[int, ...]) -> Path:
-    """An ONNX graph of one Identity node for this input shape (cached per process): what the
-    runtime costs with no work at all, timed beside every model as the host's speed reference."""
-    import onnx
+    """An ONNX graph of one Identity node for this input shape: what the runtime costs with no
+    work at all, timed beside every model as the host's speed reference.
+
+    One file per shape in the user's cache folder (``$NAS_CACHE_DIR`` or ``~/.cache/nas``), shared
+    by every process; where that is not writable, a temporary file removed at exit."""
     from onnx import TensorProto, helper
 
-    path = Path(tempfile.gettempdir()) / f"nas-identity-{os.getpid()}-{'x'.join(map(str, input_shape))}.onnx"
-    if not path.is_file():
-        io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(input_shape)) for n in ("x", "y")]
-        graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "floor", io[:1], io[1:])
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-        tmp = path.with_name(path.name + ".tmp")
-        onnx.save(model, str(tmp))
-        os.replace(tmp, path)
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(input_shape)) for n in ("x", "y")]
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "floor", io[:1], io[1:])
+    data = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+    key = "x".join(map(str, input_shape))
+    if key in _FLOOR_FILES:
+        return _FLOOR_FILES[key]
+    from nas.images import _cache_dir
+
+    path = _cache_dir() / f"identity-{key}.onnx"
+    try:
+        if not path.is_file() or path.read_bytes() != data:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+    except OSError:
+        import atexit
+
+        fd, name = tempfile.mkstemp(prefix=f"nas-identity-{key}-", suffix=".onnx")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        path = Path(name)
+        atexit.register(path.unlink, missing_ok=True)
+    _FLOOR_FILES[key] = path
     return path

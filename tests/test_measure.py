@@ -57,3 +57,24 @@ def test_latency_median_iqr_and_the_lock(tmp_path):
     # conv 3x3 from 1 to 8 (stem, 8x8) + conv 3x3 8->16 stride 2 (4x4) + linear 16->10
     convs = 8 * 9 * 64 + 16 * 8 * 9 * 16 + 16 * 10  # multiply-adds of the convs and the classifier
     assert convs <= count_flops(model, torch.zeros(1, 1, 8, 8)) <= convs * 1.1  # (+ BatchNorm and pooling)
+
+
+def test_the_runtime_floor_graph_is_one_shared_file_per_shape(tmp_path, monkeypatch):
+    """Every process used to leave its own Identity graph in /tmp (hundreds after a day of runs):
+    now one file per input shape in the user's cache folder, rewritten only if it differs."""
+    import subprocess
+    import sys
+
+    from nas import measure
+
+    monkeypatch.setenv("NAS_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(measure, "_FLOOR_FILES", {})
+    code = "from nas.measure import _identity_graph; print(_identity_graph((1, 1, 8, 8)))"
+    paths = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            env={**__import__("os").environ}).stdout.strip() for _ in range(2)}
+    assert paths == {str(tmp_path / "cache" / "identity-1x1x8x8.onnx")}
+    path = measure._identity_graph((1, 1, 8, 8))
+    assert str(path) in paths and sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["identity-1x1x8x8.onnx"]
+    path.write_bytes(b"not onnx")  # a damaged file is replaced, not used
+    monkeypatch.setattr(measure, "_FLOOR_FILES", {})
+    assert measure.onnx_latency(measure._identity_graph((1, 1, 8, 8)), (1, 1, 8, 8), repeats=16, warmup=2).median_ms > 0
