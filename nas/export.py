@@ -163,7 +163,10 @@ def _card(manifest: dict[str, Any]) -> str:
         *([f"| packed PyTorch model (weights only, float activations) | val {human('accuracy', m['packed_val_accuracy'])}, "
            f"test {human('accuracy', m['packed_test_accuracy'])} |"] if "packed_test_accuracy" in m else []),
         f"| latency (ONNX Runtime, batch 1, {m.get('latency_threads', ctx['threads'])} thread"
-        f"{'s' if m.get('latency_threads', ctx['threads']) != 1 else ''}) | {human('latency_ms', m['latency_ms'])} median, IQR {human('latency_ms', m['latency_iqr_ms'])} |",
+        f"{'s' if m.get('latency_threads', ctx['threads']) != 1 else ''}) | " + (
+            f"{human('latency_ms', m['latency_ms'])} mean over {m['latency_inputs']:,} validation inputs (the work "
+            f"depends on the input), p95 {human('latency_ms', m['latency_p95_ms'])} |" if "latency_p95_ms" in m else
+            f"{human('latency_ms', m['latency_ms'])} median, IQR {human('latency_ms', m['latency_iqr_ms'])} |"),
         f"| size of `{PACKED_NAME}` | {human('size_bytes', m['size_bytes'])} |",
         f"| parameters | {m['params']:,} |",
         f"| FLOPs (fvcore, multiply-adds) | {m['flops']:,} |",
@@ -192,6 +195,9 @@ def _card(manifest: dict[str, Any]) -> str:
         "- Latency was measured at batch 1 on the CPU above; other hardware will differ.",
     ]
     lines += [note for meth in active_methods(c.compression) for note in meth.card_notes(c.compression)]
+    own = m.get("method_metrics") or {}
+    lines += [line for meth in active_methods(c.compression) if meth.name in own
+              for line in meth.card_lines(c.compression, own[meth.name])]
     return "\n".join(lines) + "\n"
 
 
@@ -222,7 +228,8 @@ def export_bundle(study: optuna.Study, number: int, out: Path, *, storage_url: s
     metrics = {k: trial.user_attrs[k] for k in ("accuracy", "val_accuracy", "test_accuracy", "latency_ms",
                                                  "latency_iqr_ms", "size_bytes", "params", "flops", "deploy_precision")}
     metrics.update({k: trial.user_attrs[k] for k in ("packed_val_accuracy", "packed_test_accuracy", "latency_threads",
-                                                     "latency_floor_ms")
+                                                     "latency_floor_ms", "latency_p95_ms", "latency_inputs",
+                                                     "method_metrics")
                     if k in trial.user_attrs})
     metrics.update({k: trial.user_attrs[k] for k in LATENCY_HOST_KEYS if k in trial.user_attrs})
     search_metrics = None

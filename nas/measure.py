@@ -29,6 +29,8 @@ from torch import nn
 
 __all__ = [
     "Latency",
+    "InputLatency",
+    "onnx_latency_over",
     "count_params",
     "count_flops",
     "export_onnx",
@@ -320,6 +322,60 @@ def onnx_latency(
                 break
     assert best is not None
     return Latency(best.median_ms, best.iqr_ms, best.repeats, best.threads, attempt, best.floor_ms)
+
+
+@dataclass(frozen=True)
+class InputLatency:
+    """Latency of a graph whose work depends on its input (early exits): each input timed at
+    batch 1 in ``passes`` passes over the inputs (per input: the median of its passes), then
+    the mean and the 95th percentile over the inputs. ``iqr_ms``: the spread of the passes'
+    means (how steady the figure is, as a single-input median's IQR is)."""
+
+    mean_ms: float
+    p95_ms: float
+    iqr_ms: float
+    inputs: int
+    passes: int
+    threads: int
+    floor_ms: float
+
+    @property
+    def noisy(self) -> bool:
+        return self.mean_ms > 0 and self.iqr_ms / self.mean_ms > NOISY_IQR_RATIO
+
+
+MAX_TIMED_INPUTS = 1000
+
+
+def onnx_latency_over(path: str | os.PathLike[str], inputs: np.ndarray, *, threads: int = 1, passes: int = 5,
+                      warmup: int = 50) -> InputLatency:
+    """Mean and p95 latency (ms) over ``inputs`` (N, ...) run one at a time in ONNX Runtime on
+    CPU (at most :data:`MAX_TIMED_INPUTS`, the first ones), with the runtime floor (an Identity
+    graph) timed between passes, as :func:`onnx_latency` does beside a single input."""
+    xs = np.ascontiguousarray(np.asarray(inputs, dtype=np.float32)[:MAX_TIMED_INPUTS])
+    if len(xs) == 0:
+        raise ValueError("no inputs to time")
+    sess = _session(Path(path), threads)
+    name = sess.get_inputs()[0].name
+    floor = _session(_identity_graph(xs[:1].shape), threads)
+    times = np.zeros((passes, len(xs)))
+    floors = []
+    with measure_lock():
+        for i in range(warmup):
+            sess.run(None, {name: xs[i % len(xs)][None]})
+        for p in range(passes):
+            if p:
+                time.sleep(WINDOW_GAP_S)
+            for i in range(len(xs)):
+                x = xs[i][None]
+                t0 = time.perf_counter_ns()
+                sess.run(None, {name: x})
+                times[p, i] = (time.perf_counter_ns() - t0) / 1e6
+            floors.append(_window(floor, "x", xs[:1], 64)[1])
+    per_input = np.median(times, axis=0)
+    q1, q3 = np.percentile(times.mean(axis=1), [25, 75])
+    return InputLatency(float(per_input.mean()), float(np.percentile(per_input, 95)), float(q3 - q1), len(xs),
+                        passes, threads, float(min(floors)))
 
 
 def _window(sess: Any, name: str, x: np.ndarray, runs: int) -> tuple[float, float, float]:

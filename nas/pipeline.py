@@ -24,15 +24,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from nas.builder import build
 from nas.compress.pack import write_file
 from nas.compress.passes import (
     compress,
     deploy_onnx,
+    dynamic_latency,
     load_packed,
+    method_metrics,
     onnx_predict,
     pack_model,
-    trained_arch,
+    trained_model,
     training_terms,
     value_dependent_size,
 )
@@ -47,6 +48,7 @@ from nas.measure import (
     count_params,
     latency_host,
     onnx_latency,
+    onnx_latency_over,
 )
 from nas.objectives import DEFAULT_OBJECTIVES, check_constraints, mnasnet_reward
 from nas.train import accuracy, seed_everything, train
@@ -177,13 +179,25 @@ def reference_floor(task: Task) -> float:
                         *data.input_size), threads=task.latency_threads).median_ms
 
 
-def timed(path: Path, example: torch.Tensor, task: Task) -> dict[str, Any]:
+def timed(path: Path, example: torch.Tensor, task: Task, inputs: torch.Tensor | None = None) -> dict[str, Any]:
     """Latency of an ONNX file, scaled to the study's reference host speed.
 
     Load on a shared host comes in phases that slow every run alike (raw timings of one model
     moved by 70% between moments here while its ratio to the runtime floor held within 7%), so
     the figure is the raw median times (reference floor / floor timed in the same windows):
-    trials timed at different moments stay comparable. The raw median and both floors are kept."""
+    trials timed at different moments stay comparable. The raw median and both floors are kept.
+
+    ``inputs``: a graph whose work depends on its input (early exits) is timed over these
+    (the validation split) at batch 1: ``latency_ms`` is their mean, ``latency_p95_ms`` beside."""
+    if inputs is not None:  # work depends on the input: mean over the inputs at batch 1, p95 beside
+        over = onnx_latency_over(path, inputs.numpy(), threads=task.latency_threads)
+        ref = task.latency_floor_ms if task.latency_floor_ms and over.floor_ms > 0 else None
+        scale = ref / over.floor_ms if ref else 1.0
+        return {"latency_ms": over.mean_ms * scale, "latency_iqr_ms": over.iqr_ms * scale,
+                "latency_p95_ms": over.p95_ms * scale, "latency_raw_ms": over.mean_ms,
+                "latency_floor_now_ms": over.floor_ms, "latency_floor_ms": ref or over.floor_ms,
+                "latency_noisy": over.noisy, "latency_attempts": 1, "latency_threads": over.threads,
+                "latency_inputs": over.inputs}
     lat = onnx_latency(path, tuple(example.shape), threads=task.latency_threads)
     ref = task.latency_floor_ms if task.latency_floor_ms and lat.floor_ms > 0 else None
     scale = ref / lat.floor_ms if ref else 1.0
@@ -229,7 +243,7 @@ def _preflight(t: _Trial) -> tuple[dict[str, Any], Exported]:
     checked after compression instead)."""
     seed_everything(t.task.seed)
     try:
-        preview = compress(build(trained_arch(t.candidate)), t.candidate, t.data, t.task.seed, finetune=False)
+        preview = compress(trained_model(t.candidate), t.candidate, t.data, t.task.seed, finetune=False)
         with torch.no_grad():
             # untrained BatchNorms fold into bias-free convolutions, which the exporter's
             # optimizer drops; a trained model's never are: give the preview the same graph
@@ -244,8 +258,11 @@ def _preflight(t: _Trial) -> tuple[dict[str, Any], Exported]:
     exported = None  # each save exports afresh: the TorchScript exporter takes ~0.05 s (nas.measure.export_onnx)
     with tempfile.TemporaryDirectory(prefix="nas-trial-") as tmp:
         costs = _costs(preview, t.candidate, blob, t.example, t.calibration, Path(tmp), t.task, exported)
-    later = value_dependent_size(t.candidate.compression)
-    reason = check_constraints(costs, {k: v for k, v in t.task.constraints.items() if not (k == "size_bytes" and later)})
+    # sizes that depend on trained values, and latencies that depend on the input (early exits:
+    # the untrained pre-flight graph runs to full depth, an upper bound), are checked after compression
+    later = {"size_bytes"} if value_dependent_size(t.candidate.compression) else set()
+    later |= {"latency_ms"} if dynamic_latency(t.candidate.compression) else set()
+    reason = check_constraints(costs, {k: v for k, v in t.task.constraints.items() if k not in later})
     if reason:
         raise ConstraintViolation(reason, costs)
     return costs, exported
@@ -255,7 +272,7 @@ def _train(t: _Trial, costs: dict[str, Any], at_rung: Callable | None) -> tuple[
     """Train the full-width model, with the methods' loss (distillation) and penalty
     (slimming); rung checks report validation accuracy and may stop the trial."""
     seed_everything(t.task.seed)
-    model = build(trained_arch(t.candidate))
+    model = trained_model(t.candidate)
     mem = training_memory_mb(model, t.example, t.candidate.recipe.batch_size)
     if mem > t.task.max_memory_mb:
         raise TrialFailure(f"over the memory limit: training needs ~{mem:.0f} MB > max {t.task.max_memory_mb:.0f} MB")
@@ -285,7 +302,8 @@ def _deploy_and_score(t: _Trial, shipped: nn.Module, blob: bytes, exported: Expo
         onnx_path, _ = deploy_onnx(shipped, t.candidate.compression, t.example, folder / "model.onnx", t.calibration,
                                    exported)
         pred = onnx_predict(onnx_path, torch.cat([data.x_val, data.x_test])).argmax(1)  # one ORT session
-        lat = timed(onnx_path, t.example, t.task)
+        dynamic = dynamic_latency(t.candidate.compression)
+        lat = timed(onnx_path, t.example, t.task, inputs=data.x_val if dynamic else None)
         if out is not None:
             (folder / "candidate.json").write_text(t.candidate.to_json())
     val_pred, test_pred = pred[: len(data.y_val)], pred[len(data.y_val) :]
@@ -295,7 +313,8 @@ def _deploy_and_score(t: _Trial, shipped: nn.Module, blob: bytes, exported: Expo
             "accuracy": float((val_pred == data.y_val.numpy()).mean()),
             "test_accuracy": float((test_pred == data.y_test.numpy()).mean()),
             "packed_val_accuracy": accuracy(shipped, data.x_val, data.y_val),
-            "packed_test_accuracy": accuracy(shipped, data.x_test, data.y_test)}
+            "packed_test_accuracy": accuracy(shipped, data.x_test, data.y_test),
+            **method_metrics(shipped, t.candidate.compression, data)}
 
 
 def _result(t: _Trial, costs: dict[str, Any], scores: dict[str, Any], stats: Any, out: Path | None) -> TrialResult:
@@ -304,7 +323,10 @@ def _result(t: _Trial, costs: dict[str, Any], scores: dict[str, Any], stats: Any
     # The shipped artifact is timed again (same structure as the pre-flight graph, moments
     # later). Load on the host only ever slows a timing down, and here it comes in phases of
     # seconds (a 2x slowdown was seen): the faster of the two is the better estimate.
-    if scores["deployed_latency_ms"] < costs["latency_ms"]:
+    # A graph whose latency depends on its input is only ever timed right after training: the
+    # pre-flight timed it untrained, running to full depth.
+    if scores["deployed_latency_ms"] < costs["latency_ms"] or dynamic_latency(t.candidate.compression):
+        costs.pop("latency_p95_ms", None)
         costs.update({k.removeprefix("deployed_"): v for k, v in scores.items() if k.startswith("deployed_")})
     reason = check_constraints(costs, t.task.constraints)
     if reason:

@@ -54,6 +54,7 @@ def train(
 
     ``loss_fn(logits, targets, inputs)`` replaces cross-entropy (distillation uses it).
     ``penalty(model)`` is added to the loss (network slimming's L1 on BatchNorm gamma).
+    A model with an ``auxiliary_loss(targets)`` method (exit heads) adds that term after each forward.
     ``on_epoch(epoch, model)`` runs after each epoch and may raise to stop training early.
     A non-finite loss raises :class:`TrialFailure`.
     """
@@ -77,6 +78,9 @@ def train(
             loss = loss_fn(logits, yb, xb) if loss_fn is not None else F.cross_entropy(logits, yb)
             if penalty is not None:
                 loss = loss + penalty(model)
+            aux = getattr(model, "auxiliary_loss", None)  # deep supervision: heads inside the network
+            if aux is not None:
+                loss = loss + aux(yb)
             if not torch.isfinite(loss):
                 raise TrialFailure(f"non-finite loss ({loss.item()}) at epoch {start_epoch + epoch + 1}, step {i + 1}")
             opt.zero_grad(set_to_none=True)

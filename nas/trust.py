@@ -104,7 +104,7 @@ _PT2_OPS = frozenset("""
     max_pool1d max_pool2d max_pool2d_with_indices linear addmm mm bmm matmul t transpose permute view reshape _unsafe_view
     flatten squeeze unsqueeze expand cat stack split split_with_sizes chunk slice select contiguous clone alias detach
     dropout native_dropout _to_copy to constant_pad_nd pad upsample_nearest2d upsample_bilinear2d zeros_like ones_like
-    full scalar_tensor where lift_fresh_copy sym_size
+    full scalar_tensor where lift_fresh_copy sym_size gt ge lt le eq ne logical_not logical_and logical_or
 """.split())
 _PT2_TARGET = re.compile(r"^torch\.ops\.aten\.(\w+)\.(\w+)$")
 

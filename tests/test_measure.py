@@ -78,3 +78,33 @@ def test_the_runtime_floor_graph_is_one_shared_file_per_shape(tmp_path, monkeypa
     path.write_bytes(b"not onnx")  # a damaged file is replaced, not used
     monkeypatch.setattr(measure, "_FLOOR_FILES", {})
     assert measure.onnx_latency(measure._identity_graph((1, 1, 8, 8)), (1, 1, 8, 8), repeats=16, warmup=2).median_ms > 0
+
+
+def test_latency_over_inputs_follows_the_work_each_input_takes(tmp_path):
+    """A graph with an If (early exit): inputs that take the cheap branch are timed as cheap;
+    the mean and p95 over the inputs tell the two populations apart."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper
+
+    from nas.measure import onnx_latency_over
+
+    vi = helper.make_tensor_value_info
+    heavy = [helper.make_node("MatMul", ["x" if i == 0 else f"h{i - 1}", "w"], [f"h{i}"]) for i in range(40)]
+    then = helper.make_graph([helper.make_node("Identity", ["x"], ["t"])], "cheap", [], [vi("t", TensorProto.FLOAT, [1, 64])])
+    other = helper.make_graph([*heavy, helper.make_node("Identity", ["h39"], ["e"])], "dear", [], [vi("e", TensorProto.FLOAT, [1, 64])])
+    nodes = [helper.make_node("ReduceMax", ["x"], ["m"], keepdims=0),
+             helper.make_node("Constant", [], ["z"], value=helper.make_tensor("z", TensorProto.FLOAT, [], [0.0])),
+             helper.make_node("Greater", ["m", "z"], ["c1"]), helper.make_node("Squeeze", ["c1"], ["c"]),
+             helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other)]
+    w = helper.make_tensor("w", TensorProto.FLOAT, [64, 64], (np.eye(64, dtype=np.float32) * 0.5).ravel())
+    graph = helper.make_graph(nodes, "exit", [vi("x", TensorProto.FLOAT, [1, 64])], [vi("y", TensorProto.FLOAT, [1, 64])], [w])
+    path = tmp_path / "exit.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    cheap, dear = np.ones((1, 64), np.float32), -np.ones((1, 64), np.float32)
+    all_cheap = onnx_latency_over(path, np.concatenate([cheap] * 40), passes=3)
+    mixed = onnx_latency_over(path, np.concatenate([cheap] * 30 + [dear] * 10), passes=3)
+    all_dear = onnx_latency_over(path, np.concatenate([dear] * 40), passes=3)
+    assert all_cheap.inputs == mixed.inputs == 40 and all_cheap.floor_ms > 0
+    assert all_cheap.mean_ms < mixed.mean_ms < all_dear.mean_ms
+    assert mixed.p95_ms > 2 * all_cheap.p95_ms  # the slowest 5% took the long branch

@@ -30,7 +30,8 @@ from nas.train import train
 if TYPE_CHECKING:
     from nas.config import CompressionConfig
 
-__all__ = ["trained_arch", "structural_arch", "final_model", "compress", "weight_plans", "pack_model", "load_packed", "layer_stage",
+__all__ = ["trained_arch", "structural_arch", "final_model", "trained_model", "extended", "dynamic_latency",
+           "method_metrics", "compress", "weight_plans", "pack_model", "load_packed", "layer_stage",
            "value_dependent_size", "training_terms", "active_methods", "Context",
            # deploy lives in nas.compress.deploy; re-exported for callers of the old location
            "deploy_onnx", "onnx_predict", "weights_off_packed"]
@@ -88,12 +89,36 @@ def structural_arch(cand: Candidate) -> ArchConfig:
     return arch
 
 
+def extended(model: Net, cfg: CompressionConfig) -> Net:
+    """``model`` with the modules the active methods add (exit heads)."""
+    for m in active_methods(cfg):
+        model = m.extend(model, cfg)
+    return model
+
+
+def trained_model(cand: Candidate) -> Net:
+    """Untrained model of the shape that is trained (full width, with added modules)."""
+    return extended(build(trained_arch(cand)), cand.compression)
+
+
 def final_model(cand: Candidate) -> Net:
     """Untrained model of the final compressed shape (pruned, shared, factorized)."""
-    model = build(structural_arch(cand))
+    model = extended(build(structural_arch(cand)), cand.compression)
     for m in active_methods(cand.compression):
         m.restructure(model, cand.compression)
     return model
+
+
+def dynamic_latency(cfg: CompressionConfig) -> bool:
+    """Whether the shipped graph's latency depends on its input (see Method.dynamic_latency)."""
+    return any(m.dynamic_latency(cfg) for m in active_methods(cfg))
+
+
+def method_metrics(model: Net, cfg: CompressionConfig, data: Any) -> dict[str, Any]:
+    """The active methods' own figures, measured on the shipped model: ``{"method_metrics":
+    {method: {...}}}``, or nothing when no method has any."""
+    own = {m.name: f for m in active_methods(cfg) if (f := m.metrics(model, cfg, data))}
+    return {"method_metrics": own} if own else {}
 
 
 def layer_stage(name: str, arch: ArchConfig) -> int:

@@ -6,6 +6,7 @@ default, validation, when it matters) and owns what it does at every step of a t
 
 ====================  ==========================================================================
 ``build_arch``        its effect on the architecture that is trained (sharing)
+``extend``            modules it adds to the network, trained and shipped (exit heads)
 ``arch``              its effect on the final shape measured in pre-flight (pruned widths)
 ``restructure``       structural change of a built model before weights exist (factorized layers)
 ``apply``             what it does to a trained model (phase ``structural``, ``parametrize`` or
@@ -14,15 +15,22 @@ default, validation, when it matters) and owns what it does at every step of a t
 ``plan``              its part of each weight's storage plan in the packed file
 ``float_deploy``      whether its weights can only deploy as float (and the label saying so)
 ``value_dependent``   whether its packed size depends on trained values (checked after training)
-``loss`` / ``penalty`` training-time terms (distillation, network slimming)
+``loss`` / ``penalty`` training-time terms (distillation, network slimming); a network that
+                      ``extend`` gave an ``auxiliary_loss(targets)`` gets that term too
+``deploy``            writes the deployable ONNX graph itself (control flow the exporter
+                      cannot trace), returning the deployed precision's label
+``dynamic_latency``   whether latency depends on the input: then it is the mean over the
+                      validation inputs at batch 1, with the 95th percentile beside it
+``metrics``           figures measured on the shipped model, recorded with the trial
 ``summary``           its one-line text, or ``None`` when off
-``card_notes``        limits the model card states
+``card_notes``        limits the model card states; ``card_lines`` what it says of the metrics
 ====================  ==========================================================================
 
 :func:`nas.compress.passes.compress` runs the registered methods in ``order``. A precision is
 a :class:`Codec` (bits, integer codes or float, how it deploys) registered with
 :func:`register_codec`; quantization, packing, deployment and the model card all read it.
-Adding a method or a precision is one new module imported by ``nas/compress/__init__.py``.
+Adding a method or a precision is one new module in ``nas/compress/``: every module there is
+imported when the registry is first read.
 """
 
 from __future__ import annotations
@@ -78,6 +86,11 @@ class Method:
         """Its effect on the model that is trained (sharing ties blocks from the start)."""
         return arch
 
+    def extend(self, model: torch.nn.Module, cfg: CompressionConfig) -> torch.nn.Module:
+        """Modules it adds to a built network (before training, and to the final shape the
+        packed file loads into); may return a new module wrapping ``model``."""
+        return model
+
     def arch(self, arch: ArchConfig, cfg: CompressionConfig) -> ArchConfig:
         """Its effect on the final, shipped shape (pruned widths)."""
         return arch
@@ -101,6 +114,19 @@ class Method:
     def float_deploy(self, cfg: CompressionConfig) -> str | None:
         return None
 
+    def deploy(self, model: torch.nn.Module, cfg: CompressionConfig, example: torch.Tensor, path: Any) -> str | None:
+        """Write the deployable ONNX graph to ``path`` itself and return the deployed
+        precision's label, or ``None`` to leave it to the exporter and quantizer."""
+        return None
+
+    def dynamic_latency(self, cfg: CompressionConfig) -> bool:
+        """Whether the shipped graph's latency depends on the input (control flow)."""
+        return False
+
+    def metrics(self, model: torch.nn.Module, cfg: CompressionConfig, data: Any) -> dict[str, Any]:
+        """Figures measured on the shipped model (validation split), recorded with the trial."""
+        return {}
+
     def value_dependent(self, cfg: CompressionConfig) -> bool:
         return False
 
@@ -114,6 +140,10 @@ class Method:
         return None
 
     def card_notes(self, cfg: CompressionConfig) -> list[str]:
+        return []
+
+    def card_lines(self, cfg: CompressionConfig, metrics: Mapping[str, Any]) -> list[str]:
+        """What the model card says of this method's recorded ``metrics``."""
         return []
 
 
@@ -163,7 +193,14 @@ def register_codec(codec: Codec) -> Codec:
 
 
 def _load() -> None:
-    import nas.compress  # noqa: F401 - imports every method module, which registers itself
+    """Import every module of the package (each method's module registers itself)."""
+    import importlib
+    import pkgutil
+
+    import nas.compress
+
+    for info in pkgutil.iter_modules(nas.compress.__path__):
+        importlib.import_module(f"nas.compress.{info.name}")
 
 
 def ordered_methods() -> list[Method]:
