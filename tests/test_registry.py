@@ -12,13 +12,15 @@ import pytest
 import torch
 
 from nas.builder import build
-from nas.compress.deploy import deploy_onnx, onnx_predict, weights_off_packed
+from nas.compress.deploy import deploy_onnx, graph_nodes, onnx_predict, weights_off_packed
 from nas.compress.pack import WeightPlan, pack_state, unpack_state
 from nas.compress.passes import (
     compress,
+    dynamic_latency,
     load_packed,
     pack_model,
     trained_arch,
+    trained_model,
     training_terms,
 )
 from nas.compress.quantize import quantize_codes, snap
@@ -51,10 +53,10 @@ def trained(data):
 
 def _shipped(cfg: CompressionConfig, state, data):
     cand = Candidate(ARCH, cfg, RECIPE)
-    model = build(trained_arch(cand))
-    if trained_arch(cand) == ARCH:
+    model = trained_model(cand)
+    if trained_arch(cand) == ARCH and set(model.state_dict()) == set(state):
         model.load_state_dict(state)
-    else:  # a method that changes what is trained (sharing): train that model
+    else:  # a method that changes what is trained (sharing, exit heads): train that model
         torch.manual_seed(0)
         train(model, data.x_train, data.y_train, RECIPE, seed=0)
     compressed = compress(model.eval(), cand, data, 0)
@@ -106,6 +108,11 @@ def test_every_method_round_trips_exports_and_shows_its_effect(name, data, train
         b_path, _ = deploy_onnx(b_shipped, base, EXAMPLE, tmp_path / "b.onnx",
                                 data.x_train[:16])
         assert len(onnx.load(str(path)).graph.node) < len(onnx.load(str(b_path)).graph.node)
+    if "exits" in method.effect:  # control flow in the deployed graph: some inputs answered early
+        assert any(n.op_type == "If" for n in graph_nodes(onnx.load(str(path)).graph))
+        assert dynamic_latency(cfg) and not dynamic_latency(base)
+        shares = method.metrics(shipped, cfg, data)["exit_share_val"]
+        assert sum(shares[:-1]) > 0 and abs(sum(shares) - 1) < 1e-9
     if "loss" in method.effect:
         loss, _ = training_terms(cfg, Task(teacher_epochs=1), data)
         assert loss is not None and training_terms(base, Task(), data)[0] is None
