@@ -32,14 +32,18 @@ def _sample(space, n=10, in_shape=(1, (8, 8)), seed=0):
     return out
 
 
-@pytest.mark.parametrize("name", ["default", "mnist1d"])
+@pytest.mark.parametrize("name", ["default", "mnist1d", "mnist1d_compress", "early_exit"])
 def test_bundled_spaces_load_and_sample_buildable_candidates(name):
+    from nas.compress.passes import trained_model
+
     space = load_space(name)
-    size = (8, 8) if space.spatial == "2d" else (1, 40)
+    size = ((32, 32) if name == "early_exit" else (8, 8)) if space.spatial == "2d" else (1, 40)
     for cand in _sample(space, 8, (1, size)):
-        model = build(cand.arch)
+        model = trained_model(cand)  # with the modules compression methods add (exit heads)
         assert sum(p.numel() for p in model.parameters()) > 0
         assert all(b.type in BLOCKS for b in cand.arch.blocks)
+        with torch.no_grad():
+            assert model.eval()(torch.zeros(2, 1, *size)).shape == (2, 10)
 
 
 def test_default_space_offers_every_block_type():
