@@ -1,19 +1,19 @@
-"""Feasibility study for issue 16 (early exit): does a cascade of ONNX Runtime sessions that
-stops at a confident exit cut mean latency by >= 30% at <= 1 point of accuracy, where compute
-dominates the runtime's fixed cost?
+"""Early exit (issue 16): the same architecture with and without exits, and a search with the
+gene on vs off, on a 2-D task where compute dominates the runtime's fixed cost (the 16x16
+digits task of `digits16.py` upsampled to 32x32).
 
-Not the product feature yet (no gene, no registry method): one hand-built CNN on the 16x16
-digits task upsampled to 32x32 (`experiments/digits16.py --make`), trained twice with the same
-recipe: without exits, and with exit heads (global pooling + linear) after stages 1 and 2 and
-a joint loss. The exit model ships as three ONNX files (stem+stage 1 -> features, exit logits;
-stage 2 -> ...; stage 3 -> logits), run one after another at batch 1 until the softmax maximum
-of an exit reaches its threshold. The thresholds are chosen on the validation split (the
-fastest pair keeping validation accuracy within 0.5 point of the exit model's full depth);
-test is reported. Latency: each input's cascade timed 5 times (median), then the mean and p95
-over the validation inputs, beside the no-exit model's single session timed the same way.
+1. Same architecture (stem16 | conv w16 x2 | conv w32 x2 /2 | conv w256 x2 /2 | gap, the
+   shape of `search_spaces/early_exit.yaml`), trained by the pipeline like any trial (same
+   recipe and seed) without exits and with exits after stage 1 and after stages 0 and 1; each
+   deployed `model.onnx` (the exit models: one graph with If nodes) is timed in the same passes
+   over the validation inputs at batch 1 (mean and p95), beside the runtime floor. Accuracy
+   is the deployed artifact's in ONNX Runtime.
+2. `nas search --space early_exit` vs the same space with `early_exit: [none]` (same seed and
+   wall-clock budget, one after the other): the fastest front member at least as accurate on
+   validation as the best no-exit member minus 1 point, in each.
 
     python experiments/digits16.py --make runs/digits16.npz
-    python experiments/early_exit.py --data runs/digits16.npz      # ~4 min on 2 cores
+    python experiments/early_exit.py --data runs/digits16.npz --search-timeout 600   # ~25 min
 
 Writes experiments/results/early_exit.json.
 """
@@ -21,211 +21,133 @@ Writes experiments/results/early_exit.json.
 from __future__ import annotations
 
 import argparse
-import itertools
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
+import optuna
 import torch
+import yaml
 from _common import write_json
-from torch import nn
 from torch.nn import functional as F
 
-from nas.measure import _session, export_onnx
-from nas.pipeline import get_dataset
-from nas.train import seed_everything
+from nas.cli import main as nas_main
+from nas.config import ArchConfig, BlockConfig, Candidate, CompressionConfig, Recipe
+from nas.measure import _identity_graph, onnx_latency_over
+from nas.pipeline import Task, evaluate, get_dataset
+
+SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
 
 
-def block(cin: int, cout: int, stride: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
-                         nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+def upsample(src: Path, dest: Path) -> Path:
+    """The digits16 task at 32x32 (bilinear), same splits."""
+    with np.load(src, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    for k in [k for k in arrays if k.startswith("x")]:
+        x = torch.from_numpy(arrays[k].astype(np.float32))
+        arrays[k] = F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False).numpy()
+    np.savez_compressed(dest, **arrays)
+    return dest
 
 
-class Part(nn.Module):
-    """One piece of the cascade: features in, (features out, exit logits) or final logits."""
-
-    def __init__(self, body: nn.Module, head: nn.Module, last: bool) -> None:
-        super().__init__()
-        self.body, self.head, self.last = body, head, last
-
-    def forward(self, x: torch.Tensor):  # noqa: ANN201
-        f = self.body(x)
-        logits = self.head(f.mean((2, 3)))
-        return logits if self.last else (f, logits)
+def arch() -> ArchConfig:
+    blocks = (BlockConfig("conv", 16, 3, 1, stage=0), BlockConfig("conv", 16, 3, 1, stage=0),
+              BlockConfig("conv", 32, 3, 2, stage=1), BlockConfig("conv", 32, 3, 1, stage=1),
+              BlockConfig("conv", 256, 3, 2, stage=2), BlockConfig("conv", 256, 3, 1, stage=2))
+    return ArchConfig(1, 10, (32, 32), "2d", 16, blocks)
 
 
-class ExitNet(nn.Module):
-    def __init__(self, classes: int = 10, widths=(32, 64, 128)) -> None:
-        super().__init__()
-        w1, w2, w3 = widths
-        self.parts = nn.ModuleList([
-            Part(nn.Sequential(nn.Conv2d(1, w1, 3, 1, 1, bias=False), nn.BatchNorm2d(w1), nn.ReLU(), block(w1, w1, 2)),
-                 nn.Linear(w1, classes), last=False),
-            Part(block(w1, w2, 2), nn.Linear(w2, classes), last=False),
-            Part(block(w2, w3, 2), nn.Linear(w3, classes), last=True)])
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        outs = []
-        for p in self.parts[:-1]:
-            x, logits = p(x)
-            outs.append(logits)
-        outs.append(self.parts[-1](x))
-        return outs
-
-
-class Full(nn.Module):
-    """The whole network as one graph, final logits only (what ships without exits)."""
-
-    def __init__(self, net: ExitNet) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)[-1]
-
-
-def train(net: ExitNet, data, exit_weight: float, epochs: int) -> None:
-    seed_everything(0)
-    opt = torch.optim.Adam(net.parameters(), 2e-3)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
-    x, y = up(data.x_train), data.y_train
-    for _ in range(epochs):
-        net.train()
-        for idx in torch.randperm(len(y)).split(64):
-            outs = net(x[idx])
-            loss = F.cross_entropy(outs[-1], y[idx]) + exit_weight * sum(F.cross_entropy(o, y[idx]) for o in outs[:-1])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        sched.step()
-    net.eval()
+def same_architecture(data_path: Path, tmp: Path, epochs: int, exit_loss: float) -> dict:
+    task = Task(dataset=str(data_path), artifacts_dir=str(tmp / "art"))
+    data = get_dataset(str(data_path), 0)
+    runs = {}
+    for name, genes in (("no_exits", {}), ("exit_after_1", {"early_exit": "1"}),
+                        ("exits_after_0_1", {"early_exit": "0+1"})):
+        cfg = CompressionConfig(finetune_epochs=1, exit_loss=exit_loss, **genes)
+        res = evaluate(Candidate(arch(), cfg, Recipe(epochs=epochs, lr=0.005)), task, trial_id=name)
+        runs[name] = {"val_accuracy": res.metrics["val_accuracy"], "test_accuracy": res.metrics["test_accuracy"],
+                      "size_bytes": res.metrics["size_bytes"], "flops": res.metrics["flops"],
+                      "search_latency_ms": res.metrics["latency_ms"],
+                      **({"exits": res.metrics["method_metrics"]["early_exit"]} if "method_metrics" in res.metrics else {}),
+                      "onnx": str(Path(res.artifact_dir) / "model.onnx")}
+        print(name, {k: v for k, v in runs[name].items() if k != "onnx"}, flush=True)
+    # every deployed graph and the floor, timed in the same passes over the validation inputs
+    xs = data.x_val.numpy()
+    passes = []
+    for _ in range(3):
+        row = {n: onnx_latency_over(r["onnx"], xs) for n, r in runs.items()}
+        row["runtime_floor"] = onnx_latency_over(_identity_graph((1, 1, 32, 32)), xs[:200])
+        passes.append({n: {"mean_ms": v.mean_ms, "p95_ms": v.p95_ms} for n, v in row.items()})
+    for n in [*runs, "runtime_floor"]:
+        target = runs.setdefault(n, {})
+        target["mean_ms"] = float(np.median([p[n]["mean_ms"] for p in passes]))
+        target["p95_ms"] = float(np.median([p[n]["p95_ms"] for p in passes]))
+        target.pop("onnx", None)
+    base = runs["no_exits"]
+    for n in ("exit_after_1", "exits_after_0_1"):
+        r = runs[n]
+        r["mean_latency_lower"] = 1 - r["mean_ms"] / base["mean_ms"]
+        r["val_points_lost"] = 100 * (base["val_accuracy"] - r["val_accuracy"])
+        r["meets_30pct_at_1pt"] = bool(r["mean_latency_lower"] >= 0.30 and r["val_points_lost"] <= 1.0)
+    return runs
 
 
-def up(x: torch.Tensor) -> torch.Tensor:
-    return F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False)
-
-
-def per_input_ms(run, xs: np.ndarray, repeats: int = 5) -> np.ndarray:
-    out = np.empty(len(xs))
-    for i in range(len(xs)):
-        x = xs[i : i + 1]
-        for _ in range(2):
-            run(x)
-        ts = []
-        for _ in range(repeats):
-            t0 = time.perf_counter_ns()
-            run(x)
-            ts.append((time.perf_counter_ns() - t0) / 1e6)
-        out[i] = statistics.median(ts)
-    return out
+def search(data_path: Path, tmp: Path, timeout: float, seed: int) -> dict:
+    raw = yaml.safe_load((SPACES / "early_exit.yaml").read_text())
+    off = {**raw, "name": "early_exit_off", "compression": {**raw["compression"], "early_exit": ["none"]}}
+    off["compression"].pop("exit_loss"), off["compression"].pop("exit_weight")
+    (tmp / "off.yaml").write_text(yaml.safe_dump(off))
+    db = f"sqlite:///{tmp}/s.db"
+    out = {}
+    for name, space in (("gene_on", str(SPACES / "early_exit.yaml")), ("gene_off", str(tmp / "off.yaml"))):
+        nas_main(["search", "--dataset", str(data_path), "--space", space, "--seed", str(seed), "--timeout",
+                  str(timeout), "--trials", "500", "--study", name, "--storage", db, "--quiet",
+                  "--artifacts", str(tmp / "art")])
+        study = optuna.load_study(study_name=name, storage=db)
+        done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        out[name] = {"trials": len(study.trials), "complete": len(done),
+                     "members": [{"trial": t.number, "val_accuracy": t.user_attrs["val_accuracy"],
+                                  "test_accuracy": t.user_attrs["test_accuracy"], "latency_ms": t.user_attrs["latency_ms"],
+                                  "latency_p95_ms": t.user_attrs.get("latency_p95_ms"),
+                                  "size_bytes": t.user_attrs["size_bytes"], "arch": t.user_attrs["summary"],
+                                  "compression": t.user_attrs["compression_summary"]} for t in done]}
+    best_off = max(m["val_accuracy"] for m in out["gene_off"]["members"])
+    bar = best_off - 0.01
+    for name in out:
+        ok = [m for m in out[name]["members"] if m["val_accuracy"] >= bar - 1e-12]
+        out[name]["fastest_within_1pt_of_best_off"] = min(ok, key=lambda m: m["latency_ms"]) if ok else None
+    return {"bar_val_accuracy": bar, **out}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--data", type=Path, required=True)
-    ap.add_argument("--epochs", type=int, default=12)
-    ap.add_argument("--budget", type=float, default=0.005, help="validation accuracy the exits may lose (fraction)")
-    ap.add_argument("--widths", default="32,64,128", help="channels of the three stages")
-    ap.add_argument("--name", default="early_exit", help="results file name")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", required=True, help="digits16.npz (experiments/digits16.py --make PATH)")
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--search-timeout", type=float, default=0.0, help="seconds per search (0: skip the searches)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--exit-loss", type=float, default=0.005,
+                    help="the exits' validation accuracy budget against their own full depth (default 0.005: the "
+                         "joint training itself may cost some, and the point is <= 1 pt against the no-exit model)")
     args = ap.parse_args()
-    data = get_dataset(str(args.data.resolve()), 0)
     tmp = Path(tempfile.mkdtemp(prefix="nas-exit-"))
-    torch.set_num_threads(2)
-
-    widths = tuple(int(w) for w in args.widths.split(","))
-    plain, exits = ExitNet(widths=widths), ExitNet(widths=widths)
-    train(plain, data, 0.0, args.epochs)
-    train(exits, data, 0.5, args.epochs)
-    ex = torch.zeros(1, 1, 32, 32)
-    full_path = export_onnx(Full(plain), ex, tmp / "plain.onnx")
-    full_exit_path = export_onnx(Full(exits), ex, tmp / "exit_full.onnx")
-    part_paths = []
-    shape = ex
-    for k, part in enumerate(exits.parts):
-        part_paths.append(tmp / f"part{k}.onnx")
-        torch.onnx.export(part, (shape,), str(part_paths[-1]), dynamo=False, opset_version=17,
-                          input_names=["x"], output_names=["logits"] if part.last else ["features", "logits"])
-        with torch.no_grad():
-            shape = part(shape)[0] if not part.last else shape
-    sess_plain, sess_full = _session(full_path, 1), _session(full_exit_path, 1)
-    parts = [_session(p, 1) for p in part_paths]
-
-    def probs_all(xs: np.ndarray) -> list[np.ndarray]:
-        """Softmax of every exit for each input, from the shipped part files."""
-        outs = [[], [], []]
-        for i in range(len(xs)):
-            f = xs[i : i + 1]
-            for k, s in enumerate(parts):
-                r = s.run(None, {"x": f})
-                logits = r[-1]
-                if k < 2:
-                    f = r[0]
-                e = np.exp(logits - logits.max())
-                outs[k].append(e[0] / e.sum())
-        return [np.stack(o) for o in outs]
-
-    xv, yv = up(data.x_val).numpy(), data.y_val.numpy()
-    xt, yt = up(data.x_test).numpy(), data.y_test.numpy()
-    pv, pt = probs_all(xv), probs_all(xt)
-
-    def cascade_pred(p: list[np.ndarray], taus: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
-        pred, depth = p[2].argmax(1), np.full(len(p[2]), 2)
-        for k in (1, 0):  # earliest confident exit wins
-            hit = p[k].max(1) >= taus[k]
-            pred, depth = np.where(hit, p[k].argmax(1), pred), np.where(hit, k, depth)
-        return pred, depth
-
-    full_val = float((pv[2].argmax(1) == yv).mean())
-    grid = [0.8, 0.9, 0.95, 0.97, 0.99, 0.995, 0.999, 1.01]
-    best = None
-    for taus in itertools.product(grid, grid):  # chosen on validation only
-        pred, depth = cascade_pred(pv, taus)
-        acc = float((pred == yv).mean())
-        cost = float(np.mean([(0.3, 0.6, 1.0)[d] for d in depth]))  # rough share of the work done
-        if acc >= full_val - args.budget and (best is None or cost < best[0]):
-            best = (cost, taus)
-    taus = best[1]
-
-    def run_cascade(x: np.ndarray) -> None:
-        f = x
-        for k, s in enumerate(parts):
-            r = s.run(None, {"x": f})
-            logits = r[-1][0]
-            if k < 2:
-                e = np.exp(logits - logits.max())
-                if (e / e.sum()).max() >= taus[k]:
-                    return
-                f = r[0]
-
-    lat_plain = per_input_ms(lambda x: sess_plain.run(None, {"x": x}), xv)
-    lat_full_exit = per_input_ms(lambda x: sess_full.run(None, {"x": x}), xv)
-    lat_cascade = per_input_ms(run_cascade, xv)
-    pred_v, depth_v = cascade_pred(pv, taus)
-    pred_t, depth_t = cascade_pred(pt, taus)
-    plain_val = float((np.concatenate([sess_plain.run(None, {"x": xv[i:i + 1]})[0] for i in range(len(xv))]).argmax(1) == yv).mean())
-    plain_test = float((np.concatenate([sess_plain.run(None, {"x": xt[i:i + 1]})[0] for i in range(len(xt))]).argmax(1) == yt).mean())
-    res = {
-        "command": f"python experiments/early_exit.py --data runs/digits16.npz --widths {args.widths} --name {args.name}",
-        "epochs": args.epochs, "widths": list(widths),
-        "input": "digits16 upsampled to 32x32", "thresholds": list(taus), "budget": args.budget,
-        "no_exits": {"val_accuracy": plain_val, "test_accuracy": plain_test, "mean_ms": float(lat_plain.mean()),
-                     "p95_ms": float(np.percentile(lat_plain, 95)), "bytes": full_path.stat().st_size},
-        "exits_full_depth": {"val_accuracy": full_val, "test_accuracy": float((pt[2].argmax(1) == yt).mean()),
-                             "mean_ms": float(lat_full_exit.mean()), "p95_ms": float(np.percentile(lat_full_exit, 95))},
-        "cascade": {"val_accuracy": float((pred_v == yv).mean()), "test_accuracy": float((pred_t == yt).mean()),
-                    "mean_ms": float(lat_cascade.mean()), "p95_ms": float(np.percentile(lat_cascade, 95)),
-                    "bytes": sum(p.stat().st_size for p in part_paths),
-                    "exit_share_val": [float((depth_v == k).mean()) for k in range(3)]},
-    }
-    c, p = res["cascade"], res["no_exits"]
-    res["summary"] = (f"cascade mean {c['mean_ms']:.4f} ms (p95 {c['p95_ms']:.4f}) vs no exits {p['mean_ms']:.4f} ms "
-                      f"(p95 {p['p95_ms']:.4f}): {1 - c['mean_ms'] / p['mean_ms']:.0%} lower; val "
-                      f"{100 * c['val_accuracy']:.1f}% vs {100 * p['val_accuracy']:.1f}%, test {100 * c['test_accuracy']:.1f}% vs "
-                      f"{100 * p['test_accuracy']:.1f}%; exits taken {', '.join(f'{s:.0%}' for s in c['exit_share_val'])}")
-    write_json(args.name, res)
-    print(res["summary"])
+    data_path = upsample(Path(args.data), tmp / "digits32.npz")
+    result = {"command": f"python experiments/early_exit.py --data digits16.npz --exit-loss {args.exit_loss:g}"
+              + (f" --search-timeout {args.search_timeout:g}" if args.search_timeout else ""),
+              "input": "digits16 upsampled to 32x32 (bilinear)", "epochs": args.epochs,
+              "exit_loss": args.exit_loss, "same_architecture": same_architecture(data_path, tmp, args.epochs, args.exit_loss)}
+    s = result["same_architecture"]
+    for n in ("exit_after_1", "exits_after_0_1"):
+        r = s[n]
+        print(f"{n}: mean {r['mean_ms']:.4f} ms (p95 {r['p95_ms']:.4f}) vs no exits {s['no_exits']['mean_ms']:.4f} "
+              f"(p95 {s['no_exits']['p95_ms']:.4f}): {r['mean_latency_lower']:.0%} lower; val {r['val_accuracy']:.3f} vs "
+              f"{s['no_exits']['val_accuracy']:.3f} ({r['val_points_lost']:+.1f} pt lost); exits answered "
+              f"{', '.join(f'{x:.0%}' for x in r['exits']['exit_share_val'])}; floor {s['runtime_floor']['mean_ms']:.4f} ms")
+    if args.search_timeout:
+        result["search"] = search(data_path, tmp, args.search_timeout, args.seed)
+        for name in ("gene_on", "gene_off"):
+            f = result["search"][name]["fastest_within_1pt_of_best_off"]
+            print(name, result["search"][name]["complete"], "complete;", "fastest within 1 pt:", f)
+    write_json("early_exit", result)
 
 
 if __name__ == "__main__":
