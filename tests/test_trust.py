@@ -295,3 +295,35 @@ def test_onnx_functions_are_checked_like_the_graph(copy, capsys):
     assert "tensor 's' names an external data file" in err  # the tensor inside the function body
     with pytest.raises(BundleError, match="external data"):
         nas.load_bundle(copy)
+
+
+def test_weight_check_refuses_a_second_tensor_of_the_same_name_in_a_subgraph(tmp_path):
+    """A crafted model.onnx runs doubled weights and hides the packed ones under the same name
+    in a dead If branch: the check reads every (sub)graph, so a name defined twice fails it."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from nas.compress.deploy import weights_off_packed
+
+    w = np.arange(12, dtype=np.float32).reshape(3, 4)
+    vi = helper.make_tensor_value_info
+    ref = helper.make_graph([helper.make_node("Gemm", ["x", "W"], ["y"], transB=1)], "ref",
+                            [vi("x", TensorProto.FLOAT, [1, 4])], [vi("y", TensorProto.FLOAT, [1, 3])],
+                            [numpy_helper.from_array(w, "W")])
+    hidden = helper.make_graph([helper.make_node("Gemm", ["x", "W"], ["h"], transB=1)], "dead", [],
+                               [vi("h", TensorProto.FLOAT, [1, 3])], [numpy_helper.from_array(w, "W")])
+    nodes = [helper.make_node("Gemm", ["x", "W"], ["y0"], transB=1),
+             helper.make_node("Constant", [], ["c"], value=helper.make_tensor("c", TensorProto.BOOL, [], [False])),
+             helper.make_node("If", ["c"], ["y"], then_branch=hidden,
+                              else_branch=helper.make_graph([helper.make_node("Identity", ["y0"], ["e"])], "live", [],
+                                                            [vi("e", TensorProto.FLOAT, [1, 3])]))]
+    crafted = helper.make_graph(nodes, "g", [vi("x", TensorProto.FLOAT, [1, 4])], [vi("y", TensorProto.FLOAT, [1, 3])],
+                                [numpy_helper.from_array(2 * w, "W")])
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(crafted, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    assert weights_off_packed(path, ref) == ["W (defined twice)"]
+    honest = helper.make_graph(nodes[:1], "g", [vi("x", TensorProto.FLOAT, [1, 4])], [vi("y0", TensorProto.FLOAT, [1, 3])],
+                               [numpy_helper.from_array(w, "W")])
+    onnx.save(helper.make_model(honest, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    assert weights_off_packed(path, ref) == []

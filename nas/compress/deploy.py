@@ -103,11 +103,17 @@ def weights_off_packed(deployed: Path, reference) -> list[str]:  # noqa: ANN001
 
     q = onnx.load(str(deployed)).graph
     q_nodes = list(graph_nodes(q))  # control flow (early exits) nests layers in subgraphs
+    # Every initializer name once in the whole model: a second tensor of the same name in
+    # another (sub)graph would let the one that runs differ from the one checked.
+    seen: set[str] = set()
+    for g in graphs_in(q):
+        for init in g.initializer:
+            if init.name in seen:
+                return [f"{init.name} (defined twice)"]
+            seen.add(init.name)
     q_inits = {i.name: i for g in graphs_in(q) for i in g.initializer}
     f_inits = {i.name: numpy_helper.to_array(i).astype(np.float64) for i in reference.initializer}
-    by_shape: dict[tuple[int, ...], list[np.ndarray]] = {}
-    for a in f_inits.values():
-        by_shape.setdefault(a.shape, []).append(a)
+    unclaimed = [a for a in f_inits.values()]  # matched by value at most once each
     dq = {n.output[0]: n for n in q_nodes if n.op_type == "DequantizeLinear"}
     bad = []
     for node in q_nodes:
@@ -134,10 +140,17 @@ def weights_off_packed(deployed: Path, reference) -> list[str]:  # noqa: ANN001
                 w.size and np.abs(w - ref).max() > 1e-5 * max(1.0, float(np.abs(ref).max())))
 
         ref = f_inits.get(name)
+        if ref is not None:
+            if not same(ref):
+                bad.append(name)
+            continue
         # a graph assembled from parts (early exits) names its tensors its own way: then the
-        # weight must equal one of the reference's of its shape
-        if not (ref is not None and same(ref)) and not (ref is None and any(same(r) for r in by_shape.get(w.shape, []))):
+        # weight must equal a reference weight of its shape that no other layer matched
+        match = next((i for i, r in enumerate(unclaimed) if same(r)), None)
+        if match is None:
             bad.append(name)
+        else:
+            unclaimed.pop(match)
     return bad
 
 
