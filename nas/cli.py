@@ -29,13 +29,13 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _nonnegative_int(text: str) -> int:
+def _calibration_trials(text: str) -> int:
     try:
         v = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{text} must be >= 0")
+    if v != 0 and v < 5:  # a rank correlation over fewer pairs says nothing (2 pairs are always +-1)
+        raise argparse.ArgumentTypeError(f"{text} must be 0 (trust every rung) or at least 5")
     return v
 
 
@@ -124,7 +124,7 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--eta", type=_eta, default=None,
                    help="early stopping keeps ~1/eta of each rung (default 3; on unless the space sets "
                         "early_stop: false, as mnist1d_compress does, or --no-early-stop is given)")
-    s.add_argument("--calibrate-rungs", type=_nonnegative_int, default=12, metavar="N",
+    s.add_argument("--calibrate-rungs", type=_calibration_trials, default=12, metavar="N",
                    help="early stopping waits for N finished trials and uses a rung only if its accuracy rank-"
                         "correlates with the final one (Spearman >= 0.5; default 12, 0 trusts every rung)")
     s.add_argument("--backend", choices=("optuna", "ray"), default="optuna", help="optuna (default, in-process) or ray (Ray Tune)")

@@ -336,7 +336,10 @@ def _html(rep: Report) -> str:
              f"Runtime on CPU (batch 1, {html.escape(_threads_text(rep))}, 50 warm-up runs, re-measured when IQR/median &gt; 0.10); timings "
              "hold a host-wide lock, so no two trials were ever timed at the same moment, whatever ran in "
              "parallel. size_bytes is the length of the packed weights file. accuracy is the deployable "
-             "model's, on the validation split.</p>",
+             "model's, on the validation split. Models whose work depends on the input (early exits) are "
+             "timed instead over the validation inputs, each at batch 1 in 5 passes: latency_ms is the mean "
+             "over the inputs (per input the median of its passes), latency_p95_ms beside it; their FLOPs "
+             "count every exit and the full depth.</p>",
              fig.to_html(full_html=False, include_plotlyjs="inline"),
              "<h2>Hypervolume over time</h2>", hv.to_html(full_html=False, include_plotlyjs=False)]
     for st in rep.studies:

@@ -226,6 +226,11 @@ def test_experiment_config_file(in_tmp, capsys):
     (in_tmp / "bad2.yaml").write_text("trials: many\n")
     assert main(["search", "--config", "bad2.yaml", "--storage", db]) == 2
     assert "trials: 'many' is not an integer" in capsys.readouterr().err
+    for bad in ("2", "-1", "x"):  # a rank correlation over 2 trials is always +-1
+        with pytest.raises(SystemExit) as exit_:
+            main(["search", "--calibrate-rungs", bad, "--storage", db])
+        assert exit_.value.code == 2
+        assert "--calibrate-rungs" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- property-based

@@ -40,6 +40,7 @@ def test_gene_values_and_where_the_exits_sit():
 @pytest.mark.parametrize(("value", "message"), [
     ("1+x", "compression.early_exit: '1+x' must be 'none' or stage indices joined by '+'"),
     ("-1", "compression.early_exit: '-1' stage indices must be >= 0"),
+    ("0+1+2+3", "at most 3 exits"),
 ])
 def test_bad_gene_values_are_one_line_errors(value, message):
     raw = {"name": "s", "spatial": "2d", "stem_channels": 8, "head": "gap",
@@ -101,12 +102,31 @@ def test_an_input_leaves_at_its_first_confident_exit(exit_trial):
             np.testing.assert_allclose(onnx_predict(path, x), want.numpy(), atol=1e-4)
 
 
-def test_early_exit_is_not_combined_with_structured_pruning():
+@pytest.mark.parametrize(("genes", "message"), [
+    ({"prune": "l1", "prune_ratio": 0.5, "early_exit": "0"}, "does not combine with structured pruning"),
+    ({"quant": "int8", "early_exit": "0"}, "integer weights need weight_only: true"),
+    ({"early_exit": "2"}, r"exits go after stages \[0, 1\] of this network \(not after its last stage 2"),
+    ({"early_exit": "0+7"}, "nor after a stage it leaves out"),
+])
+def test_candidates_the_exits_cannot_serve_fail_in_preflight_with_the_reason(genes, message):
     from nas.compress.passes import trained_model
+    from nas.errors import TrialFailure
 
-    cfg = CompressionConfig(prune="l1", prune_ratio=0.5, early_exit="0")
-    with pytest.raises(ValueError, match="does not combine with structured pruning"):
-        trained_model(Candidate(ARCH, cfg, Recipe(epochs=1)))
+    cand = Candidate(ARCH, CompressionConfig(**genes), Recipe(epochs=1))
+    with pytest.raises(ValueError, match=message):
+        trained_model(cand)
+    with pytest.raises(TrialFailure, match="infeasible candidate: .*" + message):
+        evaluate(cand, Task(dataset="digits"))
+
+
+def test_the_gene_is_not_sampled_where_it_cannot_apply():
+    from nas.compress.registry import genes
+
+    matters = genes()["early_exit"].matters
+    assert matters({"prune": "none", "quant": "int8", "weight_only": True})
+    assert matters({"prune": "none", "quant": "fp32", "weight_only": False})
+    assert not matters({"prune": "l1", "quant": "fp32"})
+    assert not matters({"prune": "none", "quant": "int4", "weight_only": False})
 
 
 def test_search_with_the_gene_exports_a_bundle_that_verifies_and_loads(tmp_path, monkeypatch, capsys):

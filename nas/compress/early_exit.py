@@ -19,8 +19,11 @@ al. 2016; the source notes' 动态计算).
   same thresholds: same answers, no saving (it is the reference, not the shipped artifact).
   Latency is therefore input-dependent: the mean over the validation inputs at batch 1, p95
   beside (the registry's ``dynamic_latency``). The packed file holds the heads and thresholds.
-- Not combined with structured pruning (the heads read stage widths pruning would change): the
-  gene is sampled only where ``prune`` is ``none``.
+- Not combined with structured pruning (the heads read stage widths pruning would change) nor
+  with int8 activations (QDQ; the exit graph is float, so integer weights need
+  ``weight_only``): the gene is sampled only where neither is on, and a candidate that sets
+  it with them, or names a stage the network lacks or its last stage, fails in pre-flight
+  with the reason. At most three exits (thresholds are calibrated over a grid per exit).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from nas.compress.registry import Gene, Method, register_method
 
 __all__ = ["EarlyExit", "EarlyExitNet", "exit_stages", "calibrate_thresholds"]
 
+MAX_EXITS = 3
 NEVER = 2.0  # a threshold no softmax maximum reaches: the exit never answers
 # Threshold grid, rounded to fp16 so the packed file (which may store small tensors as fp16)
 # ships exactly the thresholds that were chosen.
@@ -62,6 +66,8 @@ def _check(value: Any) -> str | None:
         return "must be 'none' or stage indices joined by '+' (like '1' or '1+2')"
     if any(s < 0 for s in stages):
         return "stage indices must be >= 0"
+    if len(stages) > MAX_EXITS:  # thresholds are calibrated over a grid: len(GRID) ** exits combinations
+        return f"at most {MAX_EXITS} exits"
     return None
 
 
@@ -177,6 +183,17 @@ def calibrate_thresholds(model: EarlyExitNet, x: torch.Tensor, y: torch.Tensor, 
         if key < best_key:
             best, best_key = ths, key
     return tuple(float(t) for t in best)
+
+
+def _int8_activations(genes: Any) -> bool:
+    """Whether these genes deploy as int8 QDQ (integer weights without weight_only), which
+    the early-exit graph (float) would silently drop."""
+    from nas.compress.registry import CODECS
+
+    get = genes.get if isinstance(genes, Mapping) else lambda k, d=None: getattr(genes, k, d)
+    quant = get("quant", "fp32")
+    codec = CODECS.get(quant) if isinstance(quant, str) else None
+    return bool(codec is not None and codec.deploy == "int8" and not get("weight_only", False))
 
 
 class _Segment(nn.Module):
@@ -302,8 +319,8 @@ def exit_graph(model: EarlyExitNet, example: torch.Tensor, path: Path) -> Path:
 class EarlyExit(Method):
     name, order, phase = "early_exit", 95, "snap"
     genes = (
-        Gene("early_exit", "none", _check, needs=("prune",),
-             matters=lambda g: g.get("prune", "none") in ("none", None),
+        Gene("early_exit", "none", _check, needs=("prune", "quant", "weight_only"),
+             matters=lambda g: g.get("prune", "none") in ("none", None) and not _int8_activations(g),
              doc="exit heads after these stages ('1', '1+2'), or none (dynamic computation)"),
         Gene("exit_loss", 0.01, lambda v: None if 0 <= v <= 1 else "must be in [0, 1]", needs=("early_exit",),
              matters=lambda g: bool(exit_stages(g.get("early_exit", "none"))),
@@ -320,8 +337,15 @@ class EarlyExit(Method):
     def extend(self, model: nn.Module, cfg: Any) -> nn.Module:
         if getattr(cfg, "prune", "none") not in ("none", None):
             raise ValueError("early_exit does not combine with structured pruning (prune must be none)")
-        points = exit_points(model.arch, exit_stages(cfg.early_exit))
-        return _add_exits(model, points, cfg.exit_weight) if points else model
+        if _int8_activations(cfg):
+            raise ValueError("early_exit deploys float activations: integer weights need weight_only: true with it")
+        stages = exit_stages(cfg.early_exit)
+        points = exit_points(model.arch, stages)
+        if len(points) != len(stages):
+            present = sorted({b.stage for b in model.arch.blocks})
+            raise ValueError(f"early_exit {cfg.early_exit!r}: exits go after stages {present[:-1]} of this network "
+                             f"(not after its last stage {present[-1]}, nor after a stage it leaves out)")
+        return _add_exits(model, points, cfg.exit_weight)
 
     def apply(self, model: Any, cfg: Any, ctx: Any) -> Any:
         if isinstance(model, EarlyExitNet) and ctx.training:  # pre-flight: thresholds stay NEVER (full depth)
@@ -366,7 +390,8 @@ class EarlyExit(Method):
         ths = metrics.get("thresholds") or []
         if not shares:
             return []
-        parts = [f"exit {k + 1} (threshold {t:.3g}) {s:.1%}" for k, (s, t) in enumerate(zip(shares, ths))]
+        parts = [f"exit {k + 1} " + (f"(threshold {t:.3g}) {s:.1%}" if t <= 1 else "never (no threshold kept "
+                 "validation accuracy within the budget)") for k, (s, t) in enumerate(zip(shares, ths))]
         parts.append(f"full depth {shares[-1]:.1%}")
         full = metrics.get("full_depth_val_accuracy")
         return [f"- Which exit answered the validation inputs: {', '.join(parts)}"
