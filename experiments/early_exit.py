@@ -92,7 +92,7 @@ def same_architecture(data_path: Path, tmp: Path, epochs: int, exit_loss: float)
     return runs
 
 
-def search(data_path: Path, tmp: Path, timeout: float, seed: int) -> dict:
+def search(data_path: Path, tmp: Path, timeout: float, seed: int, epochs: int) -> dict:
     raw = yaml.safe_load((SPACES / "early_exit.yaml").read_text())
     off = {**raw, "name": "early_exit_off", "compression": {**raw["compression"], "early_exit": ["none"]}}
     off["compression"].pop("exit_loss"), off["compression"].pop("exit_weight")
@@ -101,7 +101,7 @@ def search(data_path: Path, tmp: Path, timeout: float, seed: int) -> dict:
     out = {}
     for name, space in (("gene_on", str(SPACES / "early_exit.yaml")), ("gene_off", str(tmp / "off.yaml"))):
         nas_main(["search", "--dataset", str(data_path), "--space", space, "--seed", str(seed), "--timeout",
-                  str(timeout), "--trials", "500", "--study", name, "--storage", db, "--quiet",
+                  str(timeout), "--trials", "500", "--study", name, "--storage", db, "--quiet", "--epochs", str(epochs),
                   "--artifacts", str(tmp / "art")])
         study = optuna.load_study(study_name=name, storage=db)
         done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
@@ -125,25 +125,37 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--search-timeout", type=float, default=0.0, help="seconds per search (0: skip the searches)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--search-epochs", type=int, default=5, help="training epochs per search trial (default 5)")
+    ap.add_argument("--searches-only", action="store_true",
+                    help="run only the searches, adding them to the existing results file")
     ap.add_argument("--exit-loss", type=float, default=0.005,
                     help="the exits' validation accuracy budget against their own full depth (default 0.005: the "
                          "joint training itself may cost some, and the point is <= 1 pt against the no-exit model)")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="nas-exit-"))
     data_path = upsample(Path(args.data), tmp / "digits32.npz")
-    result = {"command": f"python experiments/early_exit.py --data digits16.npz --exit-loss {args.exit_loss:g}"
-              + (f" --search-timeout {args.search_timeout:g}" if args.search_timeout else ""),
-              "input": "digits16 upsampled to 32x32 (bilinear)", "epochs": args.epochs,
-              "exit_loss": args.exit_loss, "same_architecture": same_architecture(data_path, tmp, args.epochs, args.exit_loss)}
+    if args.searches_only:
+        import json
+
+        from _common import RESULTS
+
+        result = json.loads((RESULTS / "early_exit.json").read_text())
+        result.pop("machine", None), result.pop("date", None)
+        result["search_command"] = (f"python experiments/early_exit.py --data digits16.npz --searches-only "
+                                    f"--search-timeout {args.search_timeout:g} --search-epochs {args.search_epochs}")
+    else:
+        result = {"command": f"python experiments/early_exit.py --data digits16.npz --exit-loss {args.exit_loss:g}",
+                  "input": "digits16 upsampled to 32x32 (bilinear)", "epochs": args.epochs, "exit_loss": args.exit_loss,
+                  "same_architecture": same_architecture(data_path, tmp, args.epochs, args.exit_loss)}
     s = result["same_architecture"]
-    for n in ("exit_after_1", "exits_after_0_1"):
+    for n in ("exit_after_1", "exits_after_0_1") if not args.searches_only else ():
         r = s[n]
         print(f"{n}: mean {r['mean_ms']:.4f} ms (p95 {r['p95_ms']:.4f}) vs no exits {s['no_exits']['mean_ms']:.4f} "
               f"(p95 {s['no_exits']['p95_ms']:.4f}): {r['mean_latency_lower']:.0%} lower; val {r['val_accuracy']:.3f} vs "
               f"{s['no_exits']['val_accuracy']:.3f} ({r['val_points_lost']:+.1f} pt lost); exits answered "
               f"{', '.join(f'{x:.0%}' for x in r['exits']['exit_share_val'])}; floor {s['runtime_floor']['mean_ms']:.4f} ms")
     if args.search_timeout:
-        result["search"] = search(data_path, tmp, args.search_timeout, args.seed)
+        result["search"] = search(data_path, tmp, args.search_timeout, args.seed, args.search_epochs)
         for name in ("gene_on", "gene_off"):
             f = result["search"][name]["fastest_within_1pt_of_best_off"]
             print(name, result["search"][name]["complete"], "complete;", "fastest within 1 pt:", f)
