@@ -75,7 +75,7 @@ def test_constraint_prunes_with_reason(in_tmp, capsys):
 
 BAD_ARGS = [
     (["search", "--dataset", "cifar"], "unknown dataset 'cifar' (allowed: digits, mnist1d"),
-    (["search", "--space", "nope"], "unknown space 'nope' (allowed: default, mnist1d"),
+    (["search", "--space", "nope"], "unknown space 'nope' (allowed: default, early_exit, mnist1d"),
     (["search", "--objectives", "accuracy,speed"], "unknown objective 'speed' (allowed: accuracy, latency_ms"),
     (["search", "--sampler", "cma"], "unknown sampler 'cma' (allowed: surrogate, nsga2, tpe, random, gp)"),
     (["search", "--dataset", "mnist1d", "--space", "default"], "space 'default' is for 2d inputs but dataset mnist1d is 1d"),
