@@ -189,7 +189,8 @@ def _param(where: str, raw: Any, elem: str, check: Any = None) -> Param:
 
     def validate(v: Any) -> None:
         if not ok(v):
-            raise SpaceError(f"{where}: {v!r} is not a{'n' if elem == 'int' else ''} {elem}")
+            hint = f" (YAML reads {v!r} as a number: write it in quotes, '{v}')" if elem == "str" and _is_num(v) else ""
+            raise SpaceError(f"{where}: {v!r} is not a{'n' if elem == 'int' else ''} {elem}{hint}")
         if check is not None:
             msg = check(v)
             if msg:
