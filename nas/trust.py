@@ -215,6 +215,17 @@ def no_unpickling() -> Iterator[None]:
 _ONNX_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "pkg.onnxscript.torch_lib.common"}
 
 
+def graphs_in(graph: Any) -> Iterator[Any]:
+    """``graph`` and every subgraph its nodes hold (If/Loop/Scan bodies), depth first."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                yield from graphs_in(attr.g)
+            for sub in attr.graphs:
+                yield from graphs_in(sub)
+
+
 def check_onnx(path: Path) -> None:
     """Refuse an ONNX file that would make ONNX Runtime read other files (external data) or
     that uses operator domains outside the standard ones."""
@@ -226,21 +237,12 @@ def check_onnx(path: Path) -> None:
     except Exception as exc:  # noqa: BLE001 - the protobuf parser raises several types
         raise BundleError(f"{path}: {path.name} is not an ONNX model ({type(exc).__name__})") from exc
 
-    def graphs(g: Any) -> Iterator[Any]:
-        yield g
-        for node in g.node:
-            for attr in node.attribute:
-                if attr.HasField("g"):
-                    yield from graphs(attr.g)
-                for sub in attr.graphs:
-                    yield from graphs(sub)
-
     class _Fn:  # a function body, walked like a graph (its nodes may hold tensors and subgraphs too)
         def __init__(self, fn: Any) -> None:
             self.node, self.initializer = fn.node, []
 
     bodies = [model.graph] + [_Fn(fn) for fn in model.functions]
-    for g in (sub for body in bodies for sub in graphs(body)):
+    for g in (sub for body in bodies for sub in graphs_in(body)):
         for t in list(g.initializer) + [a.t for n in g.node for a in n.attribute if a.HasField("t")]:
             if uses_external_data(t):
                 raise BundleError(f"{path}: {path.name}: tensor {t.name!r} names an external data file; refused")

@@ -22,6 +22,7 @@ from torch import nn
 from nas.compress.passes import active_methods, layer_stage
 from nas.compress.registry import CODECS
 from nas.config import ArchConfig
+from nas.trust import graphs_in
 
 if TYPE_CHECKING:
     from nas.config import CompressionConfig
@@ -152,17 +153,6 @@ def weights_off_packed(deployed: Path, reference) -> list[str]:  # noqa: ANN001
         else:
             unclaimed.pop(match)
     return bad
-
-
-def graphs_in(graph):  # noqa: ANN001, ANN201
-    """``graph`` and every subgraph its nodes hold (If/Loop/Scan bodies), depth first."""
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("g"):
-                yield from graphs_in(attr.g)
-            for sub in attr.graphs:
-                yield from graphs_in(sub)
 
 
 def graph_nodes(graph):  # noqa: ANN001, ANN201
