@@ -188,6 +188,9 @@ def __getattr__(name: str) -> Any:  # PEP 562: CompressionConfig is made on firs
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+AUGMENTS = ("none", "shift", "affine")
+
+
 @dataclass(frozen=True)
 class Recipe:
     """How a candidate is trained."""
@@ -196,6 +199,14 @@ class Recipe:
     lr: float = 3e-3
     batch_size: int = 64
     weight_decay: float = 1e-4
+    # Training-time augmentation of each batch (the stored data is unchanged): "shift" moves
+    # each sample by up to 1/8 of its width and height, "affine" also rotates by up to 10
+    # degrees and scales by 0.9-1.1 (2-D inputs only). See nas.train.augment.
+    augment: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.augment not in AUGMENTS:
+            raise ConfigError(f"recipe: augment {self.augment!r} is not one of {', '.join(AUGMENTS)}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -7,7 +7,10 @@ touches ``test``; ``test`` is reported alongside and re-checked by ``nas verify`
 - ``mnist1d``: generated locally by the ``mnist1d`` package (4,000 train / 1,000 test,
   length 40), as an image of height 1.
 - a path to a ``.npz`` file with ``x`` (N, C, H, W) and integer labels ``y`` (N,); optional
-  ``x_test`` / ``y_test`` give a fixed test split.
+  ``x_test`` / ``y_test`` give a fixed test split, and optional integer ``groups`` (N,) keep
+  related samples together: samples that share a group id (augmented copies of one image, one
+  writer's digits) land in the same split, so validation never scores a twin of a training
+  sample (the same contract as scikit-learn's ``GroupShuffleSplit``).
 - a folder of PNG/JPEG images, one subfolder per class, optionally under ``train/`` and
   ``test/`` (see :mod:`nas.images`).
 """
@@ -66,10 +69,23 @@ class Dataset:
         }
 
 
-def _split(n: int, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    perm = rng.permutation(n)
-    k = max(1, int(round(n * fraction)))
-    return perm[k:], perm[:k]
+def _split(n: int, fraction: float, rng: np.random.Generator,
+           groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    if groups is None:
+        perm = rng.permutation(n)
+        k = max(1, int(round(n * fraction)))
+        return perm[k:], perm[:k]
+    # Whole groups go to one side: draw groups in a seeded order until the held-out side
+    # holds `fraction` of the samples (by count, so unequal groups still split by size).
+    uniq, inverse = np.unique(groups, return_inverse=True)
+    counts = np.bincount(inverse)
+    order = rng.permutation(len(uniq))
+    held = np.cumsum(counts[order]) <= max(1, round(n * fraction))
+    held[0] = True  # at least one group is held out
+    if held.all():
+        held[-1] = False
+    mask = np.isin(inverse, order[held])
+    return np.flatnonzero(~mask), np.flatnonzero(mask)
 
 
 def _finish(
@@ -80,12 +96,14 @@ def _finish(
     y_test: np.ndarray | None,
     seed: int,
     num_classes: int,
+    groups: np.ndarray | None = None,
 ) -> Dataset:
     rng = np.random.default_rng(seed)
     if x_test is None or y_test is None:
-        train_idx, test_idx = _split(len(y), 0.2, rng)
+        train_idx, test_idx = _split(len(y), 0.2, rng, groups)
         x, y, x_test, y_test = x[train_idx], y[train_idx], x[test_idx], y[test_idx]
-    train_idx, val_idx = _split(len(y), 0.15, rng)
+        groups = None if groups is None else groups[train_idx]
+    train_idx, val_idx = _split(len(y), 0.15, rng, groups)
     x_train, y_train, x_val, y_val = x[train_idx], y[train_idx], x[val_idx], y[val_idx]
     # Normalize with training statistics only: nothing about val/test leaks into training.
     mean, std = float(x_train.mean()), float(x_train.std()) or 1.0
@@ -171,9 +189,19 @@ def _npz(path: Path, seed: int) -> Dataset:
         raise DataError(f"{path}: labels span a single class; need at least 2 classes")
     if len(y) < 10:
         raise DataError(f"{path}: {len(y)} samples is too few to split into train/val/test (need >= 10)")
+    groups = arrays.get("groups")
+    if groups is not None:
+        if groups.shape != y.shape:
+            raise DataError(f"{path}: 'groups' must have one id per sample of x, shape {y.shape}, got {groups.shape}")
+        if not np.issubdtype(groups.dtype, np.integer):
+            raise DataError(f"{path}: 'groups' must hold integer group ids, got dtype {groups.dtype}")
+        need = 2 if x_test is not None else 3  # one group per split at least
+        if len(np.unique(groups)) < need:
+            raise DataError(f"{path}: 'groups' has {len(np.unique(groups))} distinct id(s); need at least {need} "
+                            f"to split into {'train/val' if need == 2 else 'train/val/test'}")
     return _finish(path.stem, x.astype(np.float32), y.astype(np.int64),
                    None if x_test is None else x_test.astype(np.float32),
-                   None if y_test is None else y_test.astype(np.int64), seed, num_classes)
+                   None if y_test is None else y_test.astype(np.int64), seed, num_classes, groups)
 
 
 def _folder(name: str, seed: int) -> Dataset:

@@ -37,7 +37,7 @@ from nas.compress.passes import (
     training_terms,
     value_dependent_size,
 )
-from nas.config import ArchConfig, Candidate
+from nas.config import ArchConfig, Candidate, Recipe
 from nas.data import Dataset, load_dataset
 from nas.early_stop import RungRule
 from nas.errors import ConfigError, TrialFailure
@@ -160,7 +160,7 @@ def training_memory_mb(model: nn.Module, example: torch.Tensor, batch_size: int)
     return (4 * params + 2 * acts * batch_size) * 4 / 2**20
 
 
-def _check_shapes(arch: ArchConfig, data: Dataset) -> None:
+def _check_shapes(arch: ArchConfig, data: Dataset, recipe: Recipe | None = None) -> None:
     if arch.in_channels != data.in_channels or tuple(arch.input_size) != data.input_size:
         raise TrialFailure(
             f"candidate expects input {arch.in_channels}x{arch.input_size}, dataset {data.name} gives "
@@ -168,6 +168,8 @@ def _check_shapes(arch: ArchConfig, data: Dataset) -> None:
         )
     if arch.num_classes != data.num_classes:
         raise TrialFailure(f"candidate has {arch.num_classes} classes, dataset {data.name} has {data.num_classes}")
+    if recipe is not None and recipe.augment == "affine" and data.spatial == "1d":
+        raise TrialFailure("augment 'affine' rotates and scales 2-D inputs; this dataset is 1-D (use 'shift' or 'none')")
 
 
 def reference_floor(task: Task) -> float:
@@ -359,7 +361,7 @@ def evaluate(
     if task.train_threads:
         torch.set_num_threads(task.train_threads)
     data = get_dataset(task.dataset, task.seed)
-    _check_shapes(candidate.arch, data)
+    _check_shapes(candidate.arch, data, candidate.recipe)
     _check_downsampling(candidate.arch)
     t = _Trial(candidate, task, data, torch.zeros(1, data.in_channels, *data.input_size),
                data.x_train[:CALIBRATION_SAMPLES])

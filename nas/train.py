@@ -16,7 +16,7 @@ from torch import nn
 from nas.config import Recipe
 from nas.errors import TrialFailure
 
-__all__ = ["seed_everything", "train", "accuracy", "predict", "TrainStats"]
+__all__ = ["seed_everything", "train", "augment", "accuracy", "predict", "TrainStats"]
 
 
 def seed_everything(seed: int) -> None:
@@ -34,6 +34,32 @@ class TrainStats:
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 EpochHook = Callable[[int, nn.Module], None]
+
+
+def augment(x: torch.Tensor, kind: str, gen: torch.Generator) -> torch.Tensor:
+    """A random geometric transform per sample of the batch ``x`` (N, C, H, W).
+
+    ``shift``: translation by up to 1/8 of the width (and height, for 2-D inputs), sub-pixel;
+    ``affine``: the same plus rotation by up to 10 degrees and scale 0.9-1.1. Pixels that come
+    from outside the sample repeat its border (``padding_mode="border"``), so a normalized
+    background stays background. One ``affine_grid`` + ``grid_sample`` call per batch
+    (torchvision's RandomAffine transforms one image at a time, which would cost more than the
+    small networks searched here train in).
+    """
+    if kind == "none":
+        return x
+    n, h = x.shape[0], x.shape[2]
+    tx = (torch.rand(n, generator=gen) * 2 - 1) * 0.25  # grid units: 2 = the whole width, so 1/8 of it
+    ty = torch.zeros(n) if h == 1 else (torch.rand(n, generator=gen) * 2 - 1) * 0.25
+    if kind == "affine" and h > 1:
+        angle = (torch.rand(n, generator=gen) * 2 - 1) * math.radians(10)
+        scale = 0.9 + torch.rand(n, generator=gen) * 0.2
+    else:
+        angle, scale = torch.zeros(n), torch.ones(n)
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def train(
@@ -73,7 +99,7 @@ def train(
         perm = torch.randperm(len(y), generator=gen)
         for i in range(steps_per_epoch):
             idx = perm[i * recipe.batch_size : (i + 1) * recipe.batch_size]
-            xb, yb = x[idx], y[idx]
+            xb, yb = augment(x[idx], recipe.augment, gen), y[idx]
             logits = model(xb)
             loss = loss_fn(logits, yb, xb) if loss_fn is not None else F.cross_entropy(logits, yb)
             if penalty is not None:

@@ -49,6 +49,47 @@ def test_npz_dataset_loads(tmp_path):
     assert len(d.y_train) + len(d.y_val) + len(d.y_test) == 60
 
 
+def _grouped(tmp_path, n_groups=120, copies=3, with_test=False):
+    """`copies` rows per group; each row carries its group id g as pixels (g, g + 1, copy, 0, ...),
+    so the group survives the loader's normalization (one scale and shift for all pixels)."""
+    ids = np.arange(n_groups) * 7 + 3  # ids need not be 0..G-1
+    x = np.zeros((n_groups * copies, 1, 4, 4), np.float32)
+    groups = np.repeat(ids, copies)
+    x[:, 0, 0, 0], x[:, 0, 0, 1], x[:, 0, 0, 2] = groups, groups + 1, np.tile(np.arange(copies), n_groups)
+    arrays = {"x": x, "y": np.repeat(np.arange(n_groups) % 3, copies), "groups": groups}
+    if with_test:
+        arrays |= {"x_test": np.zeros((30, 1, 4, 4), np.float32), "y_test": np.arange(30) % 3}
+    p = tmp_path / "grouped.npz"
+    np.savez(p, **arrays)
+    return p
+
+
+def _groups_in(split: torch.Tensor) -> list[int]:
+    px = split[:, 0, 0].numpy()
+    return [round(float((r[0] - r[3]) / (r[1] - r[0]))) for r in px]
+
+
+@pytest.mark.parametrize("with_test", [False, True])
+def test_npz_groups_keep_copies_of_one_sample_in_one_split(tmp_path, with_test):
+    p = _grouped(tmp_path, with_test=with_test)
+    vals = []
+    for seed in (0, 1):
+        d = load_dataset(str(p), seed)
+        splits = [d.x_train, d.x_val] + ([] if with_test else [d.x_test])
+        seen = [_groups_in(s) for s in splits]
+        for ids in seen:  # whole groups only: every id appears exactly `copies` times
+            assert ids and all(ids.count(g) == 3 for g in ids)
+        flat = [g for ids in seen for g in ids]
+        assert sorted(set(flat)) == list(np.arange(120) * 7 + 3)  # disjoint and covering
+        assert len(flat) == 360
+        n_trval = len(d.y_train) + len(d.y_val)
+        assert abs(len(d.y_val) - 0.15 * n_trval) <= 3
+        if not with_test:
+            assert abs(len(d.y_test) - 0.2 * 360) <= 3
+        vals.append(set(seen[1]))
+    assert vals[0] != vals[1]  # the seed picks which groups validate
+
+
 BAD_NPZ = [
     ({"x": np.zeros((10, 1, 4, 4))}, "missing key"),
     ({"x": np.zeros((10, 16)), "y": np.zeros(10, int)}, r"'x' must have shape \(N, C, H, W\)"),
@@ -59,6 +100,9 @@ BAD_NPZ = [
     ({"x": np.zeros((10, 1, 4, 4)), "y": np.full(10, 0.5)}, "integer class labels"),
     ({"x": np.zeros((10, 1, 0, 4)), "y": np.arange(10) % 2}, "zero-sized axis"),
     ({"x": np.zeros((10, 0, 4, 4)), "y": np.arange(10) % 2}, "zero-sized axis"),
+    ({"x": np.zeros((10, 1, 4, 4)), "y": np.arange(10) % 2, "groups": np.arange(9)}, "one id per sample"),
+    ({"x": np.zeros((10, 1, 4, 4)), "y": np.arange(10) % 2, "groups": np.arange(10) / 2}, "integer group ids"),
+    ({"x": np.zeros((10, 1, 4, 4)), "y": np.arange(10) % 2, "groups": np.arange(10) % 2}, "need at least 3"),
 ]
 
 
@@ -111,7 +155,7 @@ def _make(spec):
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-@given(st.dictionaries(st.sampled_from(["x", "y", "x_test", "y_test", "z"]), _arrays, max_size=4))
+@given(st.dictionaries(st.sampled_from(["x", "y", "x_test", "y_test", "groups", "z"]), _arrays, max_size=5))
 def test_npz_loader_accepts_or_raises_its_own_error(tmp_path, arrays):
     p = tmp_path / "fuzz.npz"
     np.savez(p, **{k: _make(v) for k, v in arrays.items()})

@@ -108,7 +108,8 @@ BAD = [
     (("stages",), [], r"stages: must be a non-empty list"),
     (("spatial",), "3d", r"spatial: '3d' is not allowed \(allowed: 1d, 2d\)"),
     (("colour",), "red", r"unknown key\(s\) \['colour'\]"),
-    (("recipe", "epoch"), 3, r"recipe: unknown key 'epoch' \(allowed: batch_size, epochs, lr, weight_decay\)"),
+    (("recipe", "epoch"), 3, r"recipe: unknown key 'epoch' \(allowed: augment, batch_size, epochs, lr, weight_decay\)"),
+    (("recipe", "augment"), ["none", "flip"], r"recipe\.augment: 'flip' is not an augmentation for 2d inputs \(allowed: none, shift, affine\)"),
     (("recipe", "lr"), {"low": 0.1, "high": 0.01}, r"recipe\.lr: low 0\.1 is greater than high 0\.01"),
     (("head",), "mlp", r"head: 'mlp' is not a head \(allowed: gap, flatten\)"),
 ]
@@ -118,6 +119,16 @@ BAD = [
 def test_malformed_space_names_field_and_allowed_values(path, value, message):
     with pytest.raises(SpaceError, match=message):
         parse_space(_mutate(path, value), "bad.yaml")
+
+
+def test_affine_augmentation_rejected_in_1d_space():
+    raw = _mutate(("spatial",), "1d")
+    raw["stages"] = [{"block": ["conv"], "width": [8], "kernel": [3], "stride": 2}]
+    raw["recipe"] = {"augment": ["none", "shift"]}
+    assert parse_space(raw, "ok.yaml").recipe["augment"].values == ("none", "shift")
+    raw["recipe"] = {"augment": ["shift", "affine"]}
+    with pytest.raises(SpaceError, match=r"recipe\.augment: 'affine' is not an augmentation for 1d inputs \(allowed: none, shift\)"):
+        parse_space(raw, "bad.yaml")
 
 
 def test_factorized_rejected_in_1d_space():
