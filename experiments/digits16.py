@@ -12,8 +12,8 @@ locally and seeded: no download.
 The baselines, trained with a standard recipe (SGD with momentum 0.9, lr 0.05, weight decay
 5e-4, cosine schedule, batch 64, 30 epochs) on the same training split the search uses, and
 once more with the random shifts, rotations and scaling the default space may choose for its
-candidates (``augment: affine``), so a win is not the recipe's alone:
-LeNet-5 (LeCun et al. 1998; 5x5 convs of 6 and 16 channels, average pooling, 120-84-10 fully
+candidates (``augment: affine``), so a win is not the recipe's alone; each trained with 3
+seeds, the run with the best validation accuracy kept. LeNet-5 (LeCun et al. 1998; 5x5 convs of 6 and 16 channels, average pooling, 120-84-10 fully
 connected, tanh) adapted to 16x16 inputs, and a small MobileNet (v1 blocks: 3x3 stem of 16,
 depthwise-separable 32/2, 64/2, 64, global pooling). Both are timed like candidates (their
 ONNX file in ONNX Runtime, batch 1, 1 thread) within the same passes as the front and the
@@ -100,11 +100,11 @@ class SmallMobileNet(nn.Module):
         return self.fc(self.features(x))
 
 
-def train_standard(model: nn.Module, data, epochs: int = 30, batch: int = 64, aug: str = "none") -> None:
+def train_standard(model: nn.Module, data, epochs: int = 30, batch: int = 64, aug: str = "none", seed: int = 0) -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     steps = epochs * math.ceil(len(data.x_train) / batch)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
         model.train()
         order = torch.randperm(len(data.x_train), generator=g)
@@ -118,16 +118,25 @@ def train_standard(model: nn.Module, data, epochs: int = 30, batch: int = 64, au
     model.eval()
 
 
-def measure(cls: type[nn.Module], name: str, data, tmp: Path, aug: str = "none") -> dict:
-    seed_everything(0)
-    model = cls()
-    train_standard(model, data, aug=aug)
+def measure(cls: type[nn.Module], name: str, data, tmp: Path, aug: str = "none", seeds: int = 3) -> dict:
+    """Train the baseline with `seeds` seeds and keep the run with the best validation accuracy
+    (what a user would ship; the test split only reported). One run's accuracy moves by 0.5-1
+    point with the seed (and with the thread count), so a single run could be a weak opponent."""
+    runs = []
+    for seed in range(seeds):
+        seed_everything(seed)
+        model = cls()
+        train_standard(model, data, aug=aug, seed=seed)
+        runs.append((accuracy(model, data.x_val, data.y_val), -seed, model,
+                     accuracy(model, data.x_test, data.y_test)))
+    _, neg_seed, model, _ = max(runs, key=lambda r: r[:2])
     shape = (1, *data.x_train.shape[1:])
     onnx_path = export_onnx(model, torch.zeros(shape), tmp / f"{name}.onnx")
     blob = pack_state(model.state_dict(), {})  # fp32, the same container as candidates
     return {"name": name, "params": count_params(model), "val_accuracy": accuracy(model, data.x_val, data.y_val),
             "test_accuracy": accuracy(model, data.x_test, data.y_test), "size_bytes": len(blob),
-            "onnx": str(onnx_path)}
+            "onnx": str(onnx_path), "seed": -neg_seed,
+            "seeds": [{"seed": -r[1], "val_accuracy": r[0], "test_accuracy": r[3]} for r in runs]}
 
 
 def main() -> None:

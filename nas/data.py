@@ -69,23 +69,45 @@ class Dataset:
         }
 
 
-def _split(n: int, fraction: float, rng: np.random.Generator,
-           groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def _split(n: int, fraction: float, rng: np.random.Generator, groups: np.ndarray | None = None,
+           keep: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Hold out about ``fraction`` of ``n`` samples; with ``groups``, whole groups only, and at
+    least ``keep`` groups stay on the kept side."""
     if groups is None:
         perm = rng.permutation(n)
         k = max(1, int(round(n * fraction)))
         return perm[k:], perm[:k]
-    # Whole groups go to one side: draw groups in a seeded order until the held-out side
-    # holds `fraction` of the samples (by count, so unequal groups still split by size).
+    # Greedy over the groups in a seeded order: hold a group out if it still fits under the
+    # target, skip it otherwise (so one large group cannot swallow the held-out side); if none
+    # fits, hold out the smallest. GroupShuffleSplit would split by the number of groups,
+    # which misses the target by far when group sizes differ.
     uniq, inverse = np.unique(groups, return_inverse=True)
     counts = np.bincount(inverse)
-    order = rng.permutation(len(uniq))
-    held = np.cumsum(counts[order]) <= max(1, round(n * fraction))
-    held[0] = True  # at least one group is held out
-    if held.all():
-        held[-1] = False
-    mask = np.isin(inverse, order[held])
+    target = n * fraction
+    held: list[int] = []
+    total = 0
+    for g in rng.permutation(len(uniq)):
+        if len(uniq) - len(held) <= keep:
+            break
+        if total + counts[g] <= target:
+            held.append(int(g))
+            total += int(counts[g])
+    if not held:
+        held = [int(np.argmin(counts))]
+    mask = np.isin(inverse, held)
     return np.flatnonzero(~mask), np.flatnonzero(mask)
+
+
+def _check_grouped(name: str, split: str, held: int, n: int, fraction: float, groups: np.ndarray) -> None:
+    """Whole groups cannot always meet a split's target: refuse splits off by more than 2x."""
+    if fraction / 2 <= held / n <= fraction * 2:
+        return
+    ids, counts = np.unique(groups, return_counts=True)
+    big = int(np.argmax(counts))
+    raise DataError(
+        f"{name}: with these 'groups' the {split} split would hold {held:,} of {n:,} samples ({held / n:.0%}, target "
+        f"{fraction:.0%}): group {ids[big]} holds {counts[big] / len(groups):.0%} of all samples and there are "
+        f"{len(ids):,} groups; use more, smaller groups" + (" (or give x_test/y_test)" if split == "test" else ""))
 
 
 def _finish(
@@ -99,11 +121,16 @@ def _finish(
     groups: np.ndarray | None = None,
 ) -> Dataset:
     rng = np.random.default_rng(seed)
+    all_groups = groups
     if x_test is None or y_test is None:
-        train_idx, test_idx = _split(len(y), 0.2, rng, groups)
+        train_idx, test_idx = _split(len(y), 0.2, rng, groups, keep=2)  # two left for train and val
+        if groups is not None:
+            _check_grouped(name, "test", len(test_idx), len(y), 0.2, all_groups)
         x, y, x_test, y_test = x[train_idx], y[train_idx], x[test_idx], y[test_idx]
         groups = None if groups is None else groups[train_idx]
     train_idx, val_idx = _split(len(y), 0.15, rng, groups)
+    if groups is not None:
+        _check_grouped(name, "validation", len(val_idx), len(y), 0.15, all_groups)
     x_train, y_train, x_val, y_val = x[train_idx], y[train_idx], x[val_idx], y[val_idx]
     # Normalize with training statistics only: nothing about val/test leaks into training.
     mean, std = float(x_train.mean()), float(x_train.std()) or 1.0
@@ -194,7 +221,10 @@ def _npz(path: Path, seed: int) -> Dataset:
         if groups.shape != y.shape:
             raise DataError(f"{path}: 'groups' must have one id per sample of x, shape {y.shape}, got {groups.shape}")
         if not np.issubdtype(groups.dtype, np.integer):
-            raise DataError(f"{path}: 'groups' must hold integer group ids, got dtype {groups.dtype}")
+            if not (np.issubdtype(groups.dtype, np.floating) and np.all(np.isfinite(groups))
+                    and np.all(groups == np.round(groups))):
+                raise DataError(f"{path}: 'groups' must hold integer group ids, got dtype {groups.dtype}")
+            groups = groups.astype(np.int64)
         need = 2 if x_test is not None else 3  # one group per split at least
         if len(np.unique(groups)) < need:
             raise DataError(f"{path}: 'groups' has {len(np.unique(groups))} distinct id(s); need at least {need} "

@@ -39,7 +39,8 @@ EpochHook = Callable[[int, nn.Module], None]
 def augment(x: torch.Tensor, kind: str, gen: torch.Generator) -> torch.Tensor:
     """A random geometric transform per sample of the batch ``x`` (N, C, H, W).
 
-    ``shift``: translation by up to 1/8 of the width (and height, for 2-D inputs), sub-pixel;
+    ``shift``: translation by up to 1/8 of the width (and height, for 2-D inputs), sub-pixel,
+    drawn for each sample;
     ``affine``: the same plus rotation by up to 10 degrees and scale 0.9-1.1. Pixels that come
     from outside the sample repeat its border (``padding_mode="border"``), so a normalized
     background stays background. One ``affine_grid`` + ``grid_sample`` call per batch
@@ -57,7 +58,10 @@ def augment(x: torch.Tensor, kind: str, gen: torch.Generator) -> torch.Tensor:
     else:
         angle, scale = torch.zeros(n), torch.ones(n)
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
+    # the grid is in normalized units (-1..1 along each side): a rotation in pixels becomes
+    # [[c, -s*H/W], [s*W/H, c]] there, or non-square inputs would be sheared
+    w = x.shape[3]
+    theta = torch.stack([torch.stack([cos, -sin * h / w, tx], 1), torch.stack([sin * w / h, cos, ty], 1)], 1)
     grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 

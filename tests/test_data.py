@@ -102,6 +102,7 @@ BAD_NPZ = [
     ({"x": np.zeros((10, 0, 4, 4)), "y": np.arange(10) % 2}, "zero-sized axis"),
     ({"x": np.zeros((10, 1, 4, 4)), "y": np.arange(10) % 2, "groups": np.arange(9)}, "one id per sample"),
     ({"x": np.zeros((10, 1, 4, 4)), "y": np.arange(10) % 2, "groups": np.arange(10) / 2}, "integer group ids"),
+    ({"x": np.zeros((10, 1, 4, 4)), "y": np.arange(10) % 2, "groups": np.ones(10, bool)}, "integer group ids"),
     ({"x": np.zeros((10, 1, 4, 4)), "y": np.arange(10) % 2, "groups": np.arange(10) % 2}, "need at least 3"),
 ]
 
@@ -164,3 +165,40 @@ def test_npz_loader_accepts_or_raises_its_own_error(tmp_path, arrays):
     except DataError:
         return
     assert d.x_train.dtype == torch.float32 and len(d.y_train) > 0 and d.num_classes >= 2
+
+
+@pytest.mark.parametrize("sizes,with_test,message", [
+    ([1, 1, 100], False, r"the test split would hold 1 of 102 samples \(1%, target 20%\): group 2 holds 98% .* \(or give x_test/y_test\)"),
+    ([95, 5], True, r"the validation split would hold 5 of 100 samples \(5%, target 15%\): group 0 holds 95%"),
+    ([920] + [2] * 40, False, r"the test split would hold 78 of 1,000 samples .* group 0 holds 92% of all samples and there are 41 groups"),
+    ([100, 100, 100], False, r"the validation split would hold 100 of 200 samples \(50%, target 15%\)"),
+])
+def test_groups_that_cannot_make_sensible_splits_are_refused(tmp_path, sizes, with_test, message):
+    groups = np.repeat(np.arange(len(sizes)), sizes)
+    arrays = {"x": np.zeros((len(groups), 1, 4, 4)), "y": np.arange(len(groups)) % 2, "groups": groups}
+    if with_test:
+        arrays |= {"x_test": np.zeros((10, 1, 4, 4)), "y_test": np.arange(10) % 2}
+    np.savez(tmp_path / "g.npz", **arrays)
+    for seed in range(4):
+        with pytest.raises(DataError, match=message):
+            load_dataset(str(tmp_path / "g.npz"), seed)
+
+
+def test_a_large_group_is_never_held_out_when_smaller_ones_fit(tmp_path):
+    # 800 / 100 / 100: the test and validation splits take a 100 each, whatever the seed
+    groups = np.repeat([7, 8, 9], [800, 100, 100])
+    np.savez(tmp_path / "g.npz", x=groups.reshape(-1, 1, 1, 1) * np.ones((1, 1, 2, 2)), y=np.arange(1000) % 2,
+             groups=groups)
+    for seed in range(8):
+        d = load_dataset(str(tmp_path / "g.npz"), seed)
+        assert (len(d.y_train), len(d.y_val), len(d.y_test)) == (800, 100, 100)
+        assert len(torch.unique(d.x_train)) == 1  # the big group, whole, in training
+
+
+def test_integral_float_group_ids_are_accepted(tmp_path):
+    p = _grouped(tmp_path)
+    arrays = dict(np.load(p))
+    np.savez(p, **(arrays | {"groups": arrays["groups"].astype(np.float64)}))
+    d = load_dataset(str(p), 0)
+    for ids in (_groups_in(d.x_train), _groups_in(d.x_val), _groups_in(d.x_test)):
+        assert all(ids.count(g) == 3 for g in ids)

@@ -109,3 +109,14 @@ def test_affine_on_a_1d_dataset_fails_before_training():
     cand = Candidate(arch, recipe=Recipe(epochs=1, augment="affine"))
     with pytest.raises(TrialFailure, match="augment 'affine' rotates and scales 2-D inputs; this dataset is 1-D"):
         evaluate(cand, Task(dataset="mnist1d"))
+
+
+@pytest.mark.parametrize("h,w", [(16, 16), (24, 32), (32, 24), (8, 64)])
+def test_affine_rotates_by_at_most_10_degrees_on_any_aspect_ratio(h, w):
+
+    x = torch.zeros(256, 1, h, w)
+    x[:, :, :, w // 2] = 1.0  # a vertical line across the whole height
+    out = augment(x, "affine", torch.Generator().manual_seed(0))[:, 0]
+    cx = (out * torch.arange(w)).sum(2) / out.sum(2).clamp_min(1e-6)  # the line's column in each row
+    tilt = torch.rad2deg(torch.atan(((cx[:, -1] - cx[:, 0]) / (h - 1)).abs()))
+    assert 6 < tilt.max() <= 10.6  # sheared grids tilted 8x64 inputs by 55 degrees
