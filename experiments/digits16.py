@@ -20,7 +20,7 @@ ONNX file in ONNX Runtime, batch 1, 1 thread) within the same passes as the fron
 runtime's floor, and their size is their fp32 weights in the same packed container.
 
     python experiments/digits16.py --make runs/digits16.npz        # the dataset (2 s)
-    nas search --dataset runs/digits16.npz --timeout 1800 --trials 1000 --study d16 \\
+    nas search --dataset runs/digits16.npz --timeout 1740 --trials 3000 --train-threads 1 --study d16 \\
         --storage sqlite:///runs/d16.db
     python experiments/digits16.py --data runs/digits16.npz --study d16 --storage sqlite:///runs/d16.db
 
