@@ -6,7 +6,7 @@ import numpy as np
 import optuna
 import pytest
 
-from nas.early_stop import EarlyStopped, RungRule
+from nas.early_stop import EarlyStopped, RungRule, spearman_lower_bound
 from nas.errors import TrialFailure
 from nas.pipeline import ConstraintViolation
 from nas.trial import outcome, record_rung_and_judge, rung_names
@@ -66,6 +66,20 @@ def test_a_rung_stops_trials_only_where_it_predicted_the_final_accuracy(tmp_path
     rule_text = study.trials[t.number].user_attrs["rung_2_rule"]
     assert bool(verdict) is stops and rule_text.startswith("on: " if stops else "off: ")
     assert "first 12 finished trials" in rule_text
+
+
+def test_a_high_estimate_from_few_trials_is_not_enough():
+    rung = np.arange(12) / 20
+    # Spearman 0.61 over 12 trials: its 80% lower bound is 0.39, so the rung does not stop anything
+    use, why = RungRule().calibration(list(zip(rung, np.array([4, 0, 2, 3, 1, 9, 10, 11, 6, 5, 7, 8]) / 20)))
+    assert not use and why == ("off: Spearman 0.61 between rung and final accuracy over the first 12 finished "
+                               "trials, lower 80% bound 0.39 (needs 0.5)")
+    use, why = RungRule().calibration(list(zip(rung, np.array([2, 3, 5, 0, 4, 1, 9, 6, 7, 8, 11, 10]) / 20)))
+    assert use and "Spearman 0.80" in why and "bound 0.68" in why
+    # the same 0.61 from 40 trials is evidence enough
+    assert spearman_lower_bound(0.61, 40) > 0.5 > spearman_lower_bound(0.61, 12)
+    assert spearman_lower_bound(1.0, 12) == pytest.approx(1.0, abs=1e-3)
+    assert spearman_lower_bound(0.0, 5) < 0
 
 
 def test_calibration_edge_cases():
