@@ -126,7 +126,7 @@ def _build_parser() -> argparse.ArgumentParser:
                         "early_stop: false, as mnist1d_compress does, or --no-early-stop is given)")
     s.add_argument("--calibrate-rungs", type=_calibration_trials, default=12, metavar="N",
                    help="early stopping waits for N finished trials and uses a rung only if its accuracy rank-"
-                        "correlates with the final one (80% lower bound of Spearman >= 0.5; default 12, 0 trusts every rung)")
+                        "correlates with the final one (80%% lower bound of Spearman >= 0.5; default 12, 0 trusts every rung)")
     s.add_argument("--backend", choices=("optuna", "ray"), default="optuna", help="optuna (default, in-process) or ray (Ray Tune)")
     s.add_argument("--workers", type=_positive_int, default=2, help="Ray: concurrent trials (default 2)")
     s.add_argument("--ray-address", default=None, help="Ray: connect to a cluster ('auto' or host:port); default a local instance")

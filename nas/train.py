@@ -133,5 +133,6 @@ def predict(model: nn.Module, x: torch.Tensor, batch: int = 1024) -> torch.Tenso
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    """Fraction of ``x`` classified as ``y``."""
-    return float((predict(model, x).argmax(1) == y).float().mean())
+    """Fraction of ``x`` classified as ``y``, exactly (a float32 mean rounds 632/645 up, and a
+    baseline scored that way outranked a candidate with the same count)."""
+    return int((predict(model, x).argmax(1) == y).sum()) / len(y)
