@@ -129,12 +129,12 @@ def measure(cls: type[nn.Module], name: str, data, tmp: Path, aug: str = "none",
         train_standard(model, data, aug=aug, seed=seed)
         runs.append((accuracy(model, data.x_val, data.y_val), -seed, model,
                      accuracy(model, data.x_test, data.y_test)))
-    _, neg_seed, model, _ = max(runs, key=lambda r: r[:2])
+    val_acc, neg_seed, model, test_acc = max(runs, key=lambda r: r[:2])
     shape = (1, *data.x_train.shape[1:])
     onnx_path = export_onnx(model, torch.zeros(shape), tmp / f"{name}.onnx")
     blob = pack_state(model.state_dict(), {})  # fp32, the same container as candidates
-    return {"name": name, "params": count_params(model), "val_accuracy": accuracy(model, data.x_val, data.y_val),
-            "test_accuracy": accuracy(model, data.x_test, data.y_test), "size_bytes": len(blob),
+    return {"name": name, "params": count_params(model), "val_accuracy": val_acc,
+            "test_accuracy": test_acc, "size_bytes": len(blob),
             "onnx": str(onnx_path), "seed": -neg_seed,
             "seeds": [{"seed": -r[1], "val_accuracy": r[0], "test_accuracy": r[3]} for r in runs]}
 

@@ -191,6 +191,11 @@ def __getattr__(name: str) -> Any:  # PEP 562: CompressionConfig is made on firs
 AUGMENTS = ("none", "shift", "affine")
 
 
+def augments_for(spatial: str) -> tuple[str, ...]:
+    """The augmentations that make sense for ``1d`` or ``2d`` inputs (affine rotates a plane)."""
+    return AUGMENTS if spatial == "2d" else ("none", "shift")
+
+
 @dataclass(frozen=True)
 class Recipe:
     """How a candidate is trained."""

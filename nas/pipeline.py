@@ -37,7 +37,7 @@ from nas.compress.passes import (
     training_terms,
     value_dependent_size,
 )
-from nas.config import ArchConfig, Candidate, Recipe
+from nas.config import ArchConfig, Candidate, Recipe, augments_for
 from nas.data import Dataset, load_dataset
 from nas.early_stop import RungRule
 from nas.errors import ConfigError, TrialFailure
@@ -168,8 +168,9 @@ def _check_shapes(arch: ArchConfig, data: Dataset, recipe: Recipe | None = None)
         )
     if arch.num_classes != data.num_classes:
         raise TrialFailure(f"candidate has {arch.num_classes} classes, dataset {data.name} has {data.num_classes}")
-    if recipe is not None and recipe.augment == "affine" and data.spatial == "1d":
-        raise TrialFailure("augment 'affine' rotates and scales 2-D inputs; this dataset is 1-D (use 'shift' or 'none')")
+    if recipe is not None and recipe.augment not in augments_for(data.spatial):
+        raise TrialFailure(f"augment {recipe.augment!r} rotates and scales 2-D inputs; this dataset is 1-D "
+                           f"(use {' or '.join(repr(a) for a in augments_for(data.spatial))})")
 
 
 def reference_floor(task: Task) -> float:

@@ -32,7 +32,7 @@ import yaml
 
 from nas.blocks import BLOCKS
 from nas.compress.registry import sampling_order
-from nas.config import AUGMENTS, ArchConfig, BlockConfig, Candidate, CompressionConfig, Recipe
+from nas.config import ArchConfig, BlockConfig, Candidate, CompressionConfig, Recipe, augments_for
 from nas.errors import SpaceError
 
 __all__ = ["Param", "StageSpace", "Space", "load_space", "resolve_space_path", "per_stage_genes", "SPACES_DIR"]
@@ -332,9 +332,8 @@ def parse_space(raw: Any, source: str = "<space>") -> Space:
                        lambda v: None if 0 <= v < 1 else "must be in [0, 1)"),
         stages=tuple(_stage(f"{source}: stages[{i}]", s, spatial) for i, s in enumerate(stages)),
         recipe=_section(f"{source}: recipe", raw.get("recipe"), {f.name: f.default for f in dataclasses.fields(Recipe)},
-                        {"augment": lambda v: None if v in (AUGMENTS if spatial == "2d" else ("none", "shift"))
-                         else f"is not an augmentation for {spatial} inputs (allowed: "
-                              f"{', '.join(AUGMENTS if spatial == '2d' else ('none', 'shift'))})"}),
+                        {"augment": lambda v: None if v in augments_for(spatial) else
+                         f"is not an augmentation for {spatial} inputs (allowed: {', '.join(augments_for(spatial))})"}),
         compression=_section(f"{source}: compression", comp, {n: g.default for n, g in _compression_genes().items()},
                              {n: g.check for n, g in _compression_genes().items() if g.check},
                              tuple(per_stage_genes().values())),
