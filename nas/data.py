@@ -13,6 +13,9 @@ touches ``test``; ``test`` is reported alongside and re-checked by ``nas verify`
   sample (the same contract as scikit-learn's ``GroupShuffleSplit``).
 - a folder of PNG/JPEG images, one subfolder per class, optionally under ``train/`` and
   ``test/`` (see :mod:`nas.images`).
+- ``fashion-mnist`` (Debian's ``dataset-fashion-mnist``, ``$NAS_DATA_DIR``, or torchvision's
+  ``raw`` layout) or any folder of MNIST-format idx files; the t10k files are the test split
+  (see :mod:`nas.idx`).
 """
 
 from __future__ import annotations
@@ -28,13 +31,17 @@ from nas.errors import DataError
 
 __all__ = ["Dataset", "load_dataset", "DATASETS"]
 
-DATASETS = ("digits", "mnist1d")
-_ALLOWED = ("digits, mnist1d, a path to a .npz file with x (N,C,H,W) and y (N,), "
-            "or a folder of PNG/JPEG images with one subfolder per class")
+DATASETS = ("digits", "mnist1d", "fashion-mnist")
+_ALLOWED = ("digits, mnist1d, fashion-mnist, a path to a .npz file with x (N,C,H,W) and y (N,), a folder of "
+            "MNIST-format idx files, or a folder of PNG/JPEG images with one subfolder per class")
 
 
 @dataclass(frozen=True)
 class Dataset:
+    """Splits normalised with the training split's ``mean`` and ``std`` (what networks train
+    on), and the validation and test splits also raw (``x_val_raw``, ``x_test_raw``: what a
+    shipped model, which normalises inside itself, is fed and scored on)."""
+
     name: str
     x_train: torch.Tensor
     y_train: torch.Tensor
@@ -44,6 +51,23 @@ class Dataset:
     y_test: torch.Tensor
     num_classes: int
     seed: int
+    mean: float = 0.0
+    std: float = 1.0
+    x_val_raw: torch.Tensor | None = None
+    x_test_raw: torch.Tensor | None = None
+    classes: tuple[str, ...] = ()
+    # what the raw inputs are, in words a user can reproduce ("pixel values / 255")
+    input_scale: str = "as stored"
+    input_range: tuple[float, float] = (0.0, 1.0)
+    fingerprint: str = ""  # sha256 of the data's content (arrays, before splitting)
+
+    @property
+    def normalization(self) -> tuple[float, float]:
+        return self.mean, self.std
+
+    def raw(self, split: str) -> torch.Tensor:
+        """The raw (un-normalised) inputs of ``val`` or ``test``."""
+        return {"val": self.x_val_raw, "test": self.x_test_raw}[split]
 
     @property
     def in_channels(self) -> int:
@@ -66,7 +90,16 @@ class Dataset:
             "n_train": len(self.y_train),
             "n_val": len(self.y_val),
             "n_test": len(self.y_test),
+            "fingerprint": self.fingerprint,
         }
+
+    def input_spec(self) -> dict[str, object]:
+        """How a shipped model is fed: recorded in bundle manifests and model cards."""
+        return {"layout": "NCHW", "dtype": "float32", "shape": ["N", self.in_channels, *self.input_size],
+                "scale": self.input_scale, "range": [float(v) for v in self.input_range],
+                "normalization": {"mean": self.mean, "std": self.std,
+                                  "applied": "inside the model: (x - mean) / std, its first operation"},
+                "classes": list(self.classes or (str(k) for k in range(self.num_classes)))}
 
 
 def _split(n: int, fraction: float, rng: np.random.Generator, groups: np.ndarray | None = None,
@@ -119,7 +152,11 @@ def _finish(
     seed: int,
     num_classes: int,
     groups: np.ndarray | None = None,
+    *,
+    classes: tuple[str, ...] = (),
+    scale: str = "as stored",
 ) -> Dataset:
+    fingerprint = content_fingerprint(x, y, x_test, y_test, groups)
     rng = np.random.default_rng(seed)
     all_groups = groups
     if x_test is None or y_test is None:
@@ -135,13 +172,40 @@ def _finish(
     # Normalize with training statistics only: nothing about val/test leaks into training.
     mean, std = float(x_train.mean()), float(x_train.std()) or 1.0
 
+    # float32 throughout, the exact operations nas.preprocess.Normalize and the deployed graph's
+    # Sub/Div apply to raw inputs: a shipped model sees bit-identical normalised values
+    mean32, std32 = np.float32(mean), np.float32(std)
+
     def t(a: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(((a - mean) / std).astype(np.float32))
+        return torch.from_numpy((a.astype(np.float32) - mean32) / std32)
+
+    def raw(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
 
     def lab(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(a.astype(np.int64))
 
-    return Dataset(name, t(x_train), lab(y_train), t(x_val), lab(y_val), t(x_test), lab(y_test), num_classes, seed)
+    lo, hi = (float(x_train.min()), float(x_train.max())) if x_train.size else (0.0, 0.0)
+    return Dataset(name, t(x_train), lab(y_train), t(x_val), lab(y_val), t(x_test), lab(y_test), num_classes, seed,
+                   mean=float(mean32), std=float(std32), x_val_raw=raw(x_val), x_test_raw=raw(x_test),
+                   classes=tuple(classes) or tuple(str(k) for k in range(num_classes)), input_scale=scale,
+                   input_range=(lo, hi), fingerprint=fingerprint)
+
+
+def content_fingerprint(*arrays: np.ndarray | None) -> str:
+    """sha256 over the arrays' dtypes, shapes and bytes: a resumed study or a verify run refuses
+    data whose content changed at the same path (300 rows dropped, one image added)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for a in arrays:
+        if a is None:
+            h.update(b"none;")
+            continue
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype.str}{a.shape};".encode())
+        h.update(memoryview(a).cast("B"))
+    return h.hexdigest()
 
 
 def _digits(seed: int) -> Dataset:
@@ -149,7 +213,8 @@ def _digits(seed: int) -> Dataset:
 
     bunch = load_digits()
     x = bunch.images.reshape(-1, 1, 8, 8).astype(np.float32) / 16.0
-    return _finish("digits", x, bunch.target, None, None, seed, 10)
+    return _finish("digits", x, bunch.target, None, None, seed, 10,
+                   scale="scikit-learn load_digits().images / 16 (0 to 1)")
 
 
 @functools.lru_cache(maxsize=4)
@@ -166,7 +231,8 @@ def _mnist1d(seed: int) -> Dataset:
     raw = _mnist1d_raw(42)  # the published dataset; `seed` only picks the validation split
     x = raw["x"].reshape(-1, 1, 1, raw["x"].shape[-1])
     xt = raw["x_test"].reshape(-1, 1, 1, raw["x_test"].shape[-1])
-    return _finish("mnist1d", x, raw["y"], xt, raw["y_test"], seed, 10)
+    return _finish("mnist1d", x, raw["y"], xt, raw["y_test"], seed, 10,
+                   scale="mnist1d make_dataset() signals as generated, shaped (N, 1, 1, 40)")
 
 
 def _check_xy(path: Path, x: np.ndarray, y: np.ndarray, xk: str, yk: str) -> None:
@@ -229,9 +295,21 @@ def _npz(path: Path, seed: int) -> Dataset:
         if len(np.unique(groups)) < need:
             raise DataError(f"{path}: 'groups' has {len(np.unique(groups))} distinct id(s); need at least {need} "
                             f"to split into {'train/val' if need == 2 else 'train/val/test'}")
+    classes = _class_names(path, arrays.get("classes"), num_classes)
     return _finish(path.stem, x.astype(np.float32), y.astype(np.int64),
                    None if x_test is None else x_test.astype(np.float32),
-                   None if y_test is None else y_test.astype(np.int64), seed, num_classes, groups)
+                   None if y_test is None else y_test.astype(np.int64), seed, num_classes, groups,
+                   classes=classes, scale=f"the values of {path.name}'s x, as stored ({x.dtype})")
+
+
+def _class_names(path: Path, names: np.ndarray | None, num_classes: int) -> tuple[str, ...]:
+    """Optional ``classes`` in a ``.npz``: one string per label (a unicode array, not objects)."""
+    if names is None:
+        return ()
+    if names.dtype.kind != "U" or names.ndim != 1 or len(names) != num_classes:
+        raise DataError(f"{path}: 'classes' must be {num_classes} strings, one per label (a unicode array of shape "
+                        f"({num_classes},)), got dtype {names.dtype} shape {names.shape}")
+    return tuple(str(n) for n in names)
 
 
 def _folder(name: str, seed: int) -> Dataset:
@@ -243,7 +321,18 @@ def _folder(name: str, seed: int) -> Dataset:
         raise DataError(f"{split_id(name)[0]}: {len(y)} images is too few to split into train/val/test (need >= 10)")
     xt, yt = arrays.get("x_test"), arrays.get("y_test")
     return _finish(Path(split_id(name)[0]).name, x.astype(np.float32) / 255.0, y,
-                   None if xt is None else xt.astype(np.float32) / 255.0, yt, seed, len(arrays["classes"]))
+                   None if xt is None else xt.astype(np.float32) / 255.0, yt, seed, len(arrays["classes"]),
+                   classes=tuple(str(c) for c in arrays["classes"]), scale="pixel values / 255 (0 to 1)")
+
+
+def _idx(folder: Path, name: str, seed: int) -> Dataset:
+    from nas.idx import load_idx
+
+    arrays = load_idx(folder, name)
+    # uint8 -> [0, 1] as torchvision's ToTensor does; the t10k files are the fixed test split
+    return _finish(str(arrays["name"]), arrays["x"].astype(np.float32) / 255.0, arrays["y"],
+                   arrays["x_test"].astype(np.float32) / 255.0, arrays["y_test"], seed, len(arrays["classes"]),
+                   classes=tuple(arrays["classes"]), scale="pixel values / 255 (0 to 1)")
 
 
 def load_dataset(name: str, seed: int = 0) -> Dataset:
@@ -252,6 +341,11 @@ def load_dataset(name: str, seed: int = 0) -> Dataset:
         return _digits(seed)
     if name == "mnist1d":
         return _mnist1d(seed)
+    from nas.idx import resolve_idx
+
+    idx = resolve_idx(name)  # fashion-mnist (and mnist, kmnist) by name, or a folder of idx files
+    if idx is not None:
+        return _idx(idx, name, seed)
     from nas.images import is_folder_dataset
 
     if is_folder_dataset(name):

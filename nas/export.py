@@ -35,6 +35,7 @@ from nas.measure import (
     cpu_model,
 )
 from nas.pipeline import PACKED_NAME, Task, evaluate, get_dataset
+from nas.preprocess import with_normalization
 from nas.study import front_frame, study_meta, trials_frame
 from nas.trust import (
     redact_url,
@@ -43,7 +44,8 @@ from nas.trust import (
 __all__ = ["pick_trial", "export_bundle", "FILES", "MANIFEST", "CARD", "BUNDLE_FORMAT", "LATENCY_BAND"]
 
 FILES = ("model.onnx", "model.pt2", PACKED_NAME)
-BUNDLE_FORMAT = "nas-bundle/1"
+# /2: the models take raw inputs and normalise them themselves; the manifest says how to feed them
+BUNDLE_FORMAT = "nas-bundle/2"
 # int8 QDQ quantizes activations too; the share of test predictions that must still agree
 # with the packed float model (the weights themselves are the packed ones exactly).
 INT8_AGREEMENT = 0.9
@@ -137,6 +139,7 @@ def _card(manifest: dict[str, Any]) -> str:
     from nas.table import human
 
     m, c = manifest["metrics"], Candidate.from_dict(manifest["candidate"])
+    inp = manifest["input"]
     src = manifest["source"]
     ctx = manifest["measurement"]
     pos = src.get("front_position", {})
@@ -184,14 +187,25 @@ def _card(manifest: dict[str, Any]) -> str:
         "```python",
         "import nas",
         f"model, manifest = nas.load_bundle(\"{manifest['name']}\")",
-        "logits = model(x)  # x: float32 array (N, " + ", ".join(str(d) for d in manifest["data"]["input_shape"]) + "), normalized like the training data",
+        "logits = model(x)  # x: float32 array (N, " + ", ".join(str(d) for d in manifest["data"]["input_shape"])
+        + f"), raw: {inp['scale']}",
+        "classes = manifest[\"input\"][\"classes\"]  # logits[:, k] scores classes[k]",
         "```",
-        "Or run `model.onnx` in ONNX Runtime directly; `model.pt2` loads with `torch.export.load`.",
+        "Or run `model.onnx` in ONNX Runtime directly (input "
+        f"`{inp['layout']}` {inp['dtype']}, batch 1 as timed), or load `model.pt2` with `torch.export.load`; "
+        "both take the same raw inputs and give the same logits.",
+        "",
+        "## Input",
+        f"- layout {inp['layout']}, dtype {inp['dtype']}, shape (N, "
+        + ", ".join(str(d) for d in manifest["data"]["input_shape"]) + ")",
+        f"- values: {inp['scale']}; the training split spans {inp['range'][0]:g} to {inp['range'][1]:g}",
+        f"- normalisation is inside the model (its first operation): (x - {inp['normalization']['mean']:.7g}) / "
+        f"{inp['normalization']['std']:.7g}, the training split's mean and std; do not normalise again",
+        "- classes (logit order): " + ", ".join(f"{k} `{c}`" for k, c in enumerate(inp["classes"])),
         "",
         "## Limits",
         f"- Trained on {manifest['data']['n_train']} samples of `{manifest['data']['name']}` (split seed "
         f"{manifest['data']['seed']}); accuracy elsewhere is unknown.",
-        "- Inputs must be normalized with the training split's mean and std (as `nas.data` does).",
         "- Latency was measured at batch 1 on the CPU above; other hardware will differ.",
     ]
     lines += [note for meth in active_methods(c.compression) for note in meth.card_notes(c.compression)]
@@ -252,7 +266,9 @@ def export_bundle(study: optuna.Study, number: int, out: Path, *, storage_url: s
             src = Path(folder)
         shutil.copy2(src / "model.onnx", tmp / "model.onnx")
         shutil.copy2(src / PACKED_NAME, tmp / PACKED_NAME)
-        model = load_packed(cand, (tmp / PACKED_NAME).read_bytes())
+        data = get_dataset(task.dataset, task.seed)
+        # the PyTorch program takes raw inputs like model.onnx: normalisation is its first step
+        model = with_normalization(load_packed(cand, (tmp / PACKED_NAME).read_bytes()), *data.normalization)
         example = torch.zeros(2, cand.arch.in_channels, *cand.arch.input_size)
         program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
         program.example_inputs = None  # otherwise saved with torch.save (a pickle); the bundle has none
@@ -260,7 +276,6 @@ def export_bundle(study: optuna.Study, number: int, out: Path, *, storage_url: s
         if (tmp / PACKED_NAME).stat().st_size != metrics["size_bytes"]:
             raise NasError(f"trial {number}: packed file is {(tmp / PACKED_NAME).stat().st_size} bytes, "
                            f"the study recorded {metrics['size_bytes']}")
-        data = get_dataset(task.dataset, task.seed)
         manifest = {
             "format": BUNDLE_FORMAT,
             "name": out.name,
@@ -272,6 +287,7 @@ def export_bundle(study: optuna.Study, number: int, out: Path, *, storage_url: s
             "measurement": _context(task.latency_threads),
             "data": {**data.describe(), "dataset": task.dataset,
                      "splits": "train/val/test fixed by seed; accuracy objective on val, test never seen by the search"},
+            "input": data.input_spec(),
             "source": {"study": study.study_name, "storage": redact_url(storage_url), "trial": number, "n_trials": len(trials),
                        "objectives": meta["objectives"], "front_position": _front_position(study, number)},
             "tolerances": {"accuracy": "exact (same data, same artifact)", "size_bytes": "exact",

@@ -84,10 +84,14 @@ class Task:
     epochs: int | None = None
     artifacts_dir: str | None = None
     teachers: int = 1
-    teacher_epochs: int = 20
+    teacher_epochs: int = 20  # bounded by ``epochs`` where that is set (see teacher_budget)
     max_memory_mb: float = 4096.0  # candidates estimated to need more to train fail in pre-flight
     reward: dict[str, Any] | None = None  # {"on": cost name, "target": T, "form": soft|hard}
     early_stop: dict[str, Any] | None = None  # RungRule fields; None turns early stopping off
+
+    def teacher_budget(self) -> int:
+        """Epochs a distillation teacher trains: ``--epochs`` bounds it as it bounds the students."""
+        return self.teacher_epochs if self.epochs is None else min(self.teacher_epochs, self.epochs)
 
     def rung_rule(self) -> RungRule | None:
         if self.early_stop is None:
@@ -119,10 +123,37 @@ class TrialResult:
     artifact_dir: str | None = None
 
 
-@functools.lru_cache(maxsize=8)
 def get_dataset(name: str, seed: int) -> Dataset:
-    """Load once per process; every trial of a study reuses the same tensors."""
+    """Load once per process; every trial of a study reuses the same tensors. Data files that
+    changed on disk since (size or modification time of the file, or of any file under a
+    dataset folder) are loaded again."""
+    return _cached_dataset(name, seed, _stamp(name))
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_dataset(name: str, seed: int, _stamp: tuple) -> Dataset:
     return load_dataset(name, seed)
+
+
+def _stamp(name: str) -> tuple:
+    import os
+
+    path = Path(name.split("?", 1)[0])
+    try:
+        if path.is_file():
+            st = path.stat()
+            return (st.st_size, st.st_mtime_ns)
+        if path.is_dir():
+            out = []
+            for root, dirs, files in os.walk(path):
+                dirs.sort()
+                for f in sorted(files):
+                    st = os.stat(os.path.join(root, f))
+                    out.append((f, st.st_size, st.st_mtime_ns))
+            return tuple(out)
+    except OSError:
+        pass
+    return ()
 
 
 def _check_downsampling(arch: ArchConfig) -> None:
@@ -211,10 +242,11 @@ def timed(path: Path, example: torch.Tensor, task: Task, inputs: torch.Tensor | 
 
 
 def _costs(model: nn.Module, cand: Candidate, blob: bytes, example: torch.Tensor, calibration: torch.Tensor,
-           workdir: Path, task: Task, exported: Exported) -> dict[str, Any]:
-    """Every cost of the shipped form: deployable ONNX latency, packed-file bytes, FLOPs, params."""
+           workdir: Path, task: Task, exported: Exported, normalize: tuple[float, float]) -> dict[str, Any]:
+    """Every cost of the shipped form: deployable ONNX latency (the graph normalises its raw
+    input first, as shipped), packed-file bytes, FLOPs, params."""
     onnx_path, precision = deploy_onnx(model, cand.compression, example, workdir / "model.onnx", calibration,
-                                       exported)
+                                       exported, normalize=normalize)
     lat = timed(onnx_path, example, task)
     size = write_file(workdir / PACKED_NAME, blob)
     return {
@@ -260,7 +292,8 @@ def _preflight(t: _Trial) -> tuple[dict[str, Any], Exported]:
         raise TrialFailure(f"infeasible candidate: {exc}") from exc
     exported = None  # each save exports afresh: the TorchScript exporter takes ~0.05 s (nas.measure.export_onnx)
     with tempfile.TemporaryDirectory(prefix="nas-trial-") as tmp:
-        costs = _costs(preview, t.candidate, blob, t.example, t.calibration, Path(tmp), t.task, exported)
+        costs = _costs(preview, t.candidate, blob, t.example, t.calibration, Path(tmp), t.task, exported,
+                       t.data.normalization)
     # sizes that depend on trained values, and latencies that depend on the input (early exits:
     # the untrained pre-flight graph runs to full depth, an upper bound), are checked after compression
     later = {"size_bytes"} if value_dependent_size(t.candidate.compression) else set()
@@ -296,17 +329,18 @@ def _train(t: _Trial, costs: dict[str, Any], at_rung: Callable | None) -> tuple[
 def _deploy_and_score(t: _Trial, shipped: nn.Module, blob: bytes, exported: Exported,
                       out: Path | None) -> dict[str, Any]:
     """Write the packed file and the deployable ONNX model; accuracy of that artifact in ONNX
-    Runtime on validation (the objective) and test (reported), and of the packed model beside it."""
+    Runtime on the raw validation (the objective) and test (reported) inputs, which it normalises
+    itself, and of the packed model beside it."""
     data = t.data
     with tempfile.TemporaryDirectory(prefix="nas-ship-") as tmp:
         folder = out or Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
         size = write_file(folder / PACKED_NAME, blob)
         onnx_path, _ = deploy_onnx(shipped, t.candidate.compression, t.example, folder / "model.onnx", t.calibration,
-                                   exported)
-        pred = onnx_predict(onnx_path, torch.cat([data.x_val, data.x_test])).argmax(1)  # one ORT session
+                                   exported, normalize=data.normalization)
+        pred = onnx_predict(onnx_path, torch.cat([data.raw("val"), data.raw("test")])).argmax(1)  # one ORT session
         dynamic = dynamic_latency(t.candidate.compression)
-        lat = timed(onnx_path, t.example, t.task, inputs=data.x_val if dynamic else None)
+        lat = timed(onnx_path, t.example, t.task, inputs=data.raw("val") if dynamic else None)
         if out is not None:
             (folder / "candidate.json").write_text(t.candidate.to_json())
     val_pred, test_pred = pred[: len(data.y_val)], pred[len(data.y_val) :]
@@ -372,7 +406,7 @@ def evaluate(
     t.timings["preflight_s"] = (t1 := clock()) - t0
     model, stats, loss_fn = _train(t, costs, at_rung)  # 2. train (rungs may stop it)
     t.timings["train_s"] = (t2 := clock()) - t1
-    compressed = compress(model, candidate, data, task.seed, loss_fn=loss_fn)  # 3. compress, pack, decode
+    compressed = compress(model, candidate, data, task.seed, loss_fn=loss_fn, max_epochs=task.epochs)  # 3. compress
     blob = pack_model(compressed, candidate.compression)
     shipped = load_packed(candidate, blob)
     t.timings["compress_s"] = (t3 := clock()) - t2

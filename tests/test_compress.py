@@ -47,6 +47,16 @@ def trained(data):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
+@pytest.fixture(scope="module")
+def trained_shared(data):
+    """Sharing is structural: the pipeline trains the tied network from the start (weights
+    trained untied and then tied are whichever block loaded last: near chance, by luck)."""
+    torch.manual_seed(0)
+    model = build(dataclasses.replace(ARCH, share=True))
+    train(model, data.x_train, data.y_train, RECIPE, seed=0)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
 def _fresh(state, share=False):
     model = build(dataclasses.replace(ARCH, share=share))
     model.load_state_dict(state)
@@ -76,10 +86,10 @@ METHODS = {
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
-def test_method_keeps_accuracy_and_packed_file_round_trips(name, data, trained, tmp_path):
+def test_method_keeps_accuracy_and_packed_file_round_trips(name, data, trained, trained_shared, tmp_path):
     cfg = dataclasses.replace(METHODS[name], finetune_epochs=2)
     cand = Candidate(ARCH, cfg, RECIPE)
-    model = compress(_fresh(trained, share=cfg.share), cand, data, seed=0)
+    model = compress(_fresh(trained_shared if cfg.share else trained, share=cfg.share), cand, data, seed=0)
     acc = accuracy(model, data.x_val, data.y_val)
     assert acc > 0.5, f"{name}: accuracy {acc:.3f} (chance is 0.1)"
 

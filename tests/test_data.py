@@ -36,7 +36,7 @@ def test_mnist1d_is_generated_locally_with_the_published_split():
 
 
 def test_unknown_dataset_names_allowed_values():
-    with pytest.raises(DataError, match=r"unknown dataset 'cifar' \(allowed: digits, mnist1d, a path to a \.npz.*or a folder of PNG/JPEG images"):
+    with pytest.raises(DataError, match=r"unknown dataset 'cifar' \(allowed: digits, mnist1d, fashion-mnist, a path to a \.npz.*or a folder of PNG/JPEG images"):
         load_dataset("cifar")
 
 

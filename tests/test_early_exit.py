@@ -78,7 +78,7 @@ def test_exits_are_trained_calibrated_and_shipped_as_one_graph_with_control_flow
     graph = onnx.load(f"{folder}/model.onnx").graph
     ops = [n.op_type for n in graph_nodes(graph)]
     assert ops.count("If") == 2 and ops.count("Gemm") == 3 and ops.count("Conv") == 4
-    onnx_pred = onnx_predict(f"{folder}/model.onnx", data.x_val).argmax(1)
+    onnx_pred = onnx_predict(f"{folder}/model.onnx", data.raw("val")).argmax(1)  # raw: it normalises them
     assert (onnx_pred == predict(shipped, data.x_val).numpy().argmax(1)).all()
     assert m["val_accuracy"] == float((onnx_pred == data.y_val.numpy()).mean())  # the artifact's accuracy
     # latency of input-dependent work: mean over the validation inputs, p95 beside; size counts the heads
@@ -164,7 +164,7 @@ def test_search_with_the_gene_exports_a_bundle_that_verifies_and_loads(tmp_path,
 
     model, _ = nas.load_bundle(tmp_path / "bundle")
     data = get_dataset("digits", 0)
-    logits = model(data.x_test[:50].numpy())
+    logits = model(data.raw("test")[:50].numpy())
     with torch.no_grad():
-        ref = model.torch_model(data.x_test[:50]).numpy()
+        ref = model.torch_model(data.raw("test")[:50]).numpy()
     assert (logits.argmax(1) == ref.argmax(1)).all()

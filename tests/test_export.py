@@ -14,6 +14,7 @@ import nas
 from nas.cli import main
 from nas.compress.passes import load_packed, onnx_predict
 from nas.config import Candidate
+from nas.export import INT8_AGREEMENT
 from nas.measure import Latency
 from nas.pipeline import get_dataset
 from nas.verify import LATENCY_RUNS
@@ -130,30 +131,68 @@ def test_onnx_matches_pytorch_and_quantized_bundles_are_int8(study):
         ops = {n.op_type for n in graph.node}
         has_int8 = any(i.data_type == onnx.TensorProto.INT8 for i in graph.initializer)
         assert quantized == ({"QuantizeLinear", "DequantizeLinear"} <= ops) == has_int8
-        logits = onnx_predict(out / "model.onnx", data.x_test)
+        logits = onnx_predict(out / "model.onnx", data.raw("test"))  # the bundle normalises raw inputs itself
         torch_logits = load_packed(cand, (out / "weights.nasp").read_bytes())(data.x_test).detach().numpy()
         agree = (logits.argmax(1) == torch_logits.argmax(1)).mean()
         if quantized:
-            assert agree >= 0.97  # int8 activations: a few flip (0.975-0.997 of 359 measured here)
+            # int8 activations flip a few predictions; how many depends on the trained model, which
+            # differs between machines (0.955-0.997 of 359 seen). What holds on any machine: the
+            # share verify accepts, and flips only where the float model is unsure (a broken
+            # activation quantization flips confident inputs too)
+            assert agree >= INT8_AGREEMENT
+            top2 = np.sort(torch_logits, axis=1)[:, -2:]
+            margin = top2[:, 1] - top2[:, 0]
+            flipped = logits.argmax(1) != torch_logits.argmax(1)
+            assert not flipped.any() or np.median(margin[flipped]) < np.median(margin)
         else:
             assert agree == 1.0
             np.testing.assert_allclose(logits, torch_logits, atol=1e-3)
     assert seen  # at least one bundle checked
 
 
-def test_load_bundle_is_callable_and_pickle_free(study):
+def test_raw_inputs_score_the_recorded_accuracy_in_every_runtime(study):
+    """A user holds digits as images / 16. Fed those raw inputs, load_bundle, ONNX Runtime on
+    model.onnx alone and model.pt2 alone each give the recorded test accuracy: the bundle
+    normalises inside itself, and the manifest says how to feed it."""
+    import onnxruntime as ort
+    from sklearn.datasets import load_digits
+
     root, db = study
     out = _export(root, db, "b_load", "--pick", "max accuracy")
     model, manifest = nas.load_bundle(out)
     data = get_dataset("digits", 0)
-    acc = float((model(data.x_test.numpy()).argmax(1) == data.y_test.numpy()).mean())
-    assert acc == manifest["metrics"]["test_accuracy"]
+    raw = data.raw("test").numpy()
+    # the user's own copy of the test images, in the dataset's range: load_digits().images / 16
+    images = load_digits().images.reshape(-1, 1, 8, 8).astype(np.float32) / 16
+    assert {r.tobytes() for r in raw} <= {r.tobytes() for r in images} and raw.max() > 0.9
+    want = manifest["metrics"]["test_accuracy"]
+    y = data.y_test.numpy()
+
+    assert float((model(raw).argmax(1) == y).mean()) == want  # load_bundle
+    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])  # ONNX Runtime alone
+    name = sess.get_inputs()[0].name
+    onnx_pred = np.array([sess.run(None, {name: raw[i : i + 1]})[0].argmax() for i in range(len(raw))])
+    assert float((onnx_pred == y).mean()) == want
     with zipfile.ZipFile(out / "model.pt2") as z:
         for info in z.infolist():
             blob = z.read(info)
             assert not blob.startswith(b"\x80"), f"{info.filename} looks like a pickle"
     program = torch.export.load(str(out / "model.pt2"))  # a bundle this test just exported (crafted ones: test_trust)
-    assert program.module()(data.x_test[:3]).shape == (3, 10)
+    with torch.no_grad():
+        pt2_pred = program.module()(torch.from_numpy(raw)).argmax(1).numpy()
+        torch_pred = model.torch_model(torch.from_numpy(raw)).argmax(1).numpy()
+    if manifest["metrics"]["deploy_precision"] == "fp32":
+        assert float((pt2_pred == y).mean()) == want
+    assert float((pt2_pred == y).mean()) == float((torch_pred == y).mean()) == manifest["metrics"]["packed_test_accuracy"]
+    # the normalisation is inside: inputs normalised again give other logits
+    assert np.abs(model(data.x_test.numpy()) - model(raw)).max() > 1.0
+
+    inp = manifest["input"]
+    assert inp["layout"] == "NCHW" and inp["dtype"] == "float32" and inp["classes"] == [str(k) for k in range(10)]
+    assert inp["normalization"]["mean"] == data.mean and inp["normalization"]["std"] == data.std
+    assert "/ 16" in inp["scale"] and model.classes == inp["classes"]
+    card = (out / "MODEL_CARD.md").read_text()
+    assert f"{data.mean:.7g}" in card and "do not normalise again" in card and "/ 16" in card
 
 
 def test_retrain_reports_both_figures(study, capsys):

@@ -137,3 +137,33 @@ def test_a_new_study_records_its_reference_floor_and_resumes_keep_it(tmp_path):
     args[2] = "2"
     assert main(args) == 0
     assert optuna.load_study(study_name="f", storage=db).trials[1].user_attrs["latency_floor_ms"] == floor
+
+
+def test_epochs_bounds_the_teacher_and_every_fine_tuning_pass(tmp_path, monkeypatch):
+    """--epochs 1 with a 20-epoch teacher and 5 fine-tuning epochs: nothing trains longer than 1."""
+    import dataclasses
+
+    import nas.compress.distill as distill
+    import nas.compress.passes as passes
+
+    seen = []
+    real_train = passes.train
+
+    def recording(model, x, y, recipe, *a, **k):
+        seen.append(("finetune", recipe.epochs))
+        return real_train(model, x, y, recipe, *a, **k)
+
+    real_teachers = distill.get_teachers
+
+    def teachers(folder, data, n=1, epochs=20):
+        seen.append(("teacher", epochs))
+        return real_teachers(folder, data, n, epochs)
+
+    monkeypatch.setattr(passes, "train", recording)
+    monkeypatch.setattr(distill, "get_teachers", teachers)
+    cand = _candidate(epochs=6)
+    cand = dataclasses.replace(cand, compression=CompressionConfig(quant="int4", finetune_epochs=5, distill_alpha=0.5))
+    res = evaluate(cand, Task(dataset="digits", epochs=1, teacher_epochs=20, artifacts_dir=str(tmp_path)), trial_id="t")
+    assert res.metrics["epochs"] == 1
+    assert ("teacher", 1) in seen and ("finetune", 1) in seen
+    assert all(e <= 1 for _, e in seen), seen

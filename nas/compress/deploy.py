@@ -13,7 +13,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -162,8 +162,14 @@ def graph_nodes(graph):  # noqa: ANN001, ANN201
 
 
 def deploy_onnx(model: nn.Module, cfg: CompressionConfig, example: torch.Tensor, path: Path,
-                calibration: torch.Tensor, exported: Exported | None = None) -> tuple[Path, str]:
+                calibration: torch.Tensor, exported: Exported | None = None, *,
+                normalize: tuple[Any, Any] | None = None) -> tuple[Path, str]:
     """Write the deployable ONNX model; returns (path, deployed precision).
+
+    ``normalize``: ``(mean, std)`` of the training inputs; the written graph then takes raw
+    inputs and normalises them in its first nodes (:mod:`nas.preprocess`), after quantization,
+    so calibration and the int8 grid see the normalised inputs the network was trained on.
+    ``model``, ``example`` and ``calibration`` are in the normalised domain either way.
 
     Integer precisions (int8 down to binary) deploy as int8 QDQ whose weights are exactly the
     packed codes and scales (see :func:`_grid_overrides`), with activations quantized from
@@ -172,6 +178,16 @@ def deploy_onnx(model: nn.Module, cfg: CompressionConfig, example: torch.Tensor,
 
     ``exported``: an earlier export of a model of the same shape (the pre-flight one); its
     graph is re-weighted with ``model``'s weights instead of exporting again."""
+    path, label = _deploy_bare(model, cfg, example, path, calibration, exported)
+    if normalize is not None:
+        from nas.preprocess import prepend_normalization
+
+        prepend_normalization(path, *normalize)
+    return path, label
+
+
+def _deploy_bare(model: nn.Module, cfg: CompressionConfig, example: torch.Tensor, path: Path,
+                 calibration: torch.Tensor, exported: Exported | None) -> tuple[Path, str]:
     from nas.measure import export_onnx
 
     def fp32_onnx(dest: Path) -> Path:

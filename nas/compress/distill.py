@@ -126,7 +126,7 @@ class Distill(Method):
     def loss(self, cfg, task, data):  # noqa: ANN001, ANN201
         # the study's own folder (never a shared temp folder other users could write into)
         folder = Path(task.artifacts_dir) / "teachers" if task.artifacts_dir else None
-        return distill_loss_fn(get_teachers(folder, data, task.teachers, task.teacher_epochs), cfg.distill_alpha,
+        return distill_loss_fn(get_teachers(folder, data, task.teachers, task.teacher_budget()), cfg.distill_alpha,
                                cfg.distill_T)
 
     def summary(self, cfg) -> str | None:  # noqa: ANN001

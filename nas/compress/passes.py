@@ -130,15 +130,17 @@ def layer_stage(name: str, arch: ArchConfig) -> int:
 
 
 def compress(model: Net, cand: Candidate, data, seed: int, loss_fn: LossFn | None = None,  # noqa: ANN001
-             finetune: bool = True) -> Net:
+             finetune: bool = True, max_epochs: int | None = None) -> Net:
     """Apply every active compression method to a trained model, in registry order: structural
     methods (each fine-tunes after itself), then parametrizations (masks, fake quantization)
     with one shared fine-tuning pass, baked into plain weights, then snapping (clustering).
 
     With ``finetune=False`` only the transformations run (the pre-flight uses this on an
-    untrained model to get the exact final shape and packed size without training)."""
+    untrained model to get the exact final shape and packed size without training).
+    ``max_epochs`` (``--epochs``) bounds each fine-tuning pass as it bounds training."""
     cfg = cand.compression
-    ctx = Context(data, cand.recipe, seed, cfg.finetune_epochs if finetune else 0, loss_fn)
+    epochs = cfg.finetune_epochs if max_epochs is None else min(cfg.finetune_epochs, max_epochs)
+    ctx = Context(data, cand.recipe, seed, epochs if finetune else 0, loss_fn)
     methods = active_methods(cfg)
     for m in (m for m in methods if m.phase == "structural"):
         model = m.apply(model, cfg, ctx)
