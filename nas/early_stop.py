@@ -108,7 +108,8 @@ class RungRule:
         better = sum(s < k for s in scores)
         keep = math.ceil(len(everyone) / self.eta)
         if better >= keep:
-            return (f"early-stopped at epoch {rung}: dominated by {k} of {len(peers)} trials at this rung on "
+            where = "the data-fraction screen (rung 0)" if rung == 0 else f"epoch {rung}"
+            return (f"early-stopped at {where}: dominated by {k} of {len(peers)} trials at this rung on "
                     f"({', '.join(names)}); {better} rank better, only the best {keep} (1/eta={1 / self.eta:.2g}) go on")
         return None
 

@@ -88,6 +88,10 @@ class Task:
     max_memory_mb: float = 4096.0  # candidates estimated to need more to train fail in pre-flight
     reward: dict[str, Any] | None = None  # {"on": cost name, "target": T, "form": soft|hard}
     early_stop: dict[str, Any] | None = None  # RungRule fields; None turns early stopping off
+    # data-size fidelity: with early stopping on, every trial is first trained on this fraction
+    # of the training split (the whole recipe, so ~this fraction of the cost) and judged at rung
+    # 0 like any rung (calibrated, Pareto successive halving); 0 turns it off (see auto_screen)
+    screen: float = 0.0
 
     def teacher_budget(self) -> int:
         """Epochs a distillation teacher trains: ``--epochs`` bounds it as it bounds the students."""
@@ -304,9 +308,36 @@ def _preflight(t: _Trial) -> tuple[dict[str, Any], Exported]:
     return costs, exported
 
 
-def _train(t: _Trial, costs: dict[str, Any], at_rung: Callable | None) -> tuple[nn.Module, Any, Callable | None]:
+def default_train_threads(concurrent: int) -> int:
+    """Training threads per trial: the cores this process may use divided by the trials that
+    run at once (every trial training with all cores oversubscribes the host: with 4 other
+    processes on it the quick start's trials took 30-280 s each against ~2 s idle)."""
+    import os
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, concurrent))
+
+
+def auto_screen(n_train: int) -> float:
+    """The default data fraction trials are screened on: 1/8 of a training split of 20,000
+    samples or more (there one epoch is tens of seconds on 2 cores), none below."""
+    return 0.125 if n_train >= 20_000 else 0.0
+
+
+def screen_indices(n: int, fraction: float, seed: int) -> torch.Tensor:
+    """The fixed subset every trial of a study is screened on (seeded: the same for all)."""
+    g = torch.Generator().manual_seed(10_007 + seed)
+    return torch.randperm(n, generator=g)[: max(1, int(round(n * fraction)))]
+
+
+def _train(t: _Trial, costs: dict[str, Any], at_rung: Callable | None,
+           progress: Callable[[str], None] | None = None) -> tuple[nn.Module, Any, Callable | None]:
     """Train the full-width model, with the methods' loss (distillation) and penalty
-    (slimming); rung checks report validation accuracy and may stop the trial."""
+    (slimming); rung checks report validation accuracy and may stop the trial. With a screen
+    fraction, a model trained on that fraction of the data is judged at rung 0 first."""
     seed_everything(t.task.seed)
     model = trained_model(t.candidate)
     mem = training_memory_mb(model, t.example, t.candidate.recipe.batch_size)
@@ -316,13 +347,29 @@ def _train(t: _Trial, costs: dict[str, Any], at_rung: Callable | None) -> tuple[
     loss_fn, penalty = training_terms(t.candidate.compression, t.task, t.data)
     rule = t.task.rung_rule()
     rungs = set(rule.rungs(recipe.epochs)) if rule is not None and at_rung is not None else set()
+    if rule is not None and at_rung is not None and t.task.screen > 0:
+        t0 = time.perf_counter()
+        idx = screen_indices(len(t.data.y_train), t.task.screen, t.task.seed)
+        screened = trained_model(t.candidate)
+
+        def screen_epoch(epoch: int, _m: nn.Module) -> None:
+            if progress is not None:
+                progress(f"screen {epoch}/{recipe.epochs}")
+
+        train(screened, t.data.x_train[idx], t.data.y_train[idx], recipe, t.task.seed, loss_fn=loss_fn,
+              penalty=penalty, on_epoch=screen_epoch)
+        t.timings["screen_s"] = time.perf_counter() - t0
+        at_rung(0, accuracy(screened, t.data.x_val, t.data.y_val), costs)  # may stop the trial here
+        del screened
 
     def on_epoch(epoch: int, m: nn.Module) -> None:
+        if progress is not None:
+            progress(f"epoch {epoch}/{recipe.epochs}" + (" (rung)" if epoch in rungs else ""))
         if epoch in rungs:
             at_rung(epoch, accuracy(m, t.data.x_val, t.data.y_val), costs)
 
     stats = train(model, t.data.x_train, t.data.y_train, recipe, t.task.seed, loss_fn=loss_fn, penalty=penalty,
-                  on_epoch=on_epoch if rungs else None)
+                  on_epoch=on_epoch if rungs or progress is not None else None)
     return model, stats, loss_fn
 
 
@@ -384,11 +431,14 @@ def evaluate(
     *,
     trial_id: str | None = None,
     at_rung: Callable[[int, float, dict[str, Any]], None] | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> TrialResult:
     """Pre-flight costs, constraints, training, compression, accuracy of the shipped artifact.
 
     ``at_rung(epoch, val_accuracy, costs)`` is called at the early-stopping rungs of
-    ``task.early_stop`` and may raise :class:`~nas.early_stop.EarlyStopped`.
+    ``task.early_stop`` and may raise :class:`~nas.early_stop.EarlyStopped` (rung 0: the
+    data-fraction screen, ``task.screen``). ``progress(text)`` hears where training is
+    ("epoch 3/12", "screen 2/12"), for live displays.
     Raises :class:`ConstraintViolation` (reject without training) or :class:`TrialFailure`.
     """
     clock = time.perf_counter
@@ -404,7 +454,7 @@ def evaluate(
 
     costs, exported = _preflight(t)  # 1. every cost, on the final shape; reject over a limit
     t.timings["preflight_s"] = (t1 := clock()) - t0
-    model, stats, loss_fn = _train(t, costs, at_rung)  # 2. train (rungs may stop it)
+    model, stats, loss_fn = _train(t, costs, at_rung, progress)  # 2. train (rungs may stop it)
     t.timings["train_s"] = (t2 := clock()) - t1
     compressed = compress(model, candidate, data, task.seed, loss_fn=loss_fn, max_epochs=task.epochs)  # 3. compress
     blob = pack_model(compressed, candidate.compression)

@@ -159,7 +159,8 @@ def layer_costs(artifact_dir: str | Path) -> pd.DataFrame:
 
 
 def build_report(studies: list[optuna.Study]) -> Report:
-    """Everything the renderers show, as data."""
+    """Everything the renderers show, as data. A study named twice is shown once."""
+    studies = list({s.study_name: s for s in studies}.values())
     metas = [study_meta(s) for s in studies]
     names, dirs = metas[0]["objectives"], metas[0]["directions"]
     for s, m in zip(studies, metas):
@@ -188,7 +189,26 @@ def build_report(studies: list[optuna.Study]) -> Report:
 
 # ----------------------------------------------------------------------------- rendering
 
-_COLORS = ["tab:red", "tab:blue", "tab:green", "tab:purple", "tab:orange"]
+# One colour per study, the same in every plot of a report (PNG and HTML): the study's place in
+# the report picks it. Hex strings, which matplotlib and plotly read alike.
+PALETTE = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
+BASELINE_COLOR = "#ffd700"
+DOMINATED_LABEL = "faded: dominated trials"
+FRONT_LEGEND_TITLE = "ringed: Pareto-optimal trials"
+
+
+def study_colors(rep: Report) -> dict[str, str]:
+    """Each study's colour: the palette in order, then hues a golden-ratio step apart (never a repeat)."""
+    import colorsys
+
+    out = {}
+    for i, st in enumerate(rep.studies):
+        if i < len(PALETTE):
+            out[st.name] = PALETTE[i]
+        else:
+            r, g, b = colorsys.hsv_to_rgb((i * 0.6180339887) % 1.0, 0.7, 0.8)
+            out[st.name] = f"#{round(r * 255):02x}{round(g * 255):02x}{round(b * 255):02x}"
+    return out
 
 
 def _baselines(rep: Report) -> list[dict]:
@@ -209,29 +229,53 @@ def _pairs(names: list[str]) -> list[tuple[str, str]]:
     return list(itertools.combinations(names, 2)) or [(names[0], names[0])]
 
 
-def _png_front(rep: Report, a: str, b: str, path: Path) -> None:
+def _plt():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=110)
-    for i, st in enumerate(rep.studies):
+    return plt
+
+
+def _legend_below(fig, handles: list, labels: list[str], title: str | None = None) -> None:
+    """One legend under the axes, outside them (``bbox_inches="tight"`` keeps it whole)."""
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(3, max(1, len(labels))), fontsize=8,
+               title=title, title_fontsize=8, frameon=False)
+
+
+def _png_front(rep: Report, a: str, b: str, path: Path) -> None:
+    """``b`` against ``a``: each study in its colour (Pareto-optimal trials ringed, the rest faded,
+    the front of this pair as a step line), each baseline a star. The legend names each study and
+    each baseline once."""
+    plt = _plt()
+    colors = study_colors(rep)
+    fig, ax = plt.subplots(figsize=(6.4, 5.2), dpi=110, layout="constrained")
+    handles, labels = [], []
+    pair_dirs = [rep.directions[rep.objectives.index(a)], rep.directions[rep.objectives.index(b)]]
+    any_dominated = False
+    for st in rep.studies:
+        color = colors[st.name]
         df = st.trials[st.trials["state"] == "COMPLETE"]
-        if df.empty:
-            continue
-        color = _COLORS[i % len(_COLORS)]
-        label = st.name if len(rep.studies) > 1 else "front"
-        ax.scatter(df[a], df[b], c="lightgrey", s=18, label=f"{st.name}: dominated" if len(rep.studies) > 1 else "dominated")
-        pair_dirs = [rep.directions[rep.objectives.index(a)], rep.directions[rep.objectives.index(b)]]
-        # the front of this pair of objectives, drawn as a step line; all-objective front members ringed
-        pf = df[pareto_mask(df[[a, b]].to_numpy(dtype=float), pair_dirs)].sort_values(a)
-        ax.step(pf[a], pf[b], where="post", color=color, lw=1.2, alpha=0.8)
-        ax.scatter(st.front[a], st.front[b], c=color, s=36, edgecolors="black", linewidths=0.5, label=f"{label} (Pareto-optimal)")
+        dominated = df[~df["trial"].isin(st.front["trial"])] if not df.empty else df
+        if not dominated.empty:
+            any_dominated = True
+            ax.scatter(dominated[a], dominated[b], color=color, alpha=0.25, s=18, linewidths=0)
+        if not df.empty:  # the front of this pair of objectives
+            pf = df[pareto_mask(df[[a, b]].to_numpy(dtype=float), pair_dirs)].sort_values(a)
+            ax.step(pf[a], pf[b], where="post", color=color, lw=1.2, alpha=0.8)
+        front = st.front if not st.front.empty else df.iloc[:0]
+        handles.append(ax.scatter(front[a] if a in front else [], front[b] if b in front else [], color=color, s=36,
+                                  edgecolors="black", linewidths=0.5))
+        labels.append(st.name if not df.empty else f"{st.name} (no finished trials)")
+    if any_dominated:
+        handles.append(ax.scatter([], [], color="grey", alpha=0.35, s=18, linewidths=0))
+        labels.append(DOMINATED_LABEL)
     for base in _baselines(rep):
         if a in base and b in base:
-            ax.scatter([base[a]], [base[b]], marker="*", s=220, c="gold", edgecolors="black", linewidths=0.8,
-                       label=f"baseline {base['name']}", zorder=5)
+            handles.append(ax.scatter([base[a]], [base[b]], marker="*", s=220, color=BASELINE_COLOR,
+                                      edgecolors="black", linewidths=0.8, zorder=5))
+            labels.append(f"baseline {base['name']}")
     ax.set_xlabel(UNITS.get(a, a))
     ax.set_ylabel(UNITS.get(b, b))
     for axis, name in (("x", a), ("y", b)):
@@ -239,33 +283,29 @@ def _png_front(rep: Report, a: str, b: str, path: Path) -> None:
             getattr(ax, f"set_{axis}scale")("log")
     ax.set_title(f"{b} vs {a}")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
+    _legend_below(fig, handles, labels, FRONT_LEGEND_TITLE)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
 
 
 def _png_hv(rep: Report, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
-    for i, st in enumerate(rep.studies):
+    plt = _plt()
+    colors = study_colors(rep)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.4), dpi=110, layout="constrained")
+    handles = []
+    for st in rep.studies:
         c = st.hv_curve
-        color = _COLORS[i % len(_COLORS)]
-        axes[0].plot(np.arange(1, len(c) + 1), c["hypervolume"], color=color, label=st.name)
-        axes[1].plot(c["elapsed_s"], c["hypervolume"], color=color, label=st.name)
+        color = colors[st.name]
+        handles.append(axes[0].plot(np.arange(1, len(c) + 1), c["hypervolume"], color=color)[0])
+        axes[1].plot(c["elapsed_s"], c["hypervolume"], color=color)
     axes[0].set_xlabel("trials finished (count)")
     axes[1].set_xlabel("wall-clock since the first trial started (s)")
     for ax in axes:
         ax.set_ylabel("hypervolume (normalized objectives)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
     fig.suptitle("Hypervolume; reference " + ", ".join(f"{k}={v:.4g}" for k, v in rep.reference.items()), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
+    _legend_below(fig, handles, [st.name for st in rep.studies])
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -292,37 +332,54 @@ def _html(rep: Report) -> str:
     from plotly.subplots import make_subplots
 
     pairs = _pairs(rep.objectives)
+    colors = study_colors(rep)
+    # One legend, under the plots (a legend to the right of a page wider than the window is cut
+    # off): each study once (its Pareto-optimal trials; clicking it hides them in every subplot),
+    # one entry for every study's faded dominated trials, each baseline once.
+    legend = {"orientation": "h", "yanchor": "top", "y": -0.25, "xanchor": "left", "x": 0}
+    front_legend = {**legend, "title": {"text": FRONT_LEGEND_TITLE + "; "}}
     fig = make_subplots(rows=1, cols=len(pairs), subplot_titles=[f"{b} vs {a}" for a, b in pairs])
+    sampled = False
     for i, st in enumerate(rep.studies):
+        color = colors[st.name]
         df = st.trials[st.trials["state"] == "COMPLETE"]
         on_front = df["trial"].isin(st.front["trial"])
         dominated = df[~on_front]
-        shown_note = ""
         if len(dominated) > MAX_DOMINATED_POINTS:  # a fixed sample of the dominated points, never of the front
-            shown_note = f" ({MAX_DOMINATED_POINTS:,} of {len(dominated):,} shown)"
+            sampled = True
             dominated = dominated.sample(MAX_DOMINATED_POINTS, random_state=0).sort_index()
         for j, (a, b) in enumerate(pairs, start=1):
-            for part, color, label in ((dominated, "lightgrey", "dominated" + shown_note),
-                                       (df[on_front], _COLORS[i % 5].split(":")[1], "Pareto-optimal")):
-                fig.add_trace(go.Scatter(x=part[a], y=part[b], mode="markers", marker={"color": color, "size": 8},
-                                         name=f"{st.name}: {label}", showlegend=j == 1,
+            for part, name, style in (
+                    (dominated, f"{st.name}: dominated", {"legendgroup": "dominated", "showlegend": False, "opacity": 0.3,
+                                                          "marker": {"color": color, "size": 7}}),
+                    (df[on_front], st.name, {"legendgroup": st.name, "showlegend": j == 1,
+                                             "marker": {"color": color, "size": 9, "line": {"color": "black", "width": 0.5}}})):
+                fig.add_trace(go.Scatter(x=part[a], y=part[b], mode="markers", name=name, **style,
                                          text=[f"trial {t}<br>{ar}<br>{co}" for t, ar, co in zip(part["trial"], part["arch"], part["compression"])]),
                               row=1, col=j)
             if i == len(rep.studies) - 1:
+                if any(len(s.trials[s.trials["state"] == "COMPLETE"]) > len(s.front) for s in rep.studies):
+                    note = f" (at most {MAX_DOMINATED_POINTS:,} per study shown)" if sampled else ""
+                    fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=DOMINATED_LABEL + note,
+                                             legendgroup="dominated", showlegend=j == 1, hoverinfo="skip",
+                                             marker={"color": "grey", "size": 7, "opacity": 0.4}), row=1, col=j)
                 for base in _baselines(rep):
                     if a in base and b in base:
                         fig.add_trace(go.Scatter(
                             x=[base[a]], y=[base[b]], mode="markers", name=f"baseline {base['name']}", showlegend=j == 1,
-                            marker={"symbol": "star", "size": 16, "color": "gold", "line": {"color": "black", "width": 1}},
+                            legendgroup=f"baseline {base['name']}",
+                            marker={"symbol": "star", "size": 16, "color": BASELINE_COLOR, "line": {"color": "black", "width": 1}},
                             text=[f"baseline {base['name']}<br>{100 * base['accuracy']:.1f}% val / "
                                   f"{100 * base['test_accuracy']:.1f}% test"]), row=1, col=j)
             fig.update_xaxes(title_text=UNITS.get(a, a), row=1, col=j, type="log" if a in ("size_bytes", "flops", "params") else None)
             fig.update_yaxes(title_text=UNITS.get(b, b), row=1, col=j, type="log" if b in ("size_bytes", "flops", "params") else None)
-    fig.update_layout(height=450, width=max(700, 450 * len(pairs)))
+    fig.update_layout(height=520, width=max(700, 450 * len(pairs)), legend=front_legend, showlegend=True)
     hv = go.Figure()
-    for i, st in enumerate(rep.studies):
-        hv.add_trace(go.Scatter(x=st.hv_curve["elapsed_s"], y=st.hv_curve["hypervolume"], mode="lines+markers", name=st.name))
-    hv.update_layout(xaxis_title="wall-clock since the first trial started (s)", yaxis_title="hypervolume (normalized)", height=380)
+    for st in rep.studies:
+        hv.add_trace(go.Scatter(x=st.hv_curve["elapsed_s"], y=st.hv_curve["hypervolume"], mode="lines+markers", name=st.name,
+                                legendgroup=st.name, line={"color": colors[st.name]}, marker={"color": colors[st.name]}))
+    hv.update_layout(xaxis_title="wall-clock since the first trial started (s)", yaxis_title="hypervolume (normalized)",
+                     height=420, legend=legend, showlegend=True)
 
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>nas report</title>",
              "<style>body{font-family:sans-serif;margin:2em} table.t{border-collapse:collapse;font-size:13px}"

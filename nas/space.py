@@ -40,7 +40,7 @@ __all__ = ["Param", "StageSpace", "Space", "load_space", "resolve_space_path", "
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 
 _TOP_KEYS = {"name", "spatial", "stem_channels", "stem_kernel", "stem_stride", "head", "dropout", "stages", "recipe",
-             "compression", "early_stop"}
+             "compression", "early_stop", "input_size"}
 _STAGE_KEYS = {"block", "depth", "width", "kernel", "stride", "expansion"}
 _HEADS = ("gap", "flatten")
 
@@ -112,13 +112,17 @@ class Space:
     # whether rung accuracy predicts final accuracy well enough here to stop trials early
     # (experiments/rung_correlation.py measures it per bundled space)
     early_stop: bool = dataclasses.field(default=True, repr=False)
+    # the input sizes (smaller side, pixels) the space is written for: picks the default space
+    # for a dataset; not part of the fingerprint (it changes nothing a search samples)
+    input_size: tuple[int, int] | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def fingerprint(self) -> str:
         """A digest of everything this space can sample (not where it was loaded from)."""
         import hashlib
 
         text = repr(dataclasses.replace(self, source=""))
-        later = [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self) if not f.repr and f.name != "source"]
+        later = [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self)
+                 if not f.repr and f.name not in ("source", "input_size")]
         text += "".join(f"{f}={p!r}" for f, p in later if p != Space.__dataclass_fields__[f].default)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -340,7 +344,33 @@ def parse_space(raw: Any, source: str = "<space>") -> Space:
         per_stage=per_stage,
         source=source,
         early_stop=_bool(f"{source}: early_stop", raw.get("early_stop", True)),
+        input_size=_input_size(f"{source}: input_size", raw.get("input_size")),
     )
+
+
+def _input_size(where: str, v: Any) -> tuple[int, int] | None:
+    if v is None:
+        return None
+    if (not isinstance(v, list) or len(v) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in v)
+            or not 1 <= v[0] <= v[1]):
+        raise SpaceError(f"{where}: {v!r} is not allowed (allowed: [min, max], the smallest and largest input side "
+                         "in pixels the space is written for, 1 <= min <= max)")
+    return int(v[0]), int(v[1])
+
+
+def default_space_name(spatial: str, input_size: tuple[int, int]) -> str:
+    """The bundled space for a dataset: ``mnist1d`` for 1-D inputs; for images, the bundled 2-D
+    space whose ``input_size`` range holds the image's smaller side (``default`` for small
+    images such as 8x8 digits, ``default28`` for 24-64 px such as Fashion-MNIST)."""
+    if spatial == "1d":
+        return "mnist1d"
+    side = min(input_size)
+    for name in ("default", "default28"):
+        space = load_space(str(SPACES_DIR / f"{name}.yaml"))
+        lo, hi = space.input_size or (1, 10**9)
+        if lo <= side <= hi:
+            return name
+    return "default28" if side > 23 else "default"
 
 
 def _bool(where: str, v: Any) -> bool:

@@ -98,12 +98,17 @@ def train(
     )
     t0 = time.perf_counter()
     loss_val = float("nan")
+    # 2-D images train in channels-last memory: oneDNN's depthwise and small convolutions run
+    # ~1.9x faster that way on CPU (a 28x28 default28 candidate: 30 steps 2.96 s -> 1.53 s);
+    # the weights go back to the standard layout afterwards, so nothing downstream sees it
+    layout = torch.channels_last if x.ndim == 4 and x.shape[2] > 1 else torch.contiguous_format
+    model.to(memory_format=layout)
     model.train()
     for epoch in range(n_epochs):
         perm = torch.randperm(len(y), generator=gen)
         for i in range(steps_per_epoch):
             idx = perm[i * recipe.batch_size : (i + 1) * recipe.batch_size]
-            xb, yb = augment(x[idx], recipe.augment, gen), y[idx]
+            xb, yb = augment(x[idx], recipe.augment, gen).contiguous(memory_format=layout), y[idx]
             logits = model(xb)
             loss = loss_fn(logits, yb, xb) if loss_fn is not None else F.cross_entropy(logits, yb)
             if penalty is not None:
@@ -122,6 +127,7 @@ def train(
             model.eval()
             on_epoch(start_epoch + epoch + 1, model)
             model.train()
+    model.to(memory_format=torch.contiguous_format)
     model.eval()
     return TrainStats(n_epochs, loss_val, time.perf_counter() - t0)
 

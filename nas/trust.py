@@ -12,7 +12,12 @@ hold are checked here *before* any loader sees them:
   graph calls only the operators CNN classifiers are made of (no ``aten.from_file``, nothing
   that reaches storage or files);
   :func:`no_unpickling` then guards the load itself: any unpickling attempted inside it raises;
-- ``model.onnx`` names no external data file and uses only the standard ONNX domains;
+- ``model.onnx`` names no external data file in any place the format allows a tensor
+  (initializers, sparse initializers, tensor attributes such as ``Constant``'s ``value`` and
+  ``sparse_value``, subgraphs, function bodies and their attribute defaults), carries no
+  ``training_info``, and uses only the standard ONNX domains;
+- a dataset a manifest names is bounded before it is read (:func:`check_dataset_size`: the
+  array headers of a ``.npz``, the image headers of a folder, against :data:`MAX_DATASET_BYTES`);
 - storage URLs are shown with their password masked (:func:`redact_url`).
 
 Every failure is a :class:`~nas.errors.BundleError`: one line naming the file.
@@ -30,9 +35,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from nas.errors import BundleError
+from nas.errors import BundleError, NasError
 
-__all__ = ["redact_url", "redact_text", "inside", "check_pt2", "check_onnx", "no_unpickling", "read_json_file"]
+__all__ = ["redact_url", "redact_text", "inside", "check_pt2", "check_onnx", "check_dataset_size", "no_unpickling",
+           "read_json_file", "MAX_DATASET_BYTES"]
 
 _URL_PASSWORD = re.compile(r"^(?P<head>[A-Za-z][\w+.-]*://[^/@:]*:)(?P<pw>.*)(?P<tail>@[^@]*)$")
 
@@ -226,31 +232,208 @@ def graphs_in(graph: Any) -> Iterator[Any]:
                 yield from graphs_in(sub)
 
 
+def _onnx_tensors(model: Any) -> Iterator[tuple[Any, str]]:
+    """Every ``TensorProto`` an ONNX model can carry, with where it sits: initializers and
+    sparse initializers of the graph and of every subgraph, every tensor an attribute holds
+    (``value``, ``sparse_value``, lists of tensors, in any node, whatever the attribute's
+    declared type), in function bodies and their attribute defaults too. (``training_info`` is
+    refused as a whole before this is asked.)"""
+    stack: list[tuple[str, Any, Any]] = [("graph", model.graph, None)]
+    for fn in model.functions:
+        stack.append((f"function {fn.domain}.{fn.name}", None, fn))
+
+    def attrs(where: str, attributes: Any) -> Iterator[tuple[Any, str]]:
+        for a in attributes:
+            here = f"{where} attribute {a.name!r}"
+            if a.HasField("t"):
+                yield a.t, here
+            for t in a.tensors:
+                yield t, here
+            for sp in ([a.sparse_tensor] if a.HasField("sparse_tensor") else []) + list(a.sparse_tensors):
+                yield sp.values, f"{here} (sparse values)"
+                yield sp.indices, f"{here} (sparse indices)"
+            if a.HasField("g"):
+                stack.append((f"{here} subgraph", a.g, None))
+            for k, g in enumerate(a.graphs):
+                stack.append((f"{here} subgraph {k}", g, None))
+
+    while stack:
+        where, g, fn = stack.pop()
+        if fn is not None:
+            yield from attrs(f"{where} default", fn.attribute_proto)
+            for node in fn.node:
+                yield from attrs(f"{where} node {node.op_type}", node.attribute)
+            continue
+        for t in g.initializer:
+            yield t, f"{where} initializer"
+        for sp in g.sparse_initializer:
+            yield sp.values, f"{where} sparse_initializer (values)"
+            yield sp.indices, f"{where} sparse_initializer (indices)"
+        for node in g.node:
+            yield from attrs(f"{where} node {node.op_type}", node.attribute)
+
+
+def _external(t: Any) -> bool:
+    """Whether a tensor points to data outside the model file (either way ONNX allows it)."""
+    from onnx import TensorProto
+
+    return t.data_location == TensorProto.EXTERNAL or len(t.external_data) > 0
+
+
 def check_onnx(path: Path) -> None:
-    """Refuse an ONNX file that would make ONNX Runtime read other files (external data) or
-    that uses operator domains outside the standard ones."""
+    """Refuse an ONNX file that would make ONNX Runtime read other files (external data, in any
+    place the format allows a tensor), that carries ``training_info`` (our exporter never writes
+    one), or that uses operator domains outside the standard ones."""
     import onnx
-    from onnx.external_data_helper import uses_external_data
 
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # noqa: BLE001 - the protobuf parser raises several types
         raise BundleError(f"{path}: {path.name} is not an ONNX model ({type(exc).__name__})") from exc
+    if len(model.training_info):
+        raise BundleError(f"{path}: {path.name} carries training_info (initialization or training graphs), which "
+                          "nas never writes; refused")
+    for t, where in _onnx_tensors(model):
+        if _external(t):
+            raise BundleError(f"{path}: {path.name}: tensor {t.name[:80]!r} names an external data file "
+                              f"({where[:120]}); refused")
 
-    class _Fn:  # a function body, walked like a graph (its nodes may hold tensors and subgraphs too)
+    class _Fn:  # a function body, walked like a graph (its nodes may hold subgraphs too)
         def __init__(self, fn: Any) -> None:
             self.node, self.initializer = fn.node, []
 
     bodies = [model.graph] + [_Fn(fn) for fn in model.functions]
     for g in (sub for body in bodies for sub in graphs_in(body)):
-        for t in list(g.initializer) + [a.t for n in g.node for a in n.attribute if a.HasField("t")]:
-            if uses_external_data(t):
-                raise BundleError(f"{path}: {path.name}: tensor {t.name!r} names an external data file; refused")
         for node in g.node:
             if node.domain not in _ONNX_DOMAINS:
                 raise BundleError(f"{path}: {path.name}: operator {node.op_type!r} of domain {node.domain!r} "
                                   f"is not a standard ONNX operator; refused")
-    if model.functions:
-        for fn in model.functions:
-            if fn.domain not in _ONNX_DOMAINS:
-                raise BundleError(f"{path}: {path.name}: function domain {fn.domain!r} is not allowed; refused")
+    for fn in model.functions:
+        if fn.domain not in _ONNX_DOMAINS:
+            raise BundleError(f"{path}: {path.name}: function domain {fn.domain!r} is not allowed; refused")
+        for a in fn.attribute_proto:  # subgraphs in attribute defaults
+            for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                for sub in graphs_in(g):
+                    for node in sub.node:
+                        if node.domain not in _ONNX_DOMAINS:
+                            raise BundleError(f"{path}: {path.name}: operator {node.op_type!r} of domain "
+                                              f"{node.domain!r} is not a standard ONNX operator; refused")
+
+
+# What verify may load for the dataset a manifest names (a host path the bundle's author
+# chose): counted as the float32 arrays it becomes, before anything is read in full.
+MAX_DATASET_BYTES = 2**31
+MAX_NPZ_MEMBERS = 64
+MAX_FOLDER_ENTRIES = 2_000_000
+
+
+def _npy_declared(fh: Any, what: str) -> int:
+    """Bytes the array of an ``.npy`` stream declares (as float32 at least), from its header alone."""
+    import numpy as np
+
+    fmt = np.lib.format
+    try:
+        version = fmt.read_magic(fh)
+        shape, _fortran, dtype = (fmt.read_array_header_1_0(fh) if version == (1, 0) else fmt.read_array_header_2_0(fh))
+    except (ValueError, OSError, EOFError, zlib.error, zipfile.BadZipFile, SyntaxError, TypeError) as exc:
+        raise BundleError(f"{what} has no readable array header ({type(exc).__name__})") from exc
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n * max(dtype.itemsize, 4)
+
+
+def check_dataset_size(name: str, limit: int | None = None) -> None:
+    """Refuse a dataset that would take more than ``limit`` bytes (default
+    :data:`MAX_DATASET_BYTES`) once loaded, judged before it is read: a ``.npz`` (or ``.npy``
+    under that name) by the shapes and dtypes its array headers declare (each zip member
+    inflated no further than its header) and the sizes of its other members; an image folder
+    by its images' dimensions, read from their headers. Names the loader does not read as a
+    file (``digits``, ``mnist1d``, idx folders, unknown names) pass: the loader bounds or
+    rejects those itself."""
+    import os
+    import stat
+
+    limit = MAX_DATASET_BYTES if limit is None else limit
+    from nas.images import IMAGE_SUFFIXES, is_folder_dataset, parse_size, split_id
+
+    def over(total: int, what: str) -> BundleError:
+        return BundleError(f"{what}: the dataset the manifest names would take more than {limit:,} bytes to load "
+                           f"({total:,} or more declared); refused")
+
+    if name in ("digits", "mnist1d"):
+        return
+    if is_folder_dataset(name):
+        folder, opts = split_id(name)
+        try:
+            size = parse_size(opts["size"]) if "size" in opts else None
+        except NasError:  # a bad option: the loader says so in its own words
+            return
+        channels = 1 if opts.get("mode") == "grey" else 3  # decoded as RGB unless grey is asked for
+        total = entries = 0
+        for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+            entries += len(dirnames) + len(filenames)
+            if entries > MAX_FOLDER_ENTRIES:
+                raise BundleError(f"{folder}: the dataset folder the manifest names holds more than "
+                                  f"{MAX_FOLDER_ENTRIES:,} entries; refused")
+            for f in filenames:
+                if f.startswith(".") or Path(f).suffix.lower() not in IMAGE_SUFFIXES:
+                    continue
+                p = Path(dirpath) / f
+                try:
+                    if not stat.S_ISREG(os.stat(p).st_mode):
+                        continue  # (FIFOs, devices: never opened; the loader skips them too)
+                except OSError:
+                    continue
+                if size is not None:
+                    h, w = size
+                else:
+                    h = w = 0
+                    try:
+                        from PIL import Image
+
+                        with Image.open(p, formats=["PNG", "JPEG"]) as im:  # the header only
+                            w, h = im.size
+                    except Exception:  # noqa: BLE001 - unreadable: the loader names the file
+                        pass
+                total += int(h) * int(w) * channels * 4
+                if total > limit:
+                    raise over(total, folder)
+        return
+    p = Path(name)
+    try:
+        if p.suffix != ".npz" or not p.is_file():
+            return
+        with open(p, "rb") as fh:
+            head = fh.read(6)
+            if head == b"\x93NUMPY":  # np.load reads a bare .npy whatever its name
+                fh.seek(0)
+                total = _npy_declared(fh, str(p))
+                if total > limit:
+                    raise over(total, str(p))
+                return
+    except OSError:
+        return  # the loader reports it
+    if not zipfile.is_zipfile(p):
+        return
+    try:
+        zf = zipfile.ZipFile(p)
+    except (zipfile.BadZipFile, OSError):
+        return
+    with zf:
+        infos = zf.infolist()
+        if len(infos) > MAX_NPZ_MEMBERS:
+            raise BundleError(f"{p}: the dataset the manifest names holds {len(infos):,} arrays (at most "
+                              f"{MAX_NPZ_MEMBERS} are read); refused")
+        total = 0
+        for info in infos:
+            if info.filename.endswith(".npy"):
+                try:
+                    with zf.open(info) as fh:
+                        total += _npy_declared(fh, f"{p}: {info.filename}")
+                except (zipfile.BadZipFile, OSError, NotImplementedError, zlib.error, RuntimeError) as exc:
+                    raise BundleError(f"{p}: {info.filename} cannot be read ({type(exc).__name__})") from exc
+            else:
+                total += info.file_size  # read whole by np.load, no further than its declared size
+            if total > limit:
+                raise over(total, str(p))

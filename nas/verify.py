@@ -26,8 +26,9 @@ from nas.errors import BundleError, NasError
 from nas.export import BUNDLE_FORMAT, CARD, FILES, INT8_AGREEMENT, MANIFEST
 from nas.measure import LATENCY_HOST_KEYS, export_onnx, latency_host, onnx_latency, onnx_latency_over
 from nas.pipeline import PACKED_NAME, get_dataset
+from nas.preprocess import with_normalization
 from nas.train import accuracy
-from nas.trust import check_onnx, check_pt2, inside, no_unpickling, read_json_file
+from nas.trust import check_dataset_size, check_onnx, check_pt2, inside, no_unpickling, read_json_file
 
 __all__ = ["read_manifest", "verify_bundle", "load_bundle", "Bundle", "VerifyResult"]
 
@@ -93,6 +94,15 @@ def read_manifest(path: Path) -> tuple[dict[str, Any], Candidate]:
     shape = _need(data, "input_shape", list, "data.", man)
     if seed < 0 or not shape or not all(isinstance(d, int) and not isinstance(d, bool) and 0 < d <= 4096 for d in shape):
         raise BundleError(f"{man}: data.seed or data.input_shape is out of range")
+    inp = _need(manifest, "input", dict, "", man)
+    norm = _need(inp, "normalization", dict, "input.", man)
+    for k in ("mean", "std"):
+        v = _need(norm, k, (int, float), "input.normalization.", man)
+        if not np.isfinite(v) or (k == "std" and v <= 0):
+            raise BundleError(f"{man}: input.normalization.{k} {v!r} is not a finite number" + (" > 0" if k == "std" else ""))
+    classes = _need(inp, "classes", list, "input.", man)
+    if not all(isinstance(c, str) and len(c) <= 200 for c in classes) or not 2 <= len(classes) <= 100_000:
+        raise BundleError(f"{man}: input.classes must be a list of 2 or more class names (strings)")
     threads = _need(_need(manifest, "measurement", dict, "", man), "threads", int, "measurement.", man)
     if not 1 <= threads <= 256:
         raise BundleError(f"{man}: measurement.threads {threads} is out of range (1..256)")
@@ -150,15 +160,21 @@ def verify_bundle(path: Path, *, remeasure_latency: bool = True) -> VerifyResult
     size = (path / PACKED_NAME).stat().st_size
     checks.append(("size_bytes", size == m["size_bytes"], f"{size} vs manifest {m['size_bytes']} (exact)"))
     model = _decode(cand, path / PACKED_NAME)
+    check_dataset_size(manifest["data"]["dataset"])  # a host path the manifest names: bounded before it is read
     data = get_dataset(manifest["data"]["dataset"], manifest["data"]["seed"])
     if list(data.x_test.shape[1:]) != manifest["data"]["input_shape"]:
         raise BundleError(f"{path / MANIFEST}: data.input_shape {manifest['data']['input_shape']} does not match "
                           f"dataset {manifest['data']['dataset']!r} ({list(data.x_test.shape[1:])})")
+    recorded = manifest["data"].get("fingerprint")
+    if isinstance(recorded, str) and recorded and recorded != data.fingerprint:
+        checks.append(("dataset content", False,
+                       f"the data behind {manifest['data']['dataset']!r} changed since the search (content sha256 "
+                       f"{data.fingerprint[:16]}... != manifest {recorded[:16]}...): accuracies cannot match"))
     try:
-        logits = onnx_predict(path / "model.onnx", data.x_test)
+        # the shipped models take raw inputs and normalise them themselves
+        logits = onnx_predict(path / "model.onnx", data.raw("test"))
         with torch.no_grad():
-            x = data.x_test[:64]
-            same = torch.allclose(program.module()(x), model(x), atol=1e-5)
+            same = torch.allclose(program.module()(data.raw("test")[:64]), model(data.x_test[:64]), atol=1e-5)
             packed_pred = model(data.x_test).argmax(1).numpy()
     except Exception as exc:  # noqa: BLE001 - a graph that does not fit the manifest's data
         raise BundleError(f"{path}: the bundle's models do not run on {manifest['data']['dataset']!r} inputs "
@@ -168,6 +184,7 @@ def verify_bundle(path: Path, *, remeasure_latency: bool = True) -> VerifyResult
                    f"{test_acc:.6f} vs manifest {m['test_accuracy']:.6f} (exact)"))
     checks.append(("model.pt2 == weights.nasp", same, "outputs on 64 test inputs"))
     checks.append(_weights_check(path / "model.onnx", model, manifest))
+    checks.append(_graph_check(path, cand, data))
     agree = float((packed_pred == logits.argmax(1)).mean())
     if "int8" in m["deploy_precision"] and "packed_test_accuracy" in m:
         # int8 QDQ also quantizes activations, so the deployed and the packed model may disagree
@@ -209,6 +226,40 @@ def _weights_check(onnx_path: Path, model: torch.nn.Module, manifest: dict[str, 
             f"all {layers} layers exact" if not off else f"differ in {', '.join(off)}")
 
 
+def _graph_check(path: Path, cand: Candidate, data: Any) -> tuple[str, bool, str]:
+    """``model.onnx`` is, node by node, the graph the pipeline deploys for ``weights.nasp``:
+    rebuilt here with the same :func:`~nas.compress.passes.deploy_onnx` call as
+    :func:`nas.pipeline._deploy_and_score` (same example, calibration inputs and arguments;
+    keep the two calls alike) and compared by topology (:mod:`nas.graphcheck`)."""
+    import onnx
+
+    from nas.compress.passes import deploy_onnx
+    from nas.graphcheck import MAX_DIFFERENCES, REL_TOL, compare_models
+    from nas.pipeline import CALIBRATION_SAMPLES
+
+    shipped = _decode(cand, path / PACKED_NAME)
+    example = torch.zeros(1, data.in_channels, *data.input_size)
+    calibration = data.x_train[:CALIBRATION_SAMPLES]
+    exported = None  # what the pipeline passes (its pre-flight keeps no export)
+    with tempfile.TemporaryDirectory(prefix="nas-verify-graph-") as tmp:
+        try:
+            ref_path, _ = deploy_onnx(shipped, cand.compression, example, Path(tmp) / "model.onnx", calibration,
+                                      exported, normalize=data.normalization)
+            reference = onnx.load(str(ref_path))
+        except Exception as exc:  # noqa: BLE001 - whatever stops the rebuild fails the check
+            return ("graph", False, f"the deploy graph cannot be rebuilt from {PACKED_NAME} to compare with "
+                                    f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
+    deployed = onnx.load(str(path / "model.onnx"), load_external_data=False)
+    diffs = compare_models(deployed, reference, ("model.onnx", "the rebuild"))
+    if diffs:
+        more = f" ({len(diffs)} differences{' or more' if len(diffs) >= MAX_DIFFERENCES else ''})" if len(diffs) > 1 else ""
+        return ("graph", False, f"model.onnx is not the graph deploy_onnx rebuilds from {PACKED_NAME}: "
+                                f"{'; '.join(diffs[:2])}{more}")
+    n = sum(1 for _ in graph_nodes(reference.graph))
+    return ("graph", True, f"model.onnx is the graph deploy_onnx rebuilds from {PACKED_NAME}: {n} nodes, wiring, "
+                           f"attributes and every initializer and constant (floats within {REL_TOL:g} relative)")
+
+
 # Latency is the one figure that depends on the host and on what else runs on it. It is
 # compared only on the kind of host that timed it (CPU model, core count, onnxruntime version,
 # recorded with the timing), otherwise reported as not comparable. Load only ever slows a run
@@ -243,7 +294,8 @@ def _latency_check(path: Path, manifest: dict[str, Any], data: Any) -> tuple[str
         if i:
             time.sleep(LATENCY_PAUSES_S[min(i - 1, len(LATENCY_PAUSES_S) - 1)])
         if "latency_p95_ms" in m:  # work depends on the input: the mean over the validation inputs again
-            over = onnx_latency_over(path / "model.onnx", data.x_val.numpy(), threads=manifest["measurement"]["threads"])
+            over = onnx_latency_over(path / "model.onnx", data.raw("val").numpy(),
+                                     threads=manifest["measurement"]["threads"])
             ms, floor = over.mean_ms, over.floor_ms
         else:
             lat = onnx_latency(path / "model.onnx", (1, *manifest["data"]["input_shape"]),
@@ -262,12 +314,16 @@ def _latency_check(path: Path, manifest: dict[str, Any], data: Any) -> tuple[str
 
 
 class Bundle:
-    """A loaded bundle: call it on inputs (N, C, H, W) to get logits from ``model.onnx``."""
+    """A loaded bundle: call it on raw inputs (N, C, H, W) float32, in the dataset's own range
+    (``manifest["input"]`` says which), to get logits from ``model.onnx``; ``classes[k]`` names
+    logit ``k``. ``torch_model`` is the packed model behind the same normalisation."""
 
     def __init__(self, path: Path, manifest: dict[str, Any], candidate: Candidate) -> None:
         self.path, self.manifest = path, manifest
         self.candidate = candidate
-        self.torch_model = _decode(self.candidate, path / PACKED_NAME)
+        norm = manifest["input"]["normalization"]
+        self.torch_model = with_normalization(_decode(self.candidate, path / PACKED_NAME), norm["mean"], norm["std"])
+        self.classes: list[str] = list(manifest["input"]["classes"])
 
     def __call__(self, x: Any) -> np.ndarray:
         t = torch.as_tensor(np.asarray(x, dtype=np.float32))

@@ -65,28 +65,53 @@ def _complete(db: str, name: str) -> dict[int, tuple]:
     return {t.number: tuple(t.values) for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE}
 
 
+def _wait(condition, seconds: float, proc: subprocess.Popen, every: float = 0.2) -> bool:
+    """Whether ``condition()`` came true within ``seconds``, checked every ``every`` s; gives up at
+    once if ``proc`` has exited (a driver that crashed or finished will not make it true)."""
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if condition():
+            return True
+        if proc.poll() is not None:
+            return condition()
+        time.sleep(every)
+    return False
+
+
+def _last_write(folder) -> float:
+    """The newest modification time of the files directly in ``folder`` (Tune's experiment state)."""
+    return max((f.stat().st_mtime for f in folder.iterdir() if f.is_file()), default=0.0)
+
+
 def test_killed_driver_resumes_keeping_every_completed_trial_once(ray_head, in_tmp):
     (in_tmp / "space.yaml").write_text(SPACE)
     db = f"sqlite:///{in_tmp}/k.db"
     args = [sys.executable, "-m", "nas.cli", "search", "--backend", "ray", "--ray-address", ray_head, "--workers", "2",
             "--study", "k", "--space", "space.yaml", "--storage", db, "--quiet", "--trials", "12", "--no-early-stop"]
     driver = subprocess.Popen(args, cwd=in_tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and len(_complete(db, "k")) < 3:
-        time.sleep(0.2)
-    # kill as soon as Tune has saved its experiment state once after those trials (not after a
-    # fixed sleep: how many trials finish in a fixed time depends on the machine)
-    mark = time.time()
-    state_dir = experiment_dir(in_tmp / "runs", "k")
-    while time.time() < mark + 60 and not any(f.stat().st_mtime > mark for f in state_dir.glob("experiment_state*.json")):
-        time.sleep(0.1)
-    time.sleep(1.0)  # Tune writes the searcher's state right after; do not kill it mid-write
-    os.killpg(driver.pid, signal.SIGKILL)
-    driver.wait()
+    try:
+        # Every wait is on a condition, with a deadline far beyond what a busy 2-core host needs
+        # (an idle one meets each in seconds): a timing never decides what the test checks.
+        assert _wait(lambda: len(_complete(db, "k")) >= 3, 1200, driver), "3 trials never completed"
+        # kill as soon as Tune has saved its experiment state once after those trials (not after a
+        # fixed sleep: how many trials finish in a fixed time depends on the machine) ...
+        mark = time.time()
+        state_dir = experiment_dir(in_tmp / "runs", "k")
+        assert _wait(lambda: any(f.stat().st_mtime > mark for f in state_dir.glob("experiment_state*.json")), 600, driver), \
+            "Tune never saved its experiment state"
+        # ... and has finished writing it: the searcher's state and the callbacks' are copied in right
+        # after, so wait until no file of the experiment has changed for a second (do not kill mid-write)
+        assert _wait(lambda: time.time() - _last_write(state_dir) > 1.0, 600, driver, every=0.1)
+    finally:
+        try:
+            os.killpg(driver.pid, signal.SIGKILL)  # the driver's own process group (start_new_session)
+        except ProcessLookupError:  # it had already exited, and everything it started
+            pass
+        driver.wait()
     before = _complete(db, "k")
     assert 3 <= len(before) < 12, "kill the driver mid-run"
 
-    resumed = subprocess.run([*args, "--resume"], cwd=in_tmp, capture_output=True, text=True, timeout=400)
+    resumed = subprocess.run([*args, "--resume"], cwd=in_tmp, capture_output=True, text=True, timeout=1800)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     study = optuna.load_study(study_name="k", storage=db)
     after = _complete(db, "k")

@@ -1,8 +1,10 @@
 """The pages people look at, tested as people see them: the HTML report and ``nas dashboard``
 opened in a real headless Chromium (Debian's ``chromium``, driven by Playwright for Python).
 
-Skipped when Chromium or Playwright is missing, unless ``NAS_REQUIRE_BROWSER=1`` (``.ci/run``
-sets it and installs both), where a missing browser fails the run instead.
+Skipped when Chromium or Playwright is missing, with a reason that says which and how to get it
+(``apt-get install chromium``; Playwright comes with ``pip install -e ".[dev]"``), unless
+``NAS_REQUIRE_BROWSER=1`` (``.ci/run`` sets it and installs both), where a missing browser fails
+the run instead.
 """
 
 from __future__ import annotations
@@ -29,15 +31,18 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 
 
 def _need_browser():
+    """Skip (or, with NAS_REQUIRE_BROWSER=1, fail) saying what is missing and how to get it."""
     missing = []
     if not CHROMIUM:
-        missing.append("chromium (Debian package 'chromium')")
+        missing.append("a Chromium browser, and none is on PATH (install it: `apt-get install chromium`, "
+                       "or set NAS_CHROMIUM to a Chromium binary)")
     try:
         import playwright.sync_api  # noqa: F401
     except ImportError:
-        missing.append("playwright (pip install playwright)")
+        missing.append("Playwright for Python, which is not installed (`pip install -e \".[dev]\"` or "
+                       "`pip install playwright`; no `playwright install` needed: the system Chromium is used)")
     if missing:
-        msg = "browser tests need " + " and ".join(missing)
+        msg = "the browser tests (the HTML report and nas dashboard in headless Chromium) need " + "; and ".join(missing)
         if os.environ.get("NAS_REQUIRE_BROWSER") == "1":
             pytest.fail(msg + " (NAS_REQUIRE_BROWSER=1)")
         pytest.skip(msg)
@@ -94,15 +99,16 @@ def test_report_draws_every_front_member_with_trial_hover_offline(browser, study
     page.route("**/*", lambda route: route.abort() if not route.request.url.startswith("file:") else route.continue_())
     page.goto((out / "report.html").as_uri())
     page.wait_for_selector(".js-plotly-plot .scatterlayer .trace .point")
-    # the front plots: one subplot per pair of objectives; the Pareto-optimal trace in each draws
-    # one marker per front member (counted in the SVG the browser rendered)
+    # the front plots: one subplot per pair of objectives; the study's Pareto-optimal trace in
+    # each (named after the study) draws one marker per front member (counted in the SVG the
+    # browser rendered)
     counts = page.evaluate("""() => {
         const plot = document.querySelectorAll('.js-plotly-plot')[0];
         const out = [];
         // each drawn trace is an SVG group bound (by d3) to its trace's calculated data
         plot.querySelectorAll('.scatterlayer .trace').forEach(g => {
             const trace = g.__data__[0].trace;
-            if (trace.name.endsWith('Pareto-optimal')) {
+            if (trace.name === 's') {
                 out.push({n: g.querySelectorAll('path.point').length, text: trace.text});
             }
         });
@@ -112,9 +118,18 @@ def test_report_draws_every_front_member_with_trial_hover_offline(browser, study
     for c in counts:
         assert c["n"] == len(front)
         assert {int(t.split("<br>")[0].removeprefix("trial ")) for t in c["text"]} == front
+    # the legend, as drawn: the study named once, every entry inside the window (not cut off)
+    legend = page.evaluate("""() => Array.from(document.querySelectorAll('.js-plotly-plot')[0]
+        .querySelectorAll('.legend .traces .legendtext')).map(t => {
+            const r = t.getBoundingClientRect();
+            return {text: t.textContent, right: r.right, left: r.left};
+        })""")
+    texts = [e["text"] for e in legend]
+    assert texts.count("s") == 1 and not [t for t in texts if t.startswith("s:")], texts
+    assert all(0 <= e["left"] and e["right"] <= 1500 for e in legend), legend
     # hover, as a person does: the mouse over a front marker shows a label naming its trial
     index = page.evaluate("""() => Array.from(document.querySelectorAll('.js-plotly-plot')[0]
-        .querySelectorAll('.scatterlayer .trace')).findIndex(g => g.__data__[0].trace.name.endsWith('Pareto-optimal'))""")
+        .querySelectorAll('.scatterlayer .trace')).findIndex(g => g.__data__[0].trace.name === 's')""")
     point = page.locator(".js-plotly-plot").first.locator(".scatterlayer .trace").nth(index).locator("path.point").first
     box = point.bounding_box()
     page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)

@@ -144,3 +144,153 @@ def test_hypervolume_counts_costs_as_ratios():
     big, small = hv([[0.9, 1e5], [0.95, 1e5]]), hv([[0.9, 1e3], [0.95, 1e3]])
     assert hv([[0.9, 1e4], [0.95, 1e5]]) - big == pytest.approx(hv([[0.9, 1e2], [0.95, 1e3]]) - small)
     assert hv([[0.9, 1e2]]) == pytest.approx(0.9)
+
+
+# ----------------------------------------------------------------------------- what people read
+
+def _legends(fig) -> list[tuple[str, object]]:
+    """(text, handle) of every legend entry of a matplotlib figure, figure- and axes-level."""
+    legends = list(fig.legends) + [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
+    return [(t.get_text(), h) for leg in legends for t, h in zip(leg.get_texts(), leg.legend_handles)]
+
+
+def _rgba(color) -> tuple:
+    from matplotlib.colors import to_rgba
+
+    return tuple(round(float(x), 3) for x in to_rgba(color)[:3])
+
+
+def _handle_color(handle) -> tuple:
+    if hasattr(handle, "get_facecolor") and len(handle.get_facecolor()):
+        return _rgba(handle.get_facecolor()[0])
+    return _rgba(handle.get_color())
+
+
+def _plotly_figures(page: str) -> list[tuple[list[dict], dict]]:
+    """(traces, layout) of every plotly figure in a report page, as the browser receives them."""
+    import re
+
+    decoder = json.JSONDecoder()
+    out = []
+    for m in re.finditer(r'Plotly\.newPlot\(\s*"[0-9a-f-]+",\s*', page):
+        traces, end = decoder.raw_decode(page, m.end())
+        layout, _ = decoder.raw_decode(page, page.index("{", end))
+        out.append((traces, layout))
+    return out
+
+
+def _naming(texts: list[str], name: str) -> list[str]:
+    return [t for t in texts if t == name or t.startswith(name + ":") or t.startswith(name + " ")]
+
+
+def test_report_legends_name_each_study_once_in_one_colour_everywhere(two_studies, monkeypatch, tmp_path):
+    """Every plot's legend names each study once and each baseline once, and a study has one
+    colour in every plot, PNG and HTML alike (the figures themselves are inspected)."""
+    import matplotlib.pyplot as plt
+
+    from nas.report import build_report, write_report
+
+    root, db = two_studies
+    rep = build_report([optuna.load_study(study_name=n, storage=db) for n in ("a", "b")])
+    fake = {"name": "big.onnx", "accuracy": 0.5, "test_accuracy": 0.5, "latency_ms": 0.05, "size_bytes": 1e6,
+            "timing_host": "here"}
+    for st in rep.studies:  # both studies have it: still one entry
+        st.baselines.append(dict(fake))
+    figures = []
+    real_close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: figures.append(fig))
+    try:
+        write_report(rep, tmp_path / "r")
+    finally:
+        monkeypatch.setattr(plt, "close", real_close)
+    assert len(figures) == 4  # three front plots and the hypervolume plot
+    colors: dict[str, set] = {"a": set(), "b": set()}
+    for fig in figures:
+        entries = _legends(fig)
+        texts = [t for t, _ in entries]
+        for name in ("a", "b"):
+            assert len(_naming(texts, name)) == 1, (fig.axes[0].get_title(), texts)
+            colors[name].add(_handle_color(dict(entries)[_naming(texts, name)[0]]))
+        if "vs" in fig.axes[0].get_title():  # a front plot: the baseline once
+            assert texts.count("baseline big.onnx") == 1, texts
+        real_close(fig)
+    page = (tmp_path / "r" / "report.html").read_text()
+    plots = _plotly_figures(page)
+    assert len(plots) == 2  # the front subplots, the hypervolume curves
+    for traces, layout in plots:
+        shown = [t for t in traces if t.get("showlegend", True) is not False]
+        texts = [t.get("name", "") for t in shown]
+        for name in ("a", "b"):
+            assert len(_naming(texts, name)) == 1, texts
+            entry = next(t for t in shown if t.get("name") in _naming(texts, name))
+            colors[name].add(_rgba((entry.get("marker") or {}).get("color") or (entry.get("line") or {}).get("color")))
+    assert texts.count("baseline big.onnx") == 0 and [t.get("name") for t in plots[0][0] if t.get("showlegend", True)
+                                                     is not False].count("baseline big.onnx") == 1
+    assert len(colors["a"]) == 1 and len(colors["b"]) == 1, colors  # one colour per study in all six plots
+    assert colors["a"] != colors["b"]
+
+
+def _table_lines(text: str) -> tuple[list[str], list[str]]:
+    lines = text.splitlines()
+    return [ln for ln in lines if ln.startswith("┃")], [ln for ln in lines if ln.startswith("│")]
+
+
+HEADERS = {"trial", "state", "accuracy", "latency_ms", "size_bytes", "flops", "params", "test acc", "iqr ms",
+           "arch", "compression", "packed val", "packed test", "deploy", "reason", "timed on"}
+
+
+def test_front_table_fits_80_columns_and_never_splits_a_header_word(two_studies, capsys, monkeypatch):
+    """At COLUMNS=80 every line of `nas front` (and `--all`) is at most 80 wide, the header is one
+    line of whole names, each trial one line; csv keeps every column."""
+    from rich.cells import cell_len
+
+    root, db = two_studies
+    monkeypatch.setenv("COLUMNS", "80")
+    study = optuna.load_study(study_name="a", storage=db)
+    for extra, n in (([], len(study.best_trials)), (["--all"], len(study.trials))):
+        capsys.readouterr()
+        assert main(["front", "a", "--storage", db, *extra]) == 0
+        out = capsys.readouterr().out
+        assert max(cell_len(ln) for ln in out.splitlines()) <= 80, out
+        heads, rows = _table_lines(out)
+        assert len(heads) == 1, out  # no header wrapped onto a second line
+        cells = [c.strip() for c in heads[0].strip("┃").split("┃")]
+        assert set(cells) <= HEADERS and {"trial", "accuracy", "latency_ms", "size_bytes"} <= set(cells), cells
+        assert len(rows) == n and all(r.strip("│").split("│")[0].strip().isdigit() for r in rows), out
+    capsys.readouterr()
+    assert main(["front", "a", "--storage", db, "--format", "csv"]) == 0
+    assert capsys.readouterr().out.splitlines()[0].split(",") == [
+        "trial", "accuracy", "latency_ms", "size_bytes", "test_accuracy", "latency_iqr_ms", "params", "flops", "arch",
+        "compression"]
+
+
+def test_table_cuts_long_text_with_an_ellipsis_and_never_a_number(monkeypatch):
+    import pandas as pd
+    from rich.cells import cell_len
+
+    from nas.table import render
+
+    arch = "stem16 k5 /2 | " + " | ".join(f"factorized k5 w{8 * i} x2 /2" for i in range(1, 8)) + " | gap"
+    df = pd.DataFrame([{"trial": 1234, "accuracy": 0.987654, "latency_ms": 12.34567, "size_bytes": 123456789,
+                        "test_accuracy": 0.5, "latency_iqr_ms": 0.001, "params": 9876543, "flops": 123456789012,
+                        "arch": arch, "compression": "prune l1 0.5 | int4 | weight-only | huffman",
+                        "vs big.onnx": "6.25x faster, 2,885x smaller"}])
+    for columns in ("80", "100", "60"):
+        monkeypatch.setenv("COLUMNS", columns)
+        out = render(df, ["accuracy", "latency_ms", "size_bytes"], "table", "Pareto front of a study with a long name "
+                     "that has to be wrapped between its words somewhere")
+        assert max(cell_len(ln) for ln in out.splitlines()) <= int(columns), out
+        heads, rows = _table_lines(out)
+        assert len(heads) == 1 and len(rows) == 1, out
+        # numbers whole (a column too wide is left out), the baseline's column first among the rest
+        for shown in ("1234", "98.8%", "12.3457", "123,456,789"):
+            assert shown in rows[0], out
+        assert ("6.25x faster, 2,885x smaller" in rows[0]) == (columns != "60"), out
+        assert "…" in rows[0] or "arch" not in heads[0], out
+        assert "Not shown in" in out  # what was left out is named
+    monkeypatch.setenv("COLUMNS", "400")
+    wide = render(df, ["accuracy", "latency_ms", "size_bytes"], "table", "t")
+    assert arch in wide and "…" not in wide  # room for everything: nothing cut
+    for fmt in ("csv", "json", "markdown"):  # every column, in full
+        text = render(df, ["accuracy", "latency_ms", "size_bytes"], fmt, "t")
+        assert "factorized k5 w56 x2 /2" in text and "weight-only" in text and "123456789012" in text.replace(",", "")
