@@ -69,6 +69,16 @@ def _eta(text: str) -> float:
     return v
 
 
+def _fraction(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not 0 <= v < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a fraction in [0, 1) (0 turns the screen off)")
+    return v
+
+
 def _positive_float(text: str) -> float:
     try:
         v = float(text)
@@ -96,7 +106,8 @@ def _build_parser() -> argparse.ArgumentParser:
                    "needed when the images differ in size")
     s.add_argument("--image-mode", choices=("grey", "rgb"), help="image folders: colour mode (default: rgb if any "
                    "image has colour, else grey)")
-    s.add_argument("--space", default=None, help="space name or YAML path (default: 'default', 'mnist1d' for 1-D data)")
+    s.add_argument("--space", default=None, help="space name or YAML path (default: by input size: 'default' up to 23 px, "
+                        "'default28' for 24-64 px, 'mnist1d' for 1-D data)")
     s.add_argument("--study", default=None, help="study name (default: DATASET-SPACE)")
     s.add_argument("--storage", default=DEFAULT_STORAGE, help=f"Optuna storage URL or journal .log path (default {DEFAULT_STORAGE})")
     s.add_argument("--trials", type=_positive_int, default=20, help="finished trials the study should hold (default 20)")
@@ -110,7 +121,9 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--epochs", type=_positive_int, default=None, help="override the space's training epochs")
     s.add_argument("--jobs", type=_positive_int, default=1, help="concurrent trials in this process")
     s.add_argument("--latency-threads", type=_positive_int, default=1, help="ONNX Runtime threads when timing")
-    s.add_argument("--train-threads", type=_positive_int, default=None, help="torch threads for training")
+    s.add_argument("--train-threads", type=_positive_int, default=None,
+                   help="torch threads per trial (default: the host's cores divided by the concurrent trials, "
+                        "--jobs or Ray --workers; two searches on one host: give each its share)")
     s.add_argument("--artifacts", default="runs/artifacts", help="folder for trial weights (default runs/artifacts)")
     for cost in ("latency_ms", "size_bytes", "flops", "params"):
         s.add_argument(f"--max-{cost.replace('_', '-')}", dest=f"max_{cost}", type=_positive_float, default=None,
@@ -127,6 +140,9 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--calibrate-rungs", type=_calibration_trials, default=12, metavar="N",
                    help="early stopping waits for N finished trials and uses a rung only if its accuracy rank-"
                         "correlates with the final one (80%% lower bound of Spearman >= 0.5; default 12, 0 trusts every rung)")
+    s.add_argument("--screen-fraction", type=_fraction, default=None, metavar="F",
+                   help="with early stopping on, first train each trial on this fraction of the training data and "
+                        "stop it there like at any rung (default 1/8 for 20,000+ training samples, else 0 = off)")
     s.add_argument("--backend", choices=("optuna", "ray"), default="optuna", help="optuna (default, in-process) or ray (Ray Tune)")
     s.add_argument("--workers", type=_positive_int, default=2, help="Ray: concurrent trials (default 2)")
     s.add_argument("--ray-address", default=None, help="Ray: connect to a cluster ('auto' or host:port); default a local instance")
@@ -196,9 +212,9 @@ def _progress_callback(progress: Any, objectives: Sequence[str]):  # noqa: ANN20
 
 def cmd_search(args: argparse.Namespace) -> int:
     from nas.backends.optuna import SAMPLERS, finished_count, run_optuna
-    from nas.pipeline import Task, get_dataset
-    from nas.space import load_space
-    from nas.study import front_frame, open_storage
+    from nas.pipeline import Task, auto_screen, default_train_threads, get_dataset
+    from nas.space import default_space_name, load_space
+    from nas.study import front_frame, open_storage, path_component
 
     objectives = parse_objectives(args.objectives)
     reward = None
@@ -219,24 +235,28 @@ def cmd_search(args: argparse.Namespace) -> int:
     elif args.image_size or args.image_mode:
         raise NasError(f"--image-size and --image-mode are for image folders; {args.dataset!r} is not a folder")
     data = get_dataset(args.dataset, args.seed)
-    space = load_space(args.space or ("mnist1d" if data.spatial == "1d" else "default"))
+    space = load_space(args.space or default_space_name(data.spatial, data.input_size))
     if space.spatial != data.spatial:
         raise NasError(f"space {space.name!r} is for {space.spatial} inputs but dataset {data.name} is {data.spatial}")
     study_name = args.study or f"{data.name}-{space.name}"
     storage = open_storage(args.storage, create=True)
     # Paths are stored absolute, so export/report work from any folder that can read the storage.
-    dataset = str(Path(args.dataset).resolve()) if Path(args.dataset).suffix == ".npz" else args.dataset
+    from nas.idx import is_idx_folder
+
+    local = Path(args.dataset).suffix == ".npz" or (Path(args.dataset).is_dir() and is_idx_folder(args.dataset))
+    dataset = str(Path(args.dataset).resolve()) if local else args.dataset
     task = Task(
         dataset=dataset,
         seed=args.seed,
         objectives=objectives,
         constraints=constraints,
         latency_threads=args.latency_threads,
-        train_threads=args.train_threads,
+        train_threads=args.train_threads or default_train_threads(args.workers if args.backend == "ray" else args.jobs),
         epochs=args.epochs,
-        artifacts_dir=str(Path(args.artifacts).resolve() / study_name),
+        artifacts_dir=str(Path(args.artifacts).resolve() / path_component(study_name)),  # inside --artifacts
         reward=reward,
         early_stop={"eta": args.eta or 3.0, "calibrate": args.calibrate_rungs} if args.early_stop and (space.early_stop or args.eta) else None,
+        screen=auto_screen(len(data.y_train)) if args.screen_fraction is None else args.screen_fraction,
         max_memory_mb=args.max_memory_mb,
     )
     from rich.console import Console
@@ -276,7 +296,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         study = run_optuna(
             space, task, study_name=study_name, storage=storage, sampler=args.sampler,
             n_trials=args.trials, jobs=args.jobs, timeout=args.timeout,
-            callbacks=[_progress_callback(progress, objectives)],
+            callbacks=[_progress_callback(progress, objectives)], on_progress=progress.trial_progress,
             extra_meta={"backend": "optuna", "config": {k: redact_url(v) if k == "storage" else v
                                                         for k, v in vars(args).items() if k != "func"}},
         )
@@ -325,7 +345,7 @@ def _print_front(study: Any, df: Any, objectives: Sequence[str], fmt: str, title
 
 def cmd_report(args: argparse.Namespace) -> int:
     from nas.report import build_report, write_report
-    from nas.study import load_study
+    from nas.study import load_study, path_component
 
     studies = [load_study(name, args.storage) for name in args.studies]
     if args.baseline:
@@ -338,7 +358,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         rep = build_report(studies)
     except ValueError as exc:
         raise NasError(str(exc)) from exc
-    out = Path(args.out or Path("runs") / "reports" / "+".join(args.studies))
+    out = Path(args.out or Path("runs") / "reports" / "+".join(map(path_component, args.studies)))
     for path in write_report(rep, out):
         print(path)
     return 0
@@ -358,11 +378,11 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from nas.export import export_bundle, pick_trial
-    from nas.study import load_study
+    from nas.study import load_study, path_component
 
     study = load_study(args.study, args.storage)
     number = args.trial if args.trial is not None else pick_trial(study, args.pick)
-    out = Path(args.out or Path("runs") / "bundles" / f"{args.study}-trial{number}")
+    out = Path(args.out or Path("runs") / "bundles" / f"{path_component(args.study)}-trial{number}")
     export_bundle(study, number, out, storage_url=args.storage, retrain_epochs=args.retrain)
     manifest = json.loads((out / "manifest.json").read_text())
     m = manifest["metrics"]

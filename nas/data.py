@@ -330,7 +330,7 @@ def _idx(folder: Path, name: str, seed: int) -> Dataset:
 
     arrays = load_idx(folder, name)
     # uint8 -> [0, 1] as torchvision's ToTensor does; the t10k files are the fixed test split
-    return _finish(str(arrays["name"]), arrays["x"].astype(np.float32) / 255.0, arrays["y"],
+    return _finish(Path(str(arrays["name"])).name or str(arrays["name"]), arrays["x"].astype(np.float32) / 255.0, arrays["y"],
                    arrays["x_test"].astype(np.float32) / 255.0, arrays["y_test"], seed, len(arrays["classes"]),
                    classes=tuple(arrays["classes"]), scale="pixel values / 255 (0 to 1)")
 

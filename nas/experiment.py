@@ -1,7 +1,8 @@
 """Experiment config files: YAML whose keys are ``nas search`` flags.
 
 Untrusted input: every value must have its flag's type (a string flag takes a string or a
-number, a switch takes true/false, never lists or mappings) and passes the flag's own
+number, a switch takes true/false, never lists or mappings; a repeatable flag such as
+``baseline`` takes one string or a list of strings) and passes the flag's own
 validation, or the file gets one line naming the key. Flags given on the command line win,
 abbreviated ones included.
 """
@@ -65,6 +66,9 @@ def _apply_config(args: argparse.Namespace, parser: argparse.ArgumentParser, arg
             continue
         if value is None:
             continue
+        if isinstance(action, argparse._AppendAction):  # a repeatable flag (--baseline): a list of values
+            setattr(args, dest, _repeated(path, key, value, action))
+            continue
         if isinstance(value, (bool, list, dict)) or not isinstance(value, (str, int, float)):
             raise NasError(f"experiment config {path}: {key}: {value!r} is not allowed "
                            f"(give a single {'number' if action.type not in (None, str) else 'string'})")
@@ -79,6 +83,24 @@ def _apply_config(args: argparse.Namespace, parser: argparse.ArgumentParser, arg
             raise NasError(f"experiment config {path}: {key}: {value!r} is not allowed (allowed: {', '.join(map(str, action.choices))})")
         setattr(args, dest, value)
 
+
+def _repeated(path: Path, key: str, value: object, action: argparse.Action) -> list:
+    """A repeatable flag's value: one string (or number) is a one-element list; a list must hold
+    strings or numbers only."""
+    items = value if isinstance(value, list) else [value]
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, (str, int, float)):
+            raise NasError(f"experiment config {path}: {key}: {value!r} is not allowed "
+                           f"(give a string, or a list of strings)")
+    out = []
+    for item in items:
+        if action.type is not None:
+            try:
+                item = action.type(str(item))
+            except (argparse.ArgumentTypeError, ValueError) as exc:
+                raise NasError(f"experiment config {path}: {key}: {exc}") from exc
+        out.append(item if action.type is not None else str(item))
+    return out
 
 
 apply_config = _apply_config

@@ -63,9 +63,16 @@ def trial_line(trial: Any, objectives: Sequence[str]) -> str:
 
 
 def _counts(trials: Sequence[Any]) -> dict[str, int]:
-    c = {"complete": 0, "pruned": 0, "failed": 0, "running": 0}
+    """Counts by state. ``failed`` holds only failures that count towards ``--trials``; trials
+    whose worker died or was interrupted (retried, not counted) are ``retried``, so ``done``
+    agrees with the total the search stops at."""
+    from nas.trial import counts_toward_total
+
+    c = {"complete": 0, "pruned": 0, "failed": 0, "running": 0, "retried": 0}
     for t in trials:
         key = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running"}.get(t.state.name)
+        if key == "failed" and not counts_toward_total(t):
+            key = "retried"
         if key:
             c[key] += 1
     return c
@@ -83,6 +90,7 @@ class SearchProgress:
         self.start = started_at if started_at is not None else time.time()
         self.done_at_start: int | None = None
         self._bar: Any = None
+        self.running_at: dict[int, str] = {}  # running trial -> where its training is
         self._task: Any = None
         tty = getattr(self.stream, "isatty", lambda: False)()
         self.live = not quiet and log_format == "text" and (tty if live is None else live and tty)
@@ -104,12 +112,30 @@ class SearchProgress:
 
     def _summary(self, s: dict[str, Any]) -> str:
         hv = "-" if s["hypervolume"] is None else f"{s['hypervolume']:.4f}"
-        return (f"{s['running']} running, {s['pruned']} stopped early, {s['failed']} failed; "
+        retried = f", {s['retried']} retried" if s["retried"] else ""
+        return (f"{s['running']} running, {s['pruned']} stopped early, {s['failed']} failed{retried}; "
                 f"front {s['front_size']}, HV {hv}")
 
     # -- events
+    def trial_progress(self, number: int, text: str) -> None:
+        """Where running trial ``number`` is ("epoch 3/12", "screen 2/12"): shown on the live bar
+        beside the counts, one ``progress`` event per call in json mode, nothing in a pipe."""
+        self.running_at[number] = text
+        if self.quiet:
+            return
+        if self.log_format == "json":
+            self._write(json.dumps({"event": "progress", "trial": number, "at": text,
+                                    "elapsed_s": round(time.time() - self.start, 2)}))
+        elif self.live:
+            self._start_bar()
+            self._bar.update(self._task, running=self._running_text(), refresh=True)
+
+    def _running_text(self) -> str:
+        return "  ".join(f"#{n} {t}" for n, t in sorted(self.running_at.items()))
+
     def trial_finished(self, trials: Sequence[Any], trial: Any, line: str) -> None:
         """``line``: the human description of ``trial`` (text mode)."""
+        self.running_at.pop(trial.number, None)
         if self.quiet:
             return
         s = self._state(trials)
@@ -144,17 +170,24 @@ class SearchProgress:
         else:
             print(text, file=self.stream, flush=True)
 
-    def _live(self, s: dict[str, Any], line: str) -> None:
+    def _start_bar(self) -> None:
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         if self._bar is None:
             self._bar = Progress(TextColumn("search"), BarColumn(bar_width=24), MofNCompleteColumn(), TimeElapsedColumn(),
                                  TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+                                 TextColumn("{task.fields[running]}"),
                                  console=Console(file=self.stream, highlight=False), transient=False)
-            self._task = self._bar.add_task("search", total=self.total, completed=self.done_at_start or 0, info="")
+            self._task = self._bar.add_task("search", total=self.total, completed=self.done_at_start or 0, info="",
+                                            running=self._running_text())
             self._bar.start()
+
+    def _live(self, s: dict[str, Any], line: str) -> None:
+        self._start_bar()
         self._bar.console.print(line, highlight=False, markup=False, soft_wrap=True)
         hv = "-" if s["hypervolume"] is None else f"{s['hypervolume']:.4f}"
         self._bar.update(self._task, completed=s["done"], refresh=True,
-                         info=f"run {s['running']} · early {s['pruned']} · fail {s['failed']} · front {s['front_size']} · HV {hv}")
+                         info=f"run {s['running']} · early {s['pruned']} · fail {s['failed']}"
+                              + (f" · retried {s['retried']}" if s["retried"] else "")
+                              + f" · front {s['front_size']} · HV {hv}", running=self._running_text())

@@ -6,6 +6,8 @@
   the earliest finished trials says it predicts final accuracy (recorded as ``rung_E_rule``). Because the comparison data
   lives in the storage, it is shared by parallel workers, by both backends and across resumes.
 - :func:`outcome`: how a pipeline exception maps to a trial state and a recorded reason.
+- :func:`counts_toward_total`: whether a trial counts towards ``--trials`` (the backends' stop
+  rule and the progress display agree on it).
 """
 
 from __future__ import annotations
@@ -20,7 +22,20 @@ from nas.early_stop import EarlyStopped, RungRule
 from nas.errors import TrialFailure
 from nas.objectives import COSTS
 
-__all__ = ["rung_names", "record_rung_and_judge", "outcome"]
+__all__ = ["rung_names", "record_rung_and_judge", "outcome", "counts_toward_total"]
+
+
+def counts_toward_total(trial: Any) -> bool:
+    """Completed and pruned trials count, and failed ones with a recorded reason; not a trial
+    whose worker died (``killed``) or was interrupted by Ctrl-C (``interrupted``), nor one
+    failed without a reason (its process stopped before recording one): those are retried."""
+    state = getattr(trial.state, "name", str(trial.state))
+    if state in ("COMPLETE", "PRUNED"):
+        return True
+    if state != "FAIL":
+        return False
+    ua = trial.user_attrs
+    return "fail_reason" in ua and not ua.get("killed") and not ua.get("interrupted")
 
 
 def rung_names(objectives: Sequence[str]) -> list[str]:

@@ -9,6 +9,7 @@ import sys
 import time
 
 import optuna
+import pytest
 from torch import nn
 
 from nas.backends.optuna import make_objective, make_sampler, recover_dead_trials
@@ -65,7 +66,7 @@ def test_dead_trial_is_retried_once_even_when_two_processes_recover_it(tmp_path,
     dead.wait()
     trial.set_user_attr("worker", f"{socket.gethostname()}:{dead.pid}")
     alive = study.ask()
-    alive.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+    alive.set_user_attr("worker", f"{socket.gethostname()}:{os.getppid()}")  # a live process
     stale = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
 
     assert recover_dead_trials(study) == [trial.number]
@@ -82,10 +83,12 @@ def test_dead_trial_is_retried_once_even_when_two_processes_recover_it(tmp_path,
     assert [t.number for t in by_state[optuna.trial.TrialState.RUNNING]] == [alive.number]
 
 
-def test_two_worker_processes_share_a_journal_study(in_tmp):
-    log = str(in_tmp / "study.log")
-    args = [sys.executable, "-m", "nas.cli", "search", "--trials", "6", "--epochs", "1", "--study", "p",
-            "--storage", log, "--quiet", "--no-early-stop", "--sampler", "random"]
+@pytest.mark.parametrize("storage", ["study.log", "sqlite:///p.db"])
+def test_two_worker_processes_share_a_study_and_hold_its_total(in_tmp, storage):
+    """Two `nas search` processes on one study (a journal file, or SQLite) share the work and stop
+    at --trials exactly: they used to finish one more (each checked only after a trial)."""
+    args = [sys.executable, "-m", "nas.cli", "search", "--trials", "4", "--epochs", "1", "--study", "p",
+            "--storage", storage, "--quiet", "--no-early-stop", "--sampler", "random"]
     procs = [subprocess.Popen(args, cwd=in_tmp, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
     for p in procs:
@@ -94,12 +97,13 @@ def test_two_worker_processes_share_a_journal_study(in_tmp):
         assert "database is locked" not in err
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
-    study = optuna.load_study(study_name="p", storage=JournalStorage(JournalFileBackend(log)))
+    study = optuna.load_study(study_name="p", storage=JournalStorage(JournalFileBackend(str(in_tmp / storage)))
+                              if storage.endswith(".log") else f"sqlite:///{in_tmp}/p.db")
     numbers = [t.number for t in study.trials]
     assert sorted(numbers) == list(range(len(numbers)))  # unique, none missing
     assert all(t.state.is_finished() for t in study.trials)
     assert len({t.user_attrs["worker"] for t in study.trials}) == 2  # both processes did work
-    assert 6 <= len(study.trials) <= 7  # each stops at 6 finished; at most one in flight overshoots
+    assert len(study.trials) == 4  # a trial starts only while finished + running (both processes) < 4
 
 
 def test_failing_trials_are_recorded_and_the_study_goes_on(tmp_path):
@@ -149,3 +153,93 @@ class _NaN(nn.Module):
     def forward(self, x):
         y = self.conv(x)
         return y * float("nan") if self.training else y
+
+
+TINY = {"name": "tiny", "stem_channels": 8, "stages": [{"block": "conv", "width": [8, 16], "stride": 2}],
+        "recipe": {"epochs": 1}, "early_stop": False}
+
+
+def _nas_study(tmp_path, name="t"):
+    from nas.backends.optuna import create_study
+    from nas.study import open_storage
+
+    space = parse_space(TINY)
+    task = Task(dataset="digits", artifacts_dir=str(tmp_path / "art"), latency_floor_ms=0.001)
+    storage = open_storage(f"sqlite:///{tmp_path}/t.db", create=True)
+    return create_study(name, storage, task, space, make_sampler("random", 0)), space, task, storage
+
+
+def test_no_trial_starts_while_finished_plus_running_trials_reach_the_total(tmp_path, monkeypatch):
+    """Two searches on one study used to finish 7 trials for --trials 6: each stopped only after a
+    trial, so with 5 finished and one running elsewhere the other started a 7th. A trial now
+    starts only while finished + running (in live workers) < the total."""
+    import socket
+
+    import nas.backends.optuna as backend
+
+    study, space, task, storage = _nas_study(tmp_path)
+    for i in range(5):
+        study.add_trial(optuna.trial.create_trial(values=[0.5, 0.01, 1000.0 + i]))
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])  # another worker, still running
+    try:
+        probe = optuna.create_study().ask()  # a candidate of the space, as that worker drew it
+        space.suggest(probe, in_channels=1, input_size=(8, 8), num_classes=10)
+        study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.RUNNING, params=probe.params,
+                                                  distributions=probe.distributions,
+                                                  user_attrs={"worker": f"{socket.gethostname()}:{live.pid}"}))
+        calls = []
+        real = backend.evaluate
+        monkeypatch.setattr(backend, "evaluate", lambda *a, **k: calls.append(1) or real(*a, **k))
+        backend.run_optuna(space, task, study_name="t", storage=storage, sampler="random", n_trials=6)
+        assert calls == [] and len(study.get_trials()) == 6  # the running one is the 6th: none started
+    finally:
+        live.kill()
+        live.wait()
+    # that worker died: its trial is failed and retried, once, to make the 6
+    backend.run_optuna(space, task, study_name="t", storage=storage, sampler="random", n_trials=6)
+    trials = study.get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 5 + ["FAIL", "COMPLETE"]
+    assert trials[5].user_attrs["killed"] and trials[6].system_attrs["retry_of"] == 5
+    assert trials[6].params == probe.params
+    assert calls == [1] and backend.finished_count(study) == 6
+
+
+def test_jobs_run_concurrent_trials_up_to_the_total(tmp_path):
+    import nas.backends.optuna as backend
+
+    study, space, task, storage = _nas_study(tmp_path)
+    backend.run_optuna(space, task, study_name="t", storage=storage, sampler="random", n_trials=3, jobs=2)
+    trials = study.get_trials()
+    assert len(trials) == 3 and all(t.state.name == "COMPLETE" for t in trials)
+    assert not backend._RUNNING_HERE
+
+
+def test_a_running_trial_with_this_process_id_but_not_run_here_is_stale(tmp_path):
+    """A pid is reused (containers restart with the same hostname and small pids), and an
+    in-process caller may resume its own earlier search: such a RUNNING trial is recovered."""
+    import socket
+
+    study, *_ = _nas_study(tmp_path)
+    study.add_trial(optuna.trial.create_trial(
+        state=optuna.trial.TrialState.RUNNING, params={"x": 1},
+        distributions={"x": optuna.distributions.IntDistribution(0, 9)},
+        user_attrs={"worker": f"{socket.gethostname()}:{os.getpid()}"}))
+    assert recover_dead_trials(study) == [0]
+    assert [t.state.name for t in study.get_trials()] == ["FAIL", "WAITING"]
+
+
+def test_progress_counts_interrupted_and_killed_trials_as_retried_not_done():
+    import types
+
+    from nas.progress import SearchProgress
+
+    def t(state, **ua):
+        return types.SimpleNamespace(number=0, state=getattr(optuna.trial.TrialState, state), values=None,
+                                     duration=None, user_attrs=ua)
+
+    trials = [t("COMPLETE"), t("FAIL", fail_reason="interrupted", interrupted=True),
+              t("FAIL", fail_reason="worker h:1 died during the trial; retried", killed=True), t("FAIL"),
+              t("FAIL", fail_reason="RuntimeError: boom"), t("RUNNING")]
+    s = SearchProgress(["accuracy"], ["maximize"], 3, quiet=True)._state(trials)
+    assert (s["done"], s["failed"], s["running"]) == (2, 1, 1)  # as finished_count: COMPLETE + a real failure
+    assert s["retried"] == 3

@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import optuna
 import pytest
@@ -75,7 +76,7 @@ def test_constraint_prunes_with_reason(in_tmp, capsys):
 
 BAD_ARGS = [
     (["search", "--dataset", "cifar"], "unknown dataset 'cifar' (allowed: digits, mnist1d"),
-    (["search", "--space", "nope"], "unknown space 'nope' (allowed: default, early_exit, mnist1d"),
+    (["search", "--space", "nope"], "unknown space 'nope' (allowed: default, default28, early_exit, mnist1d"),
     (["search", "--objectives", "accuracy,speed"], "unknown objective 'speed' (allowed: accuracy, latency_ms"),
     (["search", "--sampler", "cma"], "unknown sampler 'cma' (allowed: surrogate, nsga2, tpe, random, gp)"),
     (["search", "--dataset", "mnist1d", "--space", "default"], "space 'default' is for 2d inputs but dataset mnist1d is 1d"),
@@ -344,3 +345,121 @@ def test_live_bar_on_a_terminal_and_lines_in_a_pipe():
             assert "3/10" in out and "ETA" in out and "front 2 · HV" in out
         else:
             assert "[3/10] trial 2 complete" in out and "\x1b" not in out  # no control characters in a pipe
+
+
+TINY_SPACE = "name: tiny\nstem_channels: 8\nstages:\n  - block: conv\n    width: [8, 16]\n    stride: 2\n"
+
+
+def test_search_resumes_a_journal_whose_last_record_was_torn(in_tmp, capsys):
+    """A journal from a real search, its last line cut mid-record (a writer killed mid-write):
+    the resume and every later front and search read it; no complete record is dropped."""
+    log = in_tmp / "study.log"
+    (in_tmp / "s.yaml").write_text(TINY_SPACE)
+    args = ["search", "--space", "s.yaml", "--epochs", "1", "--study", "j", "--storage", "study.log", "--quiet",
+            "--sampler", "random", "--no-early-stop"]
+    assert main([*args, "--trials", "2"]) == 0
+    whole = log.read_bytes()
+    log.write_bytes(whole[:-40])
+    kept = whole[: whole.rfind(b"\n", 0, len(whole) - 40) + 1]
+    assert main([*args, "--trials", "3"]) == 0
+    assert main(["front", "j", "--storage", "study.log"]) == 0
+    assert main([*args, "--trials", "4"]) == 0  # a later search on it, too
+    data = log.read_bytes()
+    assert data.startswith(kept)  # every complete record kept, in place
+    assert all(json.loads(line) for line in data.splitlines())
+    from nas.backends.optuna import finished_count
+    from nas.study import load_study
+
+    assert finished_count(load_study("j", "study.log")) == 4
+    capsys.readouterr()
+
+
+def test_names_never_put_files_outside_their_folders(in_tmp, capsys):
+    """A space named '../../../../x' (the default study name is DATASET-SPACE) or `--study ../../x`
+    keeps that study name, but trial artifacts, bundles and reports stay in their folders."""
+    from nas.study import load_study
+
+    (in_tmp / "evil.yaml").write_text(TINY_SPACE.replace("name: tiny", "name: ../../../../x"))
+    (in_tmp / "s.yaml").write_text(TINY_SPACE)
+    db = f"sqlite:///{in_tmp}/n.db"
+    common = ["--trials", "1", "--epochs", "1", "--storage", db, "--quiet", "--no-early-stop", "--sampler", "random"]
+    assert main(["search", "--space", "evil.yaml", *common]) == 0
+    assert main(["search", "--space", "s.yaml", "--study", "../../x", *common]) == 0
+    artifacts = in_tmp / "runs" / "artifacts"
+    for name in ("digits-../../../../x", "../../x"):
+        trial = load_study(name, db).trials[0]  # the study keeps the name it was given
+        folder = Path(trial.user_attrs["artifact_dir"]).resolve()
+        assert folder.parent.parent == artifacts.resolve() and folder.is_dir(), folder
+    assert main(["export", "../../x", "--storage", db, "--trial", "0"]) == 0
+    assert main(["report", "../../x", "digits-../../../../x", "--storage", db]) == 0
+    capsys.readouterr()
+    assert len(list((in_tmp / "runs" / "bundles").iterdir())) == 1
+    assert len(list((in_tmp / "runs" / "reports").iterdir())) == 1
+    outside = sorted(str(p.relative_to(in_tmp)) for p in in_tmp.rglob("*") if not p.is_relative_to(in_tmp / "runs"))
+    assert outside == ["evil.yaml", "n.db", "s.yaml"], outside
+
+
+def test_ctrl_c_fails_the_running_trial_as_interrupted_and_the_resume_retries_it(in_tmp, capsys, monkeypatch):
+    """Ctrl-C (a real SIGINT) in trial 1: it is FAIL "interrupted", does not count towards
+    --trials and is queued to run once more; the resume runs it (same candidate) and the progress
+    counts agree with the total (never 'done' while a trial still runs)."""
+    import os
+    import signal
+    import time
+
+    import nas.backends.optuna as backend
+
+    real = backend.evaluate
+    calls = []
+
+    def interrupt_the_second(cand, task, **kw):
+        calls.append(cand)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(30)  # the KeyboardInterrupt arrives here, mid-trial
+        return real(cand, task, **kw)
+
+    monkeypatch.setattr(backend, "evaluate", interrupt_the_second)
+    (in_tmp / "s.yaml").write_text(TINY_SPACE)
+    db = f"sqlite:///{in_tmp}/i.db"
+    args = ["search", "--space", "s.yaml", "--trials", "3", "--epochs", "1", "--study", "i", "--storage", db,
+            "--log-format", "json", "--sampler", "random", "--no-early-stop"]
+    assert main(args) == 130
+    assert "interrupted" in capsys.readouterr().err
+    trials = optuna.load_study(study_name="i", storage=db).trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "WAITING"]
+    assert trials[1].user_attrs["fail_reason"] == "interrupted" and trials[1].user_attrs["interrupted"] is True
+    assert trials[2].system_attrs["retry_of"] == 1 and trials[2].params == trials[1].params
+
+    monkeypatch.setattr(backend, "evaluate", real)
+    assert main(args) == 0
+    events = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    trials = optuna.load_study(study_name="i", storage=db).trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
+    assert trials[2].params == trials[1].params  # the retry ran the interrupted candidate, once
+    assert [(e["event"], e["done"], e["total"]) for e in events[1:]] == [("trial", 2, 3), ("trial", 3, 3),
+                                                                           ("finished", 3, 3)]
+    assert events[-1]["failed"] == 0 and events[-1]["retried"] == 1
+
+
+def test_a_single_baseline_in_a_config_file_is_one_model(in_tmp, capsys):
+    """`baseline: /x.onnx` is one path (a list of one), not its characters."""
+    from nas.cli import _apply_config, _build_parser
+
+    parser = _build_parser()
+    for text, want in (("baseline: /x/model.onnx\n", ["/x/model.onnx"]), ("baseline: [a.onnx, b.pt2]\n", ["a.onnx", "b.pt2"])):
+        (in_tmp / "c.yaml").write_text(text)
+        args = parser.parse_args(["search", "--config", "c.yaml"])
+        _apply_config(args, parser, ["search", "--config", "c.yaml"])
+        assert args.baseline == want
+    (in_tmp / "c.yaml").write_text("baseline: /nowhere/model.onnx\ntrials: 1\n")
+    assert _exit_code(["search", "--config", "c.yaml", "--storage", f"sqlite:///{in_tmp}/b.db"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "baseline file '/nowhere/model.onnx' does not exist" in err, err
+    for text, message in (("baseline: {a: 1}\n", "baseline: {'a': 1} is not allowed (give a string, or a list"),
+                          ("baseline: [a.onnx, [b]]\n", "baseline: ['a.onnx', ['b']] is not allowed"),
+                          ("baseline: true\n", "baseline: True is not allowed")):
+        (in_tmp / "c.yaml").write_text(text)
+        assert _exit_code(["search", "--config", "c.yaml"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err

@@ -276,3 +276,48 @@ def test_debian_fashion_mnist(monkeypatch):
     assert d["classes"] == FASHION_MNIST_CLASSES and d["name"] == "fashion-mnist"
     assert set(np.unique(d["y"])) == set(range(10)) == set(np.unique(d["y_test"]))
     assert np.bincount(d["y"]).tolist() == [6000] * 10
+
+
+def test_cli_reads_an_idx_folder_and_refuses_a_malformed_one_with_exit_2(tmp_path, capsys, monkeypatch):
+    """`nas search --dataset DIR` on an idx folder (here a tiny one) runs a search; a truncated
+    file in it is one line on stderr and exit 2, before anything is stored."""
+    from nas.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    arrays = {("train", "images"): rng.integers(0, 256, (120, 12, 12), dtype=np.uint8),
+              ("train", "labels"): np.arange(120, dtype=np.uint8) % 3,
+              ("test", "images"): rng.integers(0, 256, (30, 12, 12), dtype=np.uint8),
+              ("test", "labels"): np.arange(30, dtype=np.uint8) % 3}
+    folder = _dataset(tmp_path / "tiny", arrays=arrays)
+    args = ["search", "--dataset", str(folder), "--trials", "1", "--epochs", "1", "--quiet", "--no-early-stop",
+            "--storage", f"sqlite:///{tmp_path}/s.db", "--sampler", "random"]
+    assert main(args) == 0
+    import optuna
+
+    study = optuna.load_study(study_name="tiny-default", storage=f"sqlite:///{tmp_path}/s.db")
+    assert study.user_attrs["nas"]["task"]["dataset"] == str(folder.resolve())  # stored absolute
+    bad = folder / "t10k-images-idx3-ubyte.gz"
+    bad.write_bytes(gzip.compress(_idx(arrays[("test", "images")])[:-50]))
+    capsys.readouterr()
+    assert main([*args, "--study", "other"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "truncated" in err and "t10k-images" in err, err
+
+
+@pytest.mark.skipif(not DEBIAN.is_dir() and not __import__("os").environ.get("NAS_REQUIRE_FASHION_MNIST"),
+                    reason=f"{DEBIAN} absent: apt-get install dataset-fashion-mnist")
+def test_search_on_fashion_mnist_by_name(tmp_path, monkeypatch):
+    """`nas search --dataset fashion-mnist` on the Debian copy: the 28 px default space, one short trial."""
+    from nas.cli import main
+
+    monkeypatch.delenv("NAS_DATA_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "s.yaml").write_text("name: tinyfm\ninput_size: [24, 64]\nstem_channels: 8\nstem_stride: 2\n"
+                                     "stages:\n  - block: dsconv\n    width: 16\n    stride: 2\nrecipe: {epochs: 1, batch_size: 256}\n")
+    assert main(["search", "--dataset", "fashion-mnist", "--trials", "1", "--quiet", "--no-early-stop",
+                 "--space", "s.yaml", "--storage", f"sqlite:///{tmp_path}/f.db", "--sampler", "random"]) == 0
+    import optuna
+
+    (t,) = optuna.load_study(study_name="fashion-mnist-tinyfm", storage=f"sqlite:///{tmp_path}/f.db").trials
+    assert t.state.name == "COMPLETE" and t.user_attrs["val_accuracy"] > 0.6  # chance is 0.1

@@ -167,3 +167,51 @@ def test_epochs_bounds_the_teacher_and_every_fine_tuning_pass(tmp_path, monkeypa
     assert res.metrics["epochs"] == 1
     assert ("teacher", 1) in seen and ("finetune", 1) in seen
     assert all(e <= 1 for _, e in seen), seen
+
+
+def test_the_data_fraction_screen_is_rung_zero_and_can_stop_a_trial_before_full_training(tmp_path, monkeypatch):
+    from nas.early_stop import EarlyStopped
+
+    calls = []
+
+    def at_rung(epoch, acc, costs):
+        calls.append((epoch, acc))
+        if epoch == 0:
+            raise EarlyStopped("stopped at the screen", 0)
+
+    seen_sizes = []
+    real = pipeline.train
+
+    def recording(model, x, y, recipe, *a, **k):
+        seen_sizes.append(len(y))
+        return real(model, x, y, recipe, *a, **k)
+
+    monkeypatch.setattr(pipeline, "train", recording)
+    task = Task(dataset="digits", early_stop={"calibrate": 0}, screen=0.25)
+    with pytest.raises(EarlyStopped):
+        evaluate(_candidate(epochs=2), task, at_rung=at_rung)
+    n_train = len(pipeline.get_dataset("digits", 0).y_train)
+    assert seen_sizes == [round(n_train * 0.25)]  # only the screen trained, on a quarter of the data
+    assert calls[0][0] == 0 and 0.0 <= calls[0][1] <= 1.0 and len(calls) == 1
+    # promoted: the screen, then full training on all of it, with its rungs
+    seen_sizes.clear()
+    calls.clear()
+    progress = []
+    res = evaluate(_candidate(epochs=4), task, at_rung=lambda e, a, c: calls.append((e, a)), progress=progress.append)
+    assert seen_sizes == [round(n_train * 0.25), n_train] and [e for e, _ in calls] == [0, 1, 2]
+    assert res.metrics["screen_s"] > 0 and "screen 2/4" in progress and "epoch 4/4" in progress
+    # the same subset for every trial of a study (seeded), another for another seed
+    assert torch.equal(pipeline.screen_indices(100, 0.2, 0), pipeline.screen_indices(100, 0.2, 0))
+    assert not torch.equal(pipeline.screen_indices(100, 0.2, 0), pipeline.screen_indices(100, 0.2, 1))
+
+
+def test_defaults_follow_the_data_screen_threads_and_space():
+    from nas.space import default_space_name
+
+    assert pipeline.auto_screen(51_000) == 0.125 and pipeline.auto_screen(1_221) == 0.0
+    cores = pipeline.default_train_threads(1)
+    assert cores >= 1 and pipeline.default_train_threads(2) == max(1, cores // 2)
+    assert pipeline.default_train_threads(10_000) == 1
+    assert default_space_name("2d", (8, 8)) == "default" and default_space_name("2d", (16, 16)) == "default"
+    assert default_space_name("2d", (28, 28)) == "default28" and default_space_name("2d", (32, 24)) == "default28"
+    assert default_space_name("1d", (1, 40)) == "mnist1d"

@@ -129,3 +129,17 @@ def test_accuracy_is_the_exact_fraction():
     logits[:632, 0] = 1.0
     logits[632:, 1] = 1.0
     assert accuracy(torch.nn.Identity(), logits, y) == 632 / 645
+
+
+def test_images_train_channels_last_and_come_back_in_the_standard_layout():
+    from nas.builder import build
+    from nas.config import ArchConfig, BlockConfig, Recipe
+    from nas.train import train
+
+    seen = []
+    model = build(ArchConfig(3, 10, (8, 8), "2d", 8, (BlockConfig("dsconv", 8, 3, 1, stage=0),)))
+    model.register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    x, y = torch.randn(32, 3, 8, 8), torch.randint(0, 10, (32,))  # (one channel is both layouts at once)
+    train(model, x, y, Recipe(epochs=1, batch_size=16), seed=0)
+    assert seen and all(seen)  # every training batch in channels-last memory
+    assert all(p.is_contiguous() for p in model.parameters())  # back in the standard layout

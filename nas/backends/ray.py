@@ -256,7 +256,9 @@ def _trainable(config: dict[str, Any]) -> None:
 
 
 def experiment_dir(runs_dir: str | Path, study_name: str) -> Path:
-    return Path(runs_dir).resolve() / "ray" / study_name
+    from nas.study import path_component
+
+    return Path(runs_dir).resolve() / "ray" / path_component(study_name)  # inside runs/ray, whatever the name
 
 
 def run_ray(
@@ -328,7 +330,7 @@ def run_ray(
                 tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=remaining,
                                             max_concurrent_trials=workers, reuse_actors=True,
                                             time_budget_s=timeout),
-                run_config=tune.RunConfig(name=study_name, storage_path=str(exp.parent), verbose=0,
+                run_config=tune.RunConfig(name=exp.name, storage_path=str(exp.parent), verbose=0,
                                           # a trial whose worker or node dies (our trainable catches its own
                                           # errors) is restarted once, from scratch, wherever a CPU is free
                                           failure_config=tune.FailureConfig(max_failures=1),
