@@ -150,7 +150,11 @@ def compare(study_name: str, storage: str, out_name: str) -> None:
     standard = [r[0] for r in runs.values()]
     # the better-trained baseline: best validation accuracy over the augmentations (test only reported)
     better = [max(r, key=lambda b: (b["val_accuracy"], -AUGMENTS.index(b["augment"]))) for r in runs.values()]
+    import pandas as pd
+
     df = trials_frame(study)
+    for col in ("datetime_start", "datetime_complete"):
+        df[col] = pd.to_datetime(df[col])
     t0 = df["datetime_start"].min()
     done = df[df["datetime_complete"].notna()]
     wall = (done["datetime_complete"].max() - t0).total_seconds()

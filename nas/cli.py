@@ -214,7 +214,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from nas.backends.optuna import SAMPLERS, finished_count, run_optuna
     from nas.pipeline import Task, auto_screen, default_train_threads, get_dataset
     from nas.space import default_space_name, load_space
-    from nas.study import front_frame, open_storage, path_component
+    from nas.study import front_frame, open_storage, study_folder
 
     objectives = parse_objectives(args.objectives)
     reward = None
@@ -238,7 +238,13 @@ def cmd_search(args: argparse.Namespace) -> int:
     space = load_space(args.space or default_space_name(data.spatial, data.input_size))
     if space.spatial != data.spatial:
         raise NasError(f"space {space.name!r} is for {space.spatial} inputs but dataset {data.name} is {data.spatial}")
+    if args.study is not None and not args.study.strip():
+        raise NasError(f"--study {args.study!r} is empty; give a name, or leave --study out for DATASET-SPACE")
     study_name = args.study or f"{data.name}-{space.name}"
+    screen = auto_screen(len(data.y_train)) if args.screen_fraction is None else args.screen_fraction
+    if screen and round(len(data.y_train) * screen) < 256:
+        raise NasError(f"--screen-fraction {screen:g} leaves {round(len(data.y_train) * screen)} of "
+                       f"{len(data.y_train):,} training samples (at least 256 needed; 0 turns the screen off)")
     storage = open_storage(args.storage, create=True)
     # Paths are stored absolute, so export/report work from any folder that can read the storage.
     from nas.idx import is_idx_folder
@@ -253,10 +259,11 @@ def cmd_search(args: argparse.Namespace) -> int:
         latency_threads=args.latency_threads,
         train_threads=args.train_threads or default_train_threads(args.workers if args.backend == "ray" else args.jobs),
         epochs=args.epochs,
-        artifacts_dir=str(Path(args.artifacts).resolve() / path_component(study_name)),  # inside --artifacts
+        # inside --artifacts, and never a folder another study's trials live in
+        artifacts_dir=str(study_folder(Path(args.artifacts).resolve(), study_name, args.storage)),
         reward=reward,
         early_stop={"eta": args.eta or 3.0, "calibrate": args.calibrate_rungs} if args.early_stop and (space.early_stop or args.eta) else None,
-        screen=auto_screen(len(data.y_train)) if args.screen_fraction is None else args.screen_fraction,
+        screen=screen,
         max_memory_mb=args.max_memory_mb,
     )
     from rich.console import Console
@@ -304,7 +311,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     done = finished_count(study)
     _print_front(study, front_frame(study), objectives, "table", f"Pareto front of {study_name} ({done} trials)", args.baseline)
     if args.log_format != "json":
-        err.print(f"see it again: nas front {study_name} --storage {redact_url(args.storage)}")
+        import shlex
+
+        err.print(f"see it again: nas front {shlex.quote(study_name)} --storage {shlex.quote(redact_url(args.storage))}")
     return 0
 
 

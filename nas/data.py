@@ -95,7 +95,8 @@ class Dataset:
 
     def input_spec(self) -> dict[str, object]:
         """How a shipped model is fed: recorded in bundle manifests and model cards."""
-        return {"layout": "NCHW", "dtype": "float32", "shape": ["N", self.in_channels, *self.input_size],
+        return {"layout": "NCHW", "dtype": "float32", "shape": [1, self.in_channels, *self.input_size],
+                "batch": "model.onnx takes one input at a time (batch 1, as timed); model.pt2 and load_bundle any N",
                 "scale": self.input_scale, "range": [float(v) for v in self.input_range],
                 "normalization": {"mean": self.mean, "std": self.std,
                                   "applied": "inside the model: (x - mean) / std, its first operation"},

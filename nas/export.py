@@ -197,7 +197,8 @@ def _card(manifest: dict[str, Any]) -> str:
         "",
         "## Input",
         f"- layout {inp['layout']}, dtype {inp['dtype']}, shape (N, "
-        + ", ".join(str(d) for d in manifest["data"]["input_shape"]) + ")",
+        + ", ".join(str(d) for d in manifest["data"]["input_shape"]) + "); `model.onnx` takes N = 1 (one input "
+        "at a time, as it was timed), `model.pt2` and `load_bundle` any N",
         f"- values: {inp['scale']}; the training split spans {inp['range'][0]:g} to {inp['range'][1]:g}",
         f"- normalisation is inside the model (its first operation): (x - {inp['normalization']['mean']:.7g}) / "
         f"{inp['normalization']['std']:.7g}, the training split's mean and std; do not normalise again",
@@ -268,7 +269,13 @@ def export_bundle(study: optuna.Study, number: int, out: Path, *, storage_url: s
         shutil.copy2(src / PACKED_NAME, tmp / PACKED_NAME)
         data = get_dataset(task.dataset, task.seed)
         # the PyTorch program takes raw inputs like model.onnx: normalisation is its first step
-        model = with_normalization(load_packed(cand, (tmp / PACKED_NAME).read_bytes()), *data.normalization)
+        try:
+            packed = load_packed(cand, (tmp / PACKED_NAME).read_bytes())
+        except Exception as exc:  # noqa: BLE001 - a file that is not this candidate's fails in many ways
+            raise NasError(f"trial {number}: the stored {PACKED_NAME} in {src} is not this trial's candidate "
+                           f"({type(exc).__name__}); another study may have written there: export it with "
+                           "--retrain EPOCHS to rebuild it") from exc
+        model = with_normalization(packed, *data.normalization)
         example = torch.zeros(2, cand.arch.in_channels, *cand.arch.input_size)
         program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
         program.example_inputs = None  # otherwise saved with torch.save (a pickle); the bundle has none

@@ -246,8 +246,12 @@ def _pick(folder: Path) -> tuple[str, dict[tuple[str, str], Path]]:
 
 
 def _says(folder: Path, prefix: str, word: str) -> bool:
+    """Whether the file prefix or the folder's own name (its parent's for torchvision's ``raw``)
+    *is* the dataset's name (``fashion-mnist``, ``FashionMNIST``, ``emnist-balanced``): a folder
+    merely containing the word (``my-fashion-products``) is some other dataset."""
+    known = {"fashion": ("fashionmnist",), "emnist": ("emnist",)}.get(word, (word,))
     parts = [prefix, folder.name] + ([folder.parent.name] if folder.name.lower() == "raw" else [])
-    return any(word in re.sub(r"[^a-z]", "", p.lower()) for p in parts)
+    return any(any(re.sub(r"[^a-z]", "", p.lower()).startswith(k) for k in known) for p in parts)
 
 
 def load_idx(folder: str | Path, name: str | None = None) -> dict[str, object]:

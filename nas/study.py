@@ -62,6 +62,45 @@ def path_component(name: str) -> str:
     return f"{clean}-{hashlib.sha256(name.encode('utf-8', 'surrogatepass')).hexdigest()[:10]}"
 
 
+def _storage_identity(url: str) -> str:
+    """The storage a URL names, stable across working folders: file paths absolute, password masked."""
+    from nas.trust import redact_url
+
+    path = _sqlite_path(url)
+    if path is not None:
+        return "sqlite:///" + str(path.resolve())
+    if "://" not in url:
+        return str(Path(url).resolve())
+    return redact_url(url)
+
+
+OWNER_FILE = ".nas-study"
+
+
+def study_folder(root: Path, name: str, storage_url: str) -> Path:
+    """The folder under ``root`` for study ``name`` of the storage at ``storage_url``; it holds
+    a ``.nas-study`` file naming its owner. Two studies of one name in two storages (an SQLite
+    database and a journal in the same folder), or a name equal to another's sanitized folder
+    name, got one folder and overwrote each other's trial weights: a folder owned by another
+    study is never reused; that study gets ``NAME-<hash of storage and name>`` instead. A folder
+    from before owner files is claimed by the first study to use it."""
+    owner = f"{_storage_identity(storage_url)}\n{name}\n"
+    base = path_component(name)
+    for folder in (root / base, root / f"{base}-{hashlib.sha256(owner.encode('utf-8', 'surrogatepass')).hexdigest()[:10]}"):
+        marker = folder / OWNER_FILE
+        try:
+            if marker.is_file():
+                if marker.read_text(encoding="utf-8", errors="replace") == owner:
+                    return folder
+                continue
+            folder.mkdir(parents=True, exist_ok=True)
+            marker.write_text(owner, encoding="utf-8")
+            return folder
+        except OSError:
+            return folder  # an unwritable folder fails later with its own message
+    return folder
+
+
 # ----------------------------------------------------------------------------- journal files
 #
 # Optuna's JournalFileBackend appends one JSON record per line under a lock file. A writer
@@ -106,6 +145,14 @@ def _looks_torn(tail: bytes) -> bool:
     return tail.startswith(_JOURNAL_HEAD) or _JOURNAL_HEAD.startswith(tail)
 
 
+def _is_record(line: bytes) -> bool:
+    try:
+        rec = json.loads(line)
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(rec, dict) and "op_code" in rec
+
+
 def _drop_torn_tail(path: str) -> int:
     """Cut an incomplete last line that is the start of a record off the journal at ``path``;
     return the bytes cut. Only call it holding the journal's lock (a live writer's half-written
@@ -118,6 +165,16 @@ def _drop_torn_tail(path: str) -> int:
         size = f.seek(0, os.SEEK_END)
         cut = _torn_tail_start(f, size)
         if cut is None:
+            return 0
+        f.seek(cut)
+        if _is_record(f.read(size - cut) if size - cut <= 1 << 20 else b""):
+            # a whole record whose newline alone is missing (a writer killed just before it, or an
+            # editor): complete it, never drop it
+            f.seek(size)
+            f.write(b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+            _log.warning("journal %s: completed a last record that lacked its newline", path)
             return 0
         f.seek(cut)
         if not _looks_torn(f.read(min(size - cut, len(_JOURNAL_HEAD)))):
@@ -197,7 +254,20 @@ class RepairingJournalFileBackend(JournalFileBackend):
 def _journal_storage(path: Path, shown: str) -> optuna.storages.BaseStorage:
     _check_journal(path, shown)  # before the backend creates or writes anything
     try:
-        return JournalStorage(RepairingJournalFileBackend(str(path)))
+        backend = RepairingJournalFileBackend(str(path))
+        if path.is_file() and path.stat().st_size:
+            backend._lock.acquire()  # Optuna skips an unterminated last line when it reads: a whole
+            try:                     # record lacking only its newline is completed first
+                with open(path, "rb") as f:
+                    size = f.seek(0, os.SEEK_END)
+                    cut = _torn_tail_start(f, size)
+                    f.seek(cut or 0)
+                    whole = cut is not None and size - cut <= 1 << 20 and _is_record(f.read(size - cut))
+                if whole:
+                    _drop_torn_tail(str(path))
+            finally:
+                backend._lock.release()
+        return JournalStorage(backend)
     except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:  # a record Optuna cannot replay
         line = _bad_journal_line(path)
         where = f"line {line} is not a journal record" if line else f"a record cannot be replayed ({type(exc).__name__})"

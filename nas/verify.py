@@ -89,7 +89,8 @@ def read_manifest(path: Path) -> tuple[dict[str, Any], Candidate]:
         _need(m, k, int, "metrics.", man)
     _need(m, "deploy_precision", str, "metrics.", man)
     data = _need(manifest, "data", dict, "", man)
-    _need(data, "dataset", str, "data.", man)
+    if not _need(data, "dataset", str, "data.", man).strip():
+        raise BundleError(f"{man}: manifest field data.dataset is empty")
     seed = _need(data, "seed", int, "data.", man)
     shape = _need(data, "input_shape", list, "data.", man)
     if seed < 0 or not shape or not all(isinstance(d, int) and not isinstance(d, bool) and 0 < d <= 4096 for d in shape):
@@ -165,7 +166,14 @@ def verify_bundle(path: Path, *, remeasure_latency: bool = True) -> VerifyResult
     if list(data.x_test.shape[1:]) != manifest["data"]["input_shape"]:
         raise BundleError(f"{path / MANIFEST}: data.input_shape {manifest['data']['input_shape']} does not match "
                           f"dataset {manifest['data']['dataset']!r} ({list(data.x_test.shape[1:])})")
+    spec = data.input_spec()
+    wrong = sorted(k for k in set(spec) | set(manifest["input"]) if manifest["input"].get(k) != spec.get(k))
+    checks.append(("input spec", not wrong, "layout, dtype, shape, scale, range, mean, std and class names are the "
+                   "dataset's" if not wrong else f"manifest input.{', input.'.join(wrong)} differ from what "
+                   f"{manifest['data']['dataset']!r} gives (load_bundle would feed or label the model wrongly)"))
     recorded = manifest["data"].get("fingerprint")
+    if recorded is not None and not isinstance(recorded, str):
+        raise BundleError(f"{path / MANIFEST}: manifest field data.fingerprint is not a str")
     if isinstance(recorded, str) and recorded and recorded != data.fingerprint:
         checks.append(("dataset content", False,
                        f"the data behind {manifest['data']['dataset']!r} changed since the search (content sha256 "
@@ -326,8 +334,16 @@ class Bundle:
         self.classes: list[str] = list(manifest["input"]["classes"])
 
     def __call__(self, x: Any) -> np.ndarray:
-        t = torch.as_tensor(np.asarray(x, dtype=np.float32))
-        return onnx_predict(self.path / "model.onnx", t)
+        arr = np.asarray(x)
+        want = tuple(self.manifest["data"]["input_shape"])
+        if arr.dtype.kind not in "f":
+            raise ValueError(f"inputs are {arr.dtype}; the model takes float32 in the dataset's raw range "
+                             f"({self.manifest['input']['scale']})")
+        if arr.ndim != 4 or tuple(arr.shape[1:]) != want or len(arr) == 0:
+            raise ValueError(f"inputs have shape {arr.shape}; the model takes (N, {', '.join(map(str, want))}) "
+                             "with N >= 1 (NCHW)")
+        t = torch.as_tensor(arr.astype(np.float32, copy=False))
+        return onnx_predict(self.path / "model.onnx", t)  # batch-1 graph, as timed: one input at a time
 
 
 def load_bundle(path: str | os.PathLike[str]) -> tuple[Bundle, dict[str, Any]]:
@@ -340,5 +356,27 @@ def load_bundle(path: str | os.PathLike[str]) -> tuple[Bundle, dict[str, Any]]:
     p = Path(path)
     manifest, cand = read_manifest(p)
     check_onnx(p / "model.onnx")
+    _check_input_against_onnx(p, manifest, cand)
     return Bundle(p, manifest, cand), manifest
+
+
+def _check_input_against_onnx(p: Path, manifest: dict[str, Any], cand: Candidate) -> None:
+    """The PyTorch model is built from the manifest's mean and std and named by its classes:
+    both must be what ``model.onnx`` itself holds (its ``input_mean``/``input_std``, its logits)."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(p / "model.onnx"), load_external_data=False).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer if i.name in ("input_mean", "input_std")}
+    norm = manifest["input"]["normalization"]
+    for key, name in (("mean", "input_mean"), ("std", "input_std")):
+        held = inits.get(name)
+        if held is None or held.size != 1 or float(held.reshape(-1)[0]) != float(np.float32(norm[key])):
+            raise BundleError(f"{p / MANIFEST}: input.normalization.{key} {norm[key]!r} is not the {name} model.onnx "
+                              f"normalises with ({'none' if held is None else held.reshape(-1)[:4].tolist()})")
+    if float(np.float32(norm["std"])) == 0.0:
+        raise BundleError(f"{p / MANIFEST}: input.normalization.std {norm['std']!r} is 0 in float32")
+    if len(manifest["input"]["classes"]) != cand.arch.num_classes:
+        raise BundleError(f"{p / MANIFEST}: input.classes names {len(manifest['input']['classes'])} classes, the model "
+                          f"has {cand.arch.num_classes} outputs")
 

@@ -60,3 +60,38 @@ def test_resume_on_an_image_folder_with_one_more_image_is_refused(in_tmp, capsys
     capsys.readouterr()
     assert _search(in_tmp, root, 2) == 2
     assert "created with other data" in capsys.readouterr().err
+
+
+def test_two_studies_of_one_name_in_two_storages_never_share_trial_folders(in_tmp, capsys):
+    from nas.study import OWNER_FILE
+
+    (in_tmp / "s.yaml").write_text(SPACE)
+    base = ["search", "--space", "s.yaml", "--quiet", "--no-early-stop", "--sampler", "random", "--trials", "1",
+            "--epochs", "1"]
+    assert main([*base, "--storage", "sqlite:///a.db"]) == 0
+    assert main([*base, "--storage", "b.log", "--seed", "1"]) == 0  # same study name, another storage
+    a = optuna.load_study(study_name="digits-s", storage="sqlite:///a.db").trials[0].user_attrs["artifact_dir"]
+    from nas.study import load_study
+
+    b = load_study("digits-s", str(in_tmp / "b.log")).trials[0].user_attrs["artifact_dir"]
+    assert a != b and (in_tmp / "runs" / "artifacts" / "digits-s" / OWNER_FILE).is_file()
+    assert main([*base, "--storage", "sqlite:///a.db", "--trials", "2"]) == 0  # a resume keeps its own folder
+    again = optuna.load_study(study_name="digits-s", storage="sqlite:///a.db").trials[1].user_attrs["artifact_dir"]
+    from pathlib import Path
+
+    assert Path(again).parent == Path(a).parent
+    assert main(["export", "digits-s", "--storage", "sqlite:///a.db", "--trial", "0", "--out", "bun"]) == 0
+
+
+def test_screen_fraction_too_small_is_refused_and_cannot_change_on_resume(in_tmp, capsys):
+    (in_tmp / "s.yaml").write_text(SPACE)
+    base = ["search", "--space", "s.yaml", "--quiet", "--sampler", "random", "--epochs", "1", "--study", "sf"]
+    assert main([*base, "--trials", "1", "--screen-fraction", "1e-9"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "leaves 0 of" in err and "at least 256" in err
+    assert main([*base, "--trials", "1", "--screen-fraction", "0.3"]) == 0
+    capsys.readouterr()
+    assert main([*base, "--trials", "2", "--screen-fraction", "0.5"]) == 2
+    assert "--screen-fraction 0.3; this run gives 0.5" in capsys.readouterr().err
+    assert main(["search", "--study", "  ", "--trials", "1"]) == 2
+    assert "is empty" in capsys.readouterr().err

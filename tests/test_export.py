@@ -323,3 +323,45 @@ def test_verify_scales_latency_by_the_runtime_floor_timed_beside_it(study, capsy
         assert main(["verify", str(out)]) == code
         line = [ln for ln in capsys.readouterr().out.splitlines() if "latency_ms" in ln][0]
         assert line.startswith("ok") == (code == 0) and ("at the recorded speed" in line) == (code == 0)
+
+
+def test_a_tampered_input_spec_is_caught_by_verify_and_load_bundle(study, capsys):
+    """manifest["input"] is what load_bundle builds and labels the PyTorch model from: verify holds
+    it against the dataset, load_bundle against model.onnx's own constants and outputs."""
+    import shutil
+
+    from nas.errors import BundleError
+
+    root, db = study
+    out = _export(root, db, "b_spec", "--pick", "max accuracy")
+    for field, value, where in ((("normalization", "mean"), 0.9, "load"), (("classes",), [str(k) for k in range(3)], "load"),
+                                (("normalization", "std"), 1e-300, "load"),
+                                (("classes",), ["1", "0", *[str(k) for k in range(2, 10)]], "verify"),
+                                (("range",), [0, 255], "verify"), (("dtype",), "uint8", "verify")):
+        b = root / f"b_spec_{len(list(root.iterdir()))}"
+        shutil.copytree(out, b)
+        man = json.loads((b / "manifest.json").read_text())
+        target = man["input"]
+        for k in field[:-1]:
+            target = target[k]
+        target[field[-1]] = value
+        (b / "manifest.json").write_text(json.dumps(man))
+        if where == "load":
+            with pytest.raises(BundleError, match=r"input\.(normalization|classes)"):
+                nas.load_bundle(b)
+        capsys.readouterr()
+        assert main(["verify", str(b), "--no-latency"]) in (1, 2), field
+        text = capsys.readouterr()
+        assert "FAIL input spec" in text.out or "input." in text.err, (field, text)
+
+
+def test_load_bundle_refuses_inputs_it_cannot_score(study):
+    root, db = study
+    out = _export(root, db, "b_inputs", "--pick", "max accuracy")
+    model, _ = nas.load_bundle(out)
+    raw = get_dataset("digits", 0).raw("test").numpy()
+    assert model(raw[:3]).shape == (3, 10)  # any batch
+    for bad, needle in (((raw * 16).astype(np.uint8), "uint8"), (raw[:, 0], "shape"), (raw[:0], "N >= 1"),
+                        (raw.transpose(0, 2, 3, 1), "NCHW")):
+        with pytest.raises(ValueError, match=needle):
+            model(bad)

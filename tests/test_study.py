@@ -121,6 +121,19 @@ def test_a_torn_last_journal_record_is_cut_before_the_next_write(tmp_path):
     assert [t.value for t in load_study("j", str(log)).trials] == [0.0, 1.0, 7.0, 8.0]
 
 
+def test_a_last_record_lacking_only_its_newline_is_completed_not_dropped(tmp_path):
+    log = tmp_path / "study.log"
+    _journal(log)
+    whole = log.read_bytes()
+    log.write_bytes(whole[:-1])  # every record whole, the final newline missing
+    assert [t.value for t in load_study("j", str(log)).trials] == [0.0, 1.0, 2.0]  # read back, all of them
+    assert log.read_bytes() == whole
+    log.write_bytes(whole[:-1])
+    writer = optuna.load_study(study_name="j", storage=open_storage(str(log), create=True))
+    _add(writer, 5.0)
+    assert [t.value for t in load_study("j", str(log)).trials] == [0.0, 1.0, 2.0, 5.0]
+
+
 def test_a_writer_killed_mid_write_leaves_a_journal_the_next_writer_repairs(tmp_path):
     """A real kill: a process SIGKILLs itself halfway through writing a record."""
     import signal

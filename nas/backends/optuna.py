@@ -192,7 +192,9 @@ def create_study(
 # data. (Limits, early stopping, jobs and workers may change between runs.)
 RESUME_FIXED = {"dataset": "--dataset", "seed": "--seed", "objectives": "--objectives", "epochs": "--epochs",
                 "latency_threads": "--latency-threads", "teachers": "teachers", "teacher_epochs": "teacher epochs",
-                "reward": "--reward/--reward-on/--reward-target"}
+                "reward": "--reward/--reward-on/--reward-target",
+                # rung 0's accuracies are comparable only on one subset of one size
+                "screen": "--screen-fraction"}
 
 
 def check_resume(study_name: str, meta: dict[str, Any], task: Task, space: Space) -> None:
