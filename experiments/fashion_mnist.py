@@ -159,9 +159,8 @@ def compare(study_name: str, storage: str, out_name: str) -> None:
     done = df[df["datetime_complete"].notna()]
     wall = (done["datetime_complete"].max() - t0).total_seconds()
     checkpoints = {}
-    for minutes in (30, 60, 90):
-        if minutes * 60 > wall + 60:
-            continue
+    marks = [m for m in (30, 60, 90) if m * 60 <= wall + 60]
+    for minutes in marks + ([wall / 60 + 1e-3] if not marks or marks[-1] * 60 < wall - 60 else []):
         front = front_within(study, minutes * 60)
         baselines = {b["name"]: b for b in standard + better}
         cmp = compare_with_front(study, list(baselines.values()), (1, *data.x_train.shape[1:]), front=front)
@@ -172,7 +171,7 @@ def compare(study_name: str, storage: str, out_name: str) -> None:
                 if m["test_accuracy"] >= two["test_accuracy"] and m["size_bytes"] * 10 <= two["fp32_weight_bytes"]
                 and m["latency_ratio"] > 1]
         n_done = int(((done["datetime_complete"] - t0).dt.total_seconds() <= minutes * 60).sum())
-        checkpoints[f"{minutes}min"] = {
+        checkpoints[f"{minutes:.0f}min" if minutes in marks else f"{minutes:.1f}min (stopped)"] = {
             "trials_finished": n_done, "trials_per_hour": n_done / (minutes / 60), "front_size": len(front),
             "runtime_floor_ms": cmp["runtime_floor_ms"],
             "baselines": {k: {kk: v[kk] for kk in ("val_accuracy", "test_accuracy", "size_bytes", "latency_ms", "augment")}

@@ -16,6 +16,7 @@ import os
 import platform
 import statistics
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -117,10 +118,16 @@ def _quiet_exporter() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+# redirect_stdout swaps the process-wide sys.stdout: two --jobs threads exporting at once
+# restored each other's devnull and left sys.stdout closed, so `nas search --jobs 2 > file`
+# ended in "I/O operation on closed file" when it printed the front. One export at a time.
+_QUIET_LOCK = threading.RLock()
+
+
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """The exporter prints progress on stdout and warns on every call."""
-    with open(os.devnull, "w") as null, warnings.catch_warnings(), contextlib.redirect_stdout(null):
+    with _QUIET_LOCK, open(os.devnull, "w") as null, warnings.catch_warnings(), contextlib.redirect_stdout(null):
         warnings.simplefilter("ignore")
         yield
 

@@ -91,6 +91,7 @@ class SearchProgress:
         self.done_at_start: int | None = None
         self._bar: Any = None
         self.running_at: dict[int, str] = {}  # running trial -> where its training is
+        self._counts_info = ""
         self._task: Any = None
         tty = getattr(self.stream, "isatty", lambda: False)()
         self.live = not quiet and log_format == "text" and (tty if live is None else live and tty)
@@ -128,10 +129,14 @@ class SearchProgress:
                                     "elapsed_s": round(time.time() - self.start, 2)}))
         elif self.live:
             self._start_bar()
-            self._bar.update(self._task, running=self._running_text(), refresh=True)
+            self._bar.update(self._task, info=self._info(), refresh=True)
 
     def _running_text(self) -> str:
         return "  ".join(f"#{n} {t}" for n, t in sorted(self.running_at.items()))
+
+    def _info(self) -> str:
+        """The bar's text: the counts, then where each running trial is (when one has said)."""
+        return "  ".join(x for x in (self._counts_info, self._running_text()) if x)
 
     def trial_finished(self, trials: Sequence[Any], trial: Any, line: str) -> None:
         """``line``: the human description of ``trial`` (text mode)."""
@@ -177,17 +182,14 @@ class SearchProgress:
         if self._bar is None:
             self._bar = Progress(TextColumn("search"), BarColumn(bar_width=24), MofNCompleteColumn(), TimeElapsedColumn(),
                                  TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-                                 TextColumn("{task.fields[running]}"),
                                  console=Console(file=self.stream, highlight=False), transient=False)
-            self._task = self._bar.add_task("search", total=self.total, completed=self.done_at_start or 0, info="",
-                                            running=self._running_text())
+            self._task = self._bar.add_task("search", total=self.total, completed=self.done_at_start or 0, info="")
             self._bar.start()
 
     def _live(self, s: dict[str, Any], line: str) -> None:
         self._start_bar()
         self._bar.console.print(line, highlight=False, markup=False, soft_wrap=True)
         hv = "-" if s["hypervolume"] is None else f"{s['hypervolume']:.4f}"
-        self._bar.update(self._task, completed=s["done"], refresh=True,
-                         info=f"run {s['running']} · early {s['pruned']} · fail {s['failed']}"
-                              + (f" · retried {s['retried']}" if s["retried"] else "")
-                              + f" · front {s['front_size']} · HV {hv}", running=self._running_text())
+        self._counts_info = (f"run {s['running']} · early {s['pruned']} · fail {s['failed']}"
+                             + (f" · retried {s['retried']}" if s["retried"] else "") + f" · front {s['front_size']} · HV {hv}")
+        self._bar.update(self._task, completed=s["done"], refresh=True, info=self._info())

@@ -304,6 +304,9 @@ def test_json_progress_is_one_object_per_line(in_tmp):
                cwd=in_tmp)
     assert run.returncode == 0, run.stderr
     events = [json.loads(line) for line in run.stderr.splitlines() if line.strip()]  # every line is JSON
+    progress = [e for e in events if e["event"] == "progress"]  # where each running trial's training is
+    assert progress and all(isinstance(e["trial"], int) and e["at"].startswith("epoch ") for e in progress)
+    events = [e for e in events if e["event"] != "progress"]
     assert [e["event"] for e in events] == ["start", "trial", "trial", "trial", "finished"]
     study = optuna.load_study(study_name="j", storage=db)
     for e in events[1:-1]:
@@ -399,7 +402,7 @@ def test_names_never_put_files_outside_their_folders(in_tmp, capsys):
     assert outside == ["evil.yaml", "n.db", "s.yaml"], outside
 
 
-def test_ctrl_c_fails_the_running_trial_as_interrupted_and_the_resume_retries_it(in_tmp, capsys, monkeypatch):
+def test_ctrl_c_fails_the_running_trial_as_interrupted_and_the_resume_retries_it(in_tmp, capsys, monkeypatch, request):
     """Ctrl-C (a real SIGINT) in trial 1: it is FAIL "interrupted", does not count towards
     --trials and is queued to run once more; the resume runs it (same candidate) and the progress
     counts agree with the total (never 'done' while a trial still runs)."""
@@ -420,6 +423,10 @@ def test_ctrl_c_fails_the_running_trial_as_interrupted_and_the_resume_retries_it
         return real(cand, task, **kw)
 
     monkeypatch.setattr(backend, "evaluate", interrupt_the_second)
+    # Python's own Ctrl-C handler, as a fresh `nas search` process has it (a Ray cluster started
+    # by an earlier test in this process installs its own)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
     (in_tmp / "s.yaml").write_text(TINY_SPACE)
     db = f"sqlite:///{in_tmp}/i.db"
     args = ["search", "--space", "s.yaml", "--trials", "3", "--epochs", "1", "--study", "i", "--storage", db,
@@ -433,7 +440,8 @@ def test_ctrl_c_fails_the_running_trial_as_interrupted_and_the_resume_retries_it
 
     monkeypatch.setattr(backend, "evaluate", real)
     assert main(args) == 0
-    events = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    events = [e for line in capsys.readouterr().err.splitlines() if line.startswith("{")
+              if (e := json.loads(line))["event"] != "progress"]  # (one per epoch of a running trial)
     trials = optuna.load_study(study_name="i", storage=db).trials
     assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
     assert trials[2].params == trials[1].params  # the retry ran the interrupted candidate, once
@@ -463,3 +471,18 @@ def test_a_single_baseline_in_a_config_file_is_one_model(in_tmp, capsys):
         assert _exit_code(["search", "--config", "c.yaml"]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, err
+
+
+def test_jobs_2_into_a_file_prints_the_front(in_tmp):
+    """Two --jobs threads exporting at once swapped sys.stdout under each other (redirect_stdout is
+    process-wide) and left it closed: the front could not be printed, exit 1."""
+    import subprocess
+    import sys
+
+    out = in_tmp / "front.txt"
+    with open(out, "w") as fh:
+        code = subprocess.call([sys.executable, "-m", "nas.cli", "search", "--trials", "4", "--epochs", "1", "--jobs", "2",
+                                "--quiet", "--storage", f"sqlite:///{in_tmp}/j2.db", "--sampler", "random"],
+                               stdout=fh, stderr=subprocess.STDOUT, cwd=in_tmp, timeout=600)
+    text = out.read_text()
+    assert code == 0 and "Pareto front of digits-default (4 trials)" in text, text[-500:]

@@ -145,7 +145,7 @@ def test_load_space_reports_yaml_syntax_and_missing_files(tmp_path):
         load_space(str(p))
     with pytest.raises(SpaceError, match="does not exist"):
         load_space(str(tmp_path / "missing.yaml"))
-    with pytest.raises(SpaceError, match=r"unknown space 'nope' \(allowed: default, early_exit, mnist1d"):
+    with pytest.raises(SpaceError, match=r"unknown space 'nope' \(allowed: default, default28, early_exit, mnist1d"):
         load_space("nope")
 
 
