@@ -36,13 +36,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 from _common import compare_with_front, front_within, write_json
+from digits16 import _dw_sep, train_standard  # the same recipe as the 16x16 digits benchmark
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -51,7 +51,7 @@ from nas.measure import count_params, export_onnx
 from nas.pipeline import get_dataset
 from nas.preprocess import with_normalization
 from nas.study import load_study, study_meta, trials_frame
-from nas.train import accuracy, augment, seed_everything
+from nas.train import accuracy, seed_everything
 
 PUBLISHED = {"two_conv": 0.925, "small_mobilenet": 0.950}
 AUGMENTS = ("none", "shift", "affine")
@@ -69,11 +69,6 @@ class TwoConv(nn.Module):
         return self.classifier(self.features(x))
 
 
-def _dw_sep(cin: int, cout: int, stride: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cin, 3, stride, 1, groups=cin, bias=False), nn.BatchNorm2d(cin), nn.ReLU(),
-                         nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
-
-
 class SmallMobileNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -87,24 +82,6 @@ class SmallMobileNet(nn.Module):
 
 
 MODELS = {"two_conv": TwoConv, "small_mobilenet": SmallMobileNet}
-
-
-def train_standard(model: nn.Module, data, epochs: int, batch: int = 64, aug: str = "none", seed: int = 0) -> None:
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    steps = epochs * math.ceil(len(data.x_train) / batch)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        model.train()
-        order = torch.randperm(len(data.x_train), generator=g)
-        for i in range(0, len(order), batch):
-            idx = order[i : i + batch]
-            loss = nn.functional.cross_entropy(model(augment(data.x_train[idx], aug, g)), data.y_train[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-    model.eval()
 
 
 def train_baselines(seed: int, epochs: int) -> None:
