@@ -70,7 +70,7 @@ def _save(b: Path, model: onnx.ModelProto) -> None:
     _rehash(b)
 
 
-def _graph_fails(capsys, b: Path, *needles: str) -> str:
+def _assert_graph_fails(capsys, b: Path, *needles: str) -> str:
     """verify reports exactly the graph check as failing, naming ``needles``."""
     code, out, err = _verify(capsys, b)
     assert code == 1, out + err
@@ -160,7 +160,7 @@ def test_a_trigger_pixel_backdoor_fails_the_graph_check(bundle, copy, capsys):
     triggered[:, 0, 0, 0] = 5000.0
     assert (onnx_predict(copy / "model.onnx", triggered).argmax(1) == 3).all()
 
-    out = _graph_fails(capsys, copy, "graph output 0 reads output 0 of the Where node", "+1 Where", "+1 Greater")
+    out = _assert_graph_fails(capsys, copy, "graph output 0 reads output 0 of the Where node", "+1 Where", "+1 Greater")
     assert _lines(out, "FAIL") == [ln for ln in out.splitlines() if ln.startswith("FAIL graph:")]  # nothing else sees it
 
 
@@ -198,7 +198,7 @@ def test_a_changed_operator_or_attribute_fails_the_graph_check(copy, capsys, cha
     m = onnx.load(str(copy / "model.onnx"))
     change(m)
     _save(copy, m)
-    _graph_fails(capsys, copy, *needles)
+    _assert_graph_fails(capsys, copy, *needles)
 
 
 def test_a_rewired_input_fails_the_graph_check(copy, capsys):
@@ -208,7 +208,7 @@ def test_a_rewired_input_fails_the_graph_check(copy, capsys):
     reader = next(n for n in m.graph.node if relu.output[0] in n.input)
     reader.input[list(reader.input).index(relu.output[0])] = relu.input[0]
     _save(copy, m)
-    _graph_fails(capsys, copy, f"input 0 of the {reader.op_type} node", "where the rebuild reads output 0 of the Relu node")
+    _assert_graph_fails(capsys, copy, f"input 0 of the {reader.op_type} node", "where the rebuild reads output 0 of the Relu node")
 
 
 def test_a_changed_constant_in_an_exit_branch_is_found_recursively():
