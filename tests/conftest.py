@@ -58,3 +58,28 @@ def postgres_url(postgres_server, request):
         c.execute(f'DROP DATABASE IF EXISTS "{db}"')
         c.execute(f'CREATE DATABASE "{db}"')
     return f"postgresql://{user}:{password}@{host}:{port}/{db}"
+
+
+@pytest.fixture(scope="session")
+def bundle(tmp_path_factory):
+    """One small exported bundle (a 1-trial search), shared by the tests that tamper with copies."""
+    from nas.cli import main
+
+    root = tmp_path_factory.mktemp("bundle")
+    (root / "space.yaml").write_text("name: t\nstem_channels: 8\nstages:\n  - block: conv\n    width: 8\n    stride: 2\n"
+                                     "recipe: {epochs: 2, lr: 0.01}\n")
+    db = f"sqlite:///{root}/t.db"
+    assert main(["search", "--trials", "1", "--study", "t", "--storage", db, "--quiet", "--no-early-stop",
+                 "--space", str(root / "space.yaml"), "--artifacts", str(root / "art")]) == 0
+    assert main(["export", "t", "--storage", db, "--trial", "0", "--out", str(root / "good")]) == 0
+    return root / "good"
+
+
+@pytest.fixture
+def copy(bundle, tmp_path):
+    """A copy of ``bundle`` to tamper with."""
+    import shutil
+
+    out = tmp_path / "b"
+    shutil.copytree(bundle, out)
+    return out

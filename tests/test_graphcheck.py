@@ -7,10 +7,8 @@ it is read (nas.trust.check_dataset_size). Each crafted case here used to verify
 from __future__ import annotations
 
 import copy as copymod
-import hashlib
 import io
 import json
-import shutil
 import zipfile
 from pathlib import Path
 
@@ -26,32 +24,7 @@ from nas.errors import BundleError
 from nas.graphcheck import compare_models
 from nas.trust import check_dataset_size, check_onnx, graphs_in
 
-
-@pytest.fixture(scope="session")
-def bundle(tmp_path_factory):
-    root = tmp_path_factory.mktemp("graphcheck")
-    (root / "space.yaml").write_text("name: g\nstem_channels: 8\nstages:\n  - block: conv\n    width: 8\n    stride: 2\n"
-                                     "recipe: {epochs: 2, lr: 0.01}\n")
-    db = f"sqlite:///{root}/g.db"
-    assert main(["search", "--trials", "1", "--study", "g", "--storage", db, "--quiet", "--no-early-stop",
-                 "--space", str(root / "space.yaml"), "--artifacts", str(root / "art")]) == 0
-    assert main(["export", "g", "--storage", db, "--trial", "0", "--out", str(root / "good")]) == 0
-    return root / "good"
-
-
-@pytest.fixture
-def copy(bundle, tmp_path):
-    out = tmp_path / "b"
-    shutil.copytree(bundle, out)
-    return out
-
-
-def _rehash(b: Path) -> None:
-    """An attacker controls the manifest too: make its hashes match the tampered files."""
-    man = json.loads((b / "manifest.json").read_text())
-    for name, info in man["files"].items():
-        info["sha256"] = hashlib.sha256((b / name).read_bytes()).hexdigest()
-    (b / "manifest.json").write_text(json.dumps(man))
+from bundles import rehash  # tests/bundles.py
 
 
 def _verify(capsys, b: Path) -> tuple[int, str, str]:
@@ -67,7 +40,7 @@ def _lines(out: str, status: str) -> list[str]:
 
 def _save(b: Path, model: onnx.ModelProto) -> None:
     onnx.save(model, str(b / "model.onnx"))
-    _rehash(b)
+    rehash(b)
 
 
 def _assert_graph_fails(capsys, b: Path, *needles: str) -> str:

@@ -3,10 +3,8 @@ exit status 2, and nothing in it is executed (nas.trust, nas.verify.read_manifes
 
 from __future__ import annotations
 
-import hashlib
 import json
 import pickle
-import shutil
 import zipfile
 from pathlib import Path
 
@@ -18,33 +16,7 @@ from nas.cli import main
 from nas.errors import BundleError
 from nas.trust import check_pt2, no_unpickling, redact_text, redact_url
 
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    root = tmp_path_factory.mktemp("trust")
-    (root / "space.yaml").write_text("name: t\nstem_channels: 8\nstages:\n  - block: conv\n    width: 8\n    stride: 2\n"
-                                     "recipe: {epochs: 2, lr: 0.01}\n")
-    db = f"sqlite:///{root}/t.db"
-    assert main(["search", "--trials", "1", "--study", "t", "--storage", db, "--quiet", "--no-early-stop",
-                 "--space", str(root / "space.yaml"), "--artifacts", str(root / "art")]) == 0
-    assert main(["export", "t", "--storage", db, "--trial", "0", "--out", str(root / "good")]) == 0
-    return root / "good"
-
-
-@pytest.fixture
-def copy(bundle, tmp_path):
-    out = tmp_path / "b"
-    shutil.copytree(bundle, out)
-    return out
-
-
-def _rehash(b: Path) -> None:
-    """An attacker controls the manifest too: make its hashes match the tampered files."""
-    man = json.loads((b / "manifest.json").read_text())
-    for name, info in man["files"].items():
-        if (b / name).is_file():
-            info["sha256"] = hashlib.sha256((b / name).read_bytes()).hexdigest()
-    (b / "manifest.json").write_text(json.dumps(man))
+from bundles import rehash  # tests/bundles.py
 
 
 def _refused(capsys, b: Path, *needles: str) -> str:
@@ -91,7 +63,7 @@ def _pickled_weight(marker: Path):  # noqa: ANN202
 def test_pickled_pt2_entry_is_refused_before_loading(copy, capsys, tmp_path):
     marker = tmp_path / "pwned"
     _rewrite_pt2(copy / "model.pt2", _pickled_weight(marker))
-    _rehash(copy)
+    rehash(copy)
     _refused(capsys, copy, "model.pt2", "unpickling")
     assert not marker.exists()
 
@@ -114,7 +86,7 @@ def test_the_load_itself_cannot_unpickle(copy, tmp_path, monkeypatch):
                                         ("extra/notes.txt", b"hello")])
 def test_pt2_entries_nas_never_writes_are_refused(copy, capsys, entry, data):
     _rewrite_pt2(copy / "model.pt2", lambda root, e: e.__setitem__(f"{root}/{entry}", data))
-    _rehash(copy)
+    rehash(copy)
     err = _refused(capsys, copy, "model.pt2")
     assert "model.pt2" in err
     with pytest.raises(BundleError, match="model.pt2"):  # the archive check itself, before any load
@@ -188,7 +160,7 @@ def test_onnx_with_external_data_is_refused(copy, capsys):
     init.data_location = onnx.TensorProto.EXTERNAL
     init.external_data.add(key="location", value="../../etc/passwd")
     onnx.save(model, str(copy / "model.onnx"))
-    _rehash(copy)
+    rehash(copy)
     _refused(capsys, copy, "model.onnx", "external data")
     with pytest.raises(BundleError, match="external data"):
         nas.load_bundle(copy)
@@ -259,7 +231,7 @@ def test_a_program_calling_file_operators_is_refused_before_it_runs(copy, capsys
         entries[f"{root}/models/model.json"] = json.dumps(m).encode()
 
     _rewrite_pt2(copy / "model.pt2", change)
-    _rehash(copy)
+    rehash(copy)
     _refused(capsys, copy, "model.pt2", "from_file", "refused")
     with pytest.raises(BundleError, match="from_file"):
         check_pt2(copy / "model.pt2")  # what nas verify and --baseline run before any load
@@ -271,7 +243,7 @@ def test_pt2_entries_are_read_no_further_than_the_limit(copy, capsys, monkeypatc
     import nas.trust as trust
 
     monkeypatch.setattr(trust, "MAX_PT2_JSON_BYTES", 1024)
-    _rehash(copy)
+    rehash(copy)
     err = _refused(capsys, copy, "model.pt2", "unpacks to more than")
     assert "models/model.json unpacks to more than 0 MiB" in err  # the first JSON entry read, stopped at the limit
     with pytest.raises(BundleError, match="unpacks to more than"):
@@ -290,7 +262,7 @@ def test_onnx_functions_are_checked_like_the_graph(copy, capsys):
     model.functions.append(helper.make_function("custom.fn", "leak", [], ["out"], [node],
                                                 [helper.make_opsetid("", 17)]))
     onnx.save(model, str(copy / "model.onnx"))
-    _rehash(copy)
+    rehash(copy)
     err = _refused(capsys, copy, "model.onnx", "external data")
     assert "tensor 's' names an external data file" in err  # the tensor inside the function body
     with pytest.raises(BundleError, match="external data"):
