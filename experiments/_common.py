@@ -77,13 +77,13 @@ def compare_with_front(study, baselines: list[dict], input_shape: tuple[int, ...
     ``test_accuracy``."""
     import numpy as np
 
-    from nas.measure import _identity_graph, onnx_latency
+    from nas.measure import identity_graph, onnx_latency
     from nas.study import front_frame
 
     front = front_frame(study) if front is None else front
     models: dict[Any, Path] = {b["name"]: Path(b["onnx"]) for b in baselines}
     models.update({int(t): Path(study.trials[int(t)].user_attrs["artifact_dir"]) / "model.onnx" for t in front["trial"]})
-    models["runtime_floor"] = _identity_graph(input_shape)
+    models["runtime_floor"] = identity_graph(input_shape)
     timed = [{k: onnx_latency(p, input_shape) for k, p in models.items()} for _ in range(passes)]
     ms = {k: float(np.mean([t[k].median_ms for t in timed])) for k in models}
     out: dict[str, Any] = {"same_pass_ms": {str(k): v for k, v in ms.items()}, "runtime_floor_ms": ms["runtime_floor"],

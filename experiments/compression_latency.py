@@ -17,7 +17,8 @@ import torch
 from _common import RESULTS, pyplot, write_json
 
 from nas.builder import build
-from nas.compress.passes import compress, deploy_onnx
+from nas.compress.deploy import deploy_onnx
+from nas.compress.passes import compress
 from nas.compress.prune import prune_structured, target_widths
 from nas.config import ArchConfig, BlockConfig, Candidate, CompressionConfig
 from nas.measure import count_flops, count_params, onnx_latency
@@ -51,7 +52,7 @@ def main() -> None:
         variants["pruned-0.5 int8"] = (compress(build(arch), Candidate(arch, pruned_int8_cfg), None, 0, finetune=False).eval(),
                                        pruned_int8_cfg)
         for vname, (m, cfg) in variants.items():
-            path, precision = deploy_onnx(m, cfg, example, tmp / f"{name}-{vname}.onnx".replace(" ", "_"), data_calib)
+            path, precision, _ = deploy_onnx(m, cfg, example, tmp / f"{name}-{vname}.onnx".replace(" ", "_"), data_calib)
             lat = onnx_latency(path, tuple(example.shape), repeats=1000)
             rows.append({"model": name, "variant": vname, "deploy": precision, "params": count_params(m),
                          "flops": count_flops(m, example), "latency_ms": lat.median_ms, "latency_iqr_ms": lat.iqr_ms})

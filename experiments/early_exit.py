@@ -33,7 +33,7 @@ from torch.nn import functional as F
 
 from nas.cli import main as nas_main
 from nas.config import ArchConfig, BlockConfig, Candidate, CompressionConfig, Recipe
-from nas.measure import _identity_graph, onnx_latency_over
+from nas.measure import identity_graph, onnx_latency_over
 from nas.pipeline import Task, evaluate, get_dataset
 
 SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
@@ -76,7 +76,7 @@ def same_architecture(data_path: Path, tmp: Path, epochs: int, exit_loss: float)
     passes = []
     for _ in range(3):
         row = {n: onnx_latency_over(r["onnx"], xs) for n, r in runs.items()}
-        row["runtime_floor"] = onnx_latency_over(_identity_graph((1, 1, 32, 32)), xs[:200])
+        row["runtime_floor"] = onnx_latency_over(identity_graph((1, 1, 32, 32)), xs[:200])
         passes.append({n: {"mean_ms": v.mean_ms, "p95_ms": v.p95_ms} for n, v in row.items()})
     for n in [*runs, "runtime_floor"]:
         target = runs.setdefault(n, {})

@@ -19,7 +19,7 @@ from _common import write_json
 from baselines import PaperCNN, measure_baseline
 
 from nas.config import ArchConfig, BlockConfig, Candidate, CompressionConfig, Recipe
-from nas.measure import _identity_graph, onnx_latency
+from nas.measure import identity_graph, onnx_latency
 from nas.pipeline import Task, evaluate, get_dataset
 
 
@@ -36,7 +36,7 @@ def main() -> None:
     res = evaluate(cand, Task(dataset="mnist1d", artifacts_dir=str(tmp / "art")), trial_id="hand")
     m = res.metrics
     models = {"paper_cnn": Path(paper["onnx"]), "candidate": Path(res.artifact_dir) / "model.onnx",
-              "runtime_floor": _identity_graph((1, 1, 1, 40))}
+              "runtime_floor": identity_graph((1, 1, 1, 40))}
     passes = [{k: onnx_latency(p, (1, 1, 1, 40)).median_ms for k, p in models.items()} for _ in range(3)]
     ms = {k: float(np.mean([p[k] for p in passes])) for k in models}
     out = {

@@ -21,7 +21,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import optuna
 import pandas as pd
 
@@ -37,9 +36,9 @@ SUFFIXES = (".onnx", ".pt2")
 def _onnx_from_pt2(path: Path, example: Any, workdir: Path) -> Path:
     import torch
 
-    from nas.measure import _quiet, _quiet_exporter
+    from nas.onnxio import quiet_output, quiet_exporter
     from nas.trust import MAX_PT2_BYTES
-    from nas.verify import _load_pt2
+    from nas.verify import load_pt2
 
     # torch.export.save stores the example inputs pickled; they are not needed here, so a copy of
     # the archive with that entry emptied is what gets checked and loaded (nothing is unpickled).
@@ -66,26 +65,17 @@ def _onnx_from_pt2(path: Path, example: Any, workdir: Path) -> Path:
             raise
         raise BundleError(f"{path}: {path.name} is not a torch.export archive ({exc})") from exc
     try:
-        program = _load_pt2(clean)
+        program = load_pt2(clean)
     except BundleError as exc:  # name the user's file, not the checked copy
         raise BundleError(str(exc).replace(str(clean), str(path)).replace("baseline.pt2", path.name)) from exc
     out = workdir / "baseline.onnx"
-    _quiet_exporter()  # (it logs a line per missing torchvision operator)
+    quiet_exporter()  # (it logs a line per missing torchvision operator)
     try:  # the program as it is (its graph is already captured): the torch.export-based exporter
-        with _quiet():
+        with quiet_output():
             torch.onnx.export(program, (example,), str(out), dynamo=True, optimize=True)
         return out
     except Exception as exc:  # noqa: BLE001 - the exporter raises many types
         raise BundleError(f"{path}: cannot export the program to ONNX ({type(exc).__name__})") from exc
-
-
-def _predict(sess: Any, x: np.ndarray) -> np.ndarray:
-    inp = sess.get_inputs()[0]
-    batch = inp.shape[0]
-    if isinstance(batch, int) and batch == 1:
-        out = [sess.run(None, {inp.name: x[i : i + 1]})[0] for i in range(len(x))]
-        return np.concatenate(out)
-    return np.concatenate([sess.run(None, {inp.name: x[i : i + 256]})[0] for i in range(0, len(x), 256)])
 
 
 def _open(path: Path, data: Any, threads: int, workdir: Path) -> tuple[Any, Path]:
@@ -93,7 +83,7 @@ def _open(path: Path, data: Any, threads: int, workdir: Path) -> tuple[Any, Path
     input [N, C, H, W] of the data's shape, output [N, classes]."""
     import torch
 
-    from nas.measure import _session
+    from nas.onnxio import ort_predict, ort_session
     from nas.trust import check_onnx
 
     if path.suffix.lower() not in SUFFIXES:
@@ -107,7 +97,7 @@ def _open(path: Path, data: Any, threads: int, workdir: Path) -> tuple[Any, Path
         check_onnx(path)
         onnx_path = path
     try:
-        sess = _session(onnx_path, threads)
+        sess = ort_session(onnx_path, threads)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
         raise BundleError(f"{path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0][:200]})") from exc
     inp = sess.get_inputs()[0]
@@ -116,7 +106,7 @@ def _open(path: Path, data: Any, threads: int, workdir: Path) -> tuple[Any, Path
         raise NasError(f"baseline {path.name} takes input {inp.shape}, but the study's data is "
                        f"[N, {', '.join(map(str, shape[1:]))}] (channels, height, width)")
     try:
-        out = _predict(sess, data.x_val[:2].numpy())
+        out = ort_predict(sess, data.x_val[:2].numpy())
     except Exception as exc:  # noqa: BLE001
         raise NasError(f"baseline {path.name} fails on the study's inputs ({str(exc).splitlines()[0][:200]})") from exc
     if out.ndim != 2 or out.shape[1] != data.num_classes:
@@ -137,6 +127,7 @@ def measure_baseline(path: str | Path, study: optuna.Study) -> dict[str, Any]:
 
     from nas.backends.optuna import with_study_floor
     from nas.measure import latency_host
+    from nas.onnxio import ort_predict
     from nas.pipeline import Task, get_dataset, timed
     from nas.study import study_meta
 
@@ -148,8 +139,8 @@ def measure_baseline(path: str | Path, study: optuna.Study) -> dict[str, Any]:
     data = get_dataset(task.dataset, task.seed)
     with tempfile.TemporaryDirectory(prefix="nas-baseline-") as tmp:
         sess, onnx_path = _open(path, data, task.latency_threads, Path(tmp))
-        val = _predict(sess, data.x_val.numpy())
-        test = _predict(sess, data.x_test.numpy())
+        val = ort_predict(sess, data.x_val.numpy())
+        test = ort_predict(sess, data.x_test.numpy())
         lat = timed(onnx_path, torch.zeros(1, data.in_channels, *data.input_size), task)
     host = latency_host()
     return {

@@ -15,20 +15,25 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from nas.config import BlockConfig
+from nas.config import BLOCK_TYPES, BlockConfig, BlockType
 
 __all__ = ["BLOCKS", "register_block", "create_block", "kernel_2d", "stride_2d", "hidden_width", "has_residual", "channel_roles"]
 
 BLOCKS: dict[str, type[nn.Module]] = {}
 
 
-def register_block(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
+def register_block(name: str, kind: BlockType | None = None) -> Callable[[type[nn.Module]], type[nn.Module]]:
+    """Register a block class under ``name``; ``kind`` is what records and spaces know of it
+    (:class:`~nas.config.BlockType`: the built-in ones are declared there, torch-free)."""
+
     def deco(cls: type[nn.Module]) -> type[nn.Module]:
         # a plain nn.Module gets the Block defaults for the facts it does not declare
-        for fact in ("summary_kernel", "hidden", "has_hidden", "ties_input", "roles", "label"):
+        for fact in ("hidden", "has_hidden", "ties_input", "roles"):
             if not hasattr(cls, fact):
                 setattr(cls, fact, Block.__dict__[fact])
         BLOCKS[name] = cls
+        if kind is not None or name not in BLOCK_TYPES:
+            BLOCK_TYPES[name] = kind or BlockType(name)
         return cls
 
     return deco
@@ -70,8 +75,6 @@ class Block(nn.Module):
     """Base of registered blocks: the facts structured pruning and the summary need live with
     each block class (defaults: no hidden width of its own, no identity path)."""
 
-    summary_kernel = True  # whether the architecture summary shows its kernel
-
     @staticmethod
     def hidden(cfg: BlockConfig, cin: int) -> int:
         return cfg.out_channels
@@ -89,10 +92,6 @@ class Block(nn.Module):
     @staticmethod
     def roles(cfg: BlockConfig, cin: int) -> Roles:
         raise ValueError(f"block type {cfg.type!r} declares no channel roles (structured pruning needs them)")
-
-    @staticmethod
-    def label(cfg: BlockConfig) -> str:
-        return ""
 
 
 def conv_bn_act(
@@ -198,10 +197,6 @@ class InvertedResidual(Block):
         return has_residual(cfg, cin)
 
     @staticmethod
-    def label(cfg: BlockConfig) -> str:
-        return f" e{cfg.expansion}"
-
-    @staticmethod
     def roles(cfg: BlockConfig, cin: int) -> Roles:
         if cfg.expansion != 1:
             return [("body.0.0", "hid", "in"), ("body.0.1", "hid", None), ("body.1.0", "hid", None),
@@ -229,8 +224,6 @@ class InvertedResidual(Block):
 @register_block("skip")
 class Skip(Block):
     """Identity where shapes allow; otherwise the cheapest projection (strided 1x1 conv)."""
-
-    summary_kernel = False
 
     @staticmethod
     def ties_input(cfg: BlockConfig, cin: int) -> bool:

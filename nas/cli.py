@@ -12,192 +12,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from nas.cliparser import build_parser
 from nas.errors import NasError
-from nas.experiment import _apply_config, _given_dests  # noqa: F401 - re-exported for callers
-from nas.objectives import DEFAULT_OBJECTIVES, parse_constraints, parse_objectives
-from nas.study import DEFAULT_STORAGE
+from nas.experiment import apply_config, given_dests  # noqa: F401 - re-exported for callers
+from nas.objectives import parse_constraints, parse_objectives
 from nas.progress import trial_line
 from nas.table import FORMATS, render
 from nas.trust import redact_url
 
 __all__ = ["main"]
-
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit status 2 (argparse prints usage too)
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _calibration_trials(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v != 0 and v < 5:  # a rank correlation over fewer pairs says nothing (2 pairs are always +-1)
-        raise argparse.ArgumentTypeError(f"{text} must be 0 (trust every rung) or at least 5")
-    return v
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be >= 1")
-    return v
-
-
-def _seed(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if not 0 <= v < 2**32:
-        raise argparse.ArgumentTypeError(f"{text} must be in 0..4294967295")
-    return v
-
-
-def _eta(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not (v > 1 and v < float("inf")):
-        raise argparse.ArgumentTypeError(f"{text} must be > 1 (it keeps the best 1/eta of each rung)")
-    return v
-
-
-def _fraction(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        v = float("nan")
-    if not 0 <= v < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a fraction in [0, 1) (0 turns the screen off)")
-    return v
-
-
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"{text} must be > 0")
-    return v
-
-
-def _build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="nas", description="Compression-aware neural architecture search.",
-                formatter_class=argparse.RawDescriptionHelpFormatter,
-                epilog="examples:\n  nas search                      # 20 trials on digits, prints the Pareto front\n"
-                       "  nas front digits-default        # the front again\n"
-                       "  nas export digits-default --pick knee && nas verify runs/bundles/digits-default-trial7\n"
-                       "run 'nas COMMAND --help' for each command's options and examples")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
-    s = sub.add_parser("search", help="run (or resume) a search and print its Pareto front",
-                       epilog="examples:\n  nas search\n  nas search --dataset mnist1d --space mnist1d_compress --timeout 1800 --trials 1000\n  nas search --dataset data.npz --objectives accuracy,size_bytes --max-latency-ms 0.05\n  nas search --dataset photos/ --image-size 32 --image-mode rgb\n  nas search --backend ray --workers 2 --storage postgresql://user:pass@host/db", formatter_class=argparse.RawDescriptionHelpFormatter)
-    s.add_argument("--dataset", default="digits",
-                   help="digits (default), mnist1d, a .npz path, or a folder of images with one subfolder per class")
-    s.add_argument("--image-size", metavar="HxW", help="image folders: resize every image to this (e.g. 32 or 32x24); "
-                   "needed when the images differ in size")
-    s.add_argument("--image-mode", choices=("grey", "rgb"), help="image folders: colour mode (default: rgb if any "
-                   "image has colour, else grey)")
-    s.add_argument("--space", default=None, help="space name or YAML path (default: by input size: 'default' up to 23 px, "
-                        "'default28' for 24-64 px, 'mnist1d' for 1-D data)")
-    s.add_argument("--study", default=None, help="study name (default: DATASET-SPACE)")
-    s.add_argument("--storage", default=DEFAULT_STORAGE, help=f"Optuna storage URL or journal .log path (default {DEFAULT_STORAGE})")
-    s.add_argument("--trials", type=_positive_int, default=20, help="finished trials the study should hold (default 20)")
-    s.add_argument("--timeout", type=_positive_float, default=None, metavar="SECONDS",
-                   help="start no trial after this many seconds (running ones finish); --trials still caps the total")
-    s.add_argument("--sampler", default="surrogate",
-                   help="surrogate (default: screens candidates with models of every finished trial), nsga2, tpe, random, gp")
-    s.add_argument("--objectives", default=",".join(DEFAULT_OBJECTIVES),
-                   help="comma list of accuracy, latency_ms, size_bytes, flops, params")
-    s.add_argument("--seed", type=_seed, default=0, help="seeds the data splits, the sampler and training (default 0)")
-    s.add_argument("--epochs", type=_positive_int, default=None, help="override the space's training epochs")
-    s.add_argument("--jobs", type=_positive_int, default=1, help="concurrent trials in this process")
-    s.add_argument("--latency-threads", type=_positive_int, default=1, help="ONNX Runtime threads when timing")
-    s.add_argument("--train-threads", type=_positive_int, default=None,
-                   help="torch threads per trial (default: the host's cores divided by the concurrent trials, "
-                        "--jobs or Ray --workers; two searches on one host: give each its share)")
-    s.add_argument("--artifacts", default="runs/artifacts", help="folder for trial weights (default runs/artifacts)")
-    for cost in ("latency_ms", "size_bytes", "flops", "params"):
-        s.add_argument(f"--max-{cost.replace('_', '-')}", dest=f"max_{cost}", type=_positive_float, default=None,
-                       help=f"hard limit on {cost}: rejected before training")
-    s.add_argument("--reward", choices=("soft", "hard"), default=None,
-                   help="optimize MnasNet's scalar reward ACC*(COST/T)^w instead of a Pareto front")
-    s.add_argument("--reward-on", default="latency_ms", help="cost in the reward: latency_ms (default) or size_bytes")
-    s.add_argument("--reward-target", type=_positive_float, default=None, help="target T of the reward's cost")
-    s.add_argument("--no-early-stop", dest="early_stop", action="store_false",
-                   help="train every trial to its full budget (default: Pareto successive halving)")
-    s.add_argument("--eta", type=_eta, default=None,
-                   help="early stopping keeps ~1/eta of each rung (default 3; on unless the space sets "
-                        "early_stop: false, as mnist1d_compress does, or --no-early-stop is given)")
-    s.add_argument("--calibrate-rungs", type=_calibration_trials, default=12, metavar="N",
-                   help="early stopping waits for N finished trials and uses a rung only if its accuracy rank-"
-                        "correlates with the final one (80%% lower bound of Spearman >= 0.5; default 12, 0 trusts every rung)")
-    s.add_argument("--screen-fraction", type=_fraction, default=None, metavar="F",
-                   help="with early stopping on, first train each trial on this fraction of the training data and "
-                        "stop it there like at any rung (default 1/8 for 20,000+ training samples, else 0 = off)")
-    s.add_argument("--backend", choices=("optuna", "ray"), default="optuna", help="optuna (default, in-process) or ray (Ray Tune)")
-    s.add_argument("--workers", type=_positive_int, default=2, help="Ray: concurrent trials (default 2)")
-    s.add_argument("--ray-address", default=None, help="Ray: connect to a cluster ('auto' or host:port); default a local instance")
-    s.add_argument("--resume", action="store_true", help="Ray: continue an interrupted run (Tuner.restore)")
-    s.add_argument("--max-memory-mb", type=_positive_float, default=4096.0,
-                   help="candidates estimated to need more memory to train fail in pre-flight (default 4096)")
-    s.add_argument("--config", default=None, help="experiment YAML whose keys are these flags (flags given here win)")
-    s.add_argument("--quiet", action="store_true", help="no per-trial progress")
-    s.add_argument("--log-format", default="text", choices=("text", "json"),
-                   help="progress on stderr: text (a live bar on a terminal, a line per trial otherwise) or json "
-                        "(one object per line: each finished trial, then the end)")
-    s.add_argument("--baseline", action="append", default=[], metavar="MODEL",
-                   help="your own model (.onnx, or .pt2 from torch.export) measured on the study's data and "
-                   "shown beside the front; stored with the study (repeatable)")
-
-    f = sub.add_parser("front", help="print a study's Pareto-optimal trials",
-                       epilog="examples:\n  nas front digits-default\n  nas front digits-default --all --format csv\n  nas front digits-default --baseline my_model.onnx", formatter_class=argparse.RawDescriptionHelpFormatter)
-    f.add_argument("study")
-    f.add_argument("--storage", default=DEFAULT_STORAGE)
-    f.add_argument("--format", default="table", help="table (default), csv, json, markdown")
-    f.add_argument("--all", action="store_true", help="every trial, with state and failure reason")
-    f.add_argument("--baseline", action="append", default=[], metavar="MODEL",
-                   help="your own model (.onnx, or .pt2 from torch.export) measured on the study's data and "
-                   "shown beside the front; stored with the study (repeatable)")
-    r = sub.add_parser("report", help="HTML page and PNG plots of one study, or several compared",
-                       epilog="examples:\n  nas report digits-default\n  nas report run-a run-b --out runs/reports/compare\n  nas report digits-default --baseline my_model.pt2", formatter_class=argparse.RawDescriptionHelpFormatter)
-    r.add_argument("studies", nargs="+", metavar="STUDY")
-    r.add_argument("--storage", default=DEFAULT_STORAGE)
-    r.add_argument("--out", default=None, help="output folder (default runs/reports/STUDY)")
-    r.add_argument("--baseline", action="append", default=[], metavar="MODEL",
-                   help="your own model (.onnx, or .pt2 from torch.export) measured on the study's data and "
-                   "shown beside the front; stored with the study (repeatable)")
-
-    e = sub.add_parser("export", help="write a bundle (ONNX, torch.export, packed weights, manifest, model card)",
-                       epilog="examples:\n  nas export digits-default --pick knee\n  nas export digits-default --trial 7 --out my-model", formatter_class=argparse.RawDescriptionHelpFormatter)
-    e.add_argument("study")
-    e.add_argument("--storage", default=DEFAULT_STORAGE)
-    which = e.add_mutually_exclusive_group(required=True)
-    which.add_argument("--trial", type=int, help="trial number")
-    which.add_argument("--pick", help="'knee', or e.g. 'max accuracy with latency_ms <= 0.02'")
-    e.add_argument("--out", default=None, help="bundle folder (default runs/bundles/STUDY-trialN)")
-    e.add_argument("--retrain", type=_positive_int, default=None, metavar="EPOCHS",
-                   help="retrain the candidate for EPOCHS before export; both figures are reported")
-
-    v = sub.add_parser("verify", help="re-check a bundle against its manifest (exit 1 on any mismatch)",
-                       epilog="examples:\n  nas verify runs/bundles/digits-default-trial7", formatter_class=argparse.RawDescriptionHelpFormatter)
-    v.add_argument("bundle")
-    v.add_argument("--no-latency", action="store_true", help="skip re-timing latency")
-
-    d = sub.add_parser("dashboard", help="open optuna-dashboard on the study's storage (localhost only)",
-                       epilog="examples:\n  nas dashboard digits-default --port 8080", formatter_class=argparse.RawDescriptionHelpFormatter)
-    d.add_argument("study")
-    d.add_argument("--storage", default=DEFAULT_STORAGE)
-    d.add_argument("--port", type=_positive_int, default=8080)
-    return p
 
 
 # ----------------------------------------------------------------------------- commands
@@ -212,7 +35,8 @@ def _progress_callback(progress: Any, objectives: Sequence[str]):  # noqa: ANN20
 
 def cmd_search(args: argparse.Namespace) -> int:
     from nas.backends.optuna import SAMPLERS, finished_count, run_optuna
-    from nas.pipeline import Task, auto_screen, default_train_threads, get_dataset
+    from nas.pipeline import get_dataset
+    from nas.task import Task, auto_screen, default_train_threads
     from nas.space import default_space_name, load_space
     from nas.study import front_frame, open_storage, study_folder
 
@@ -418,11 +242,11 @@ COMMANDS = {"search": cmd_search, "front": cmd_front, "report": cmd_report, "exp
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _build_parser()
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         if getattr(args, "config", None):
-            _apply_config(args, parser, argv if argv is not None else sys.argv[1:])
+            apply_config(args, parser, argv if argv is not None else sys.argv[1:])
         return COMMANDS[args.command](args)
     except NasError as exc:
         print(f"nas: error: {exc}", file=sys.stderr)

@@ -13,17 +13,38 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nas.errors import ConfigError
+from nas.methods import CompressionConfig
 
 __all__ = [
     "SCHEMA_VERSION",
+    "BlockType",
+    "BLOCK_TYPES",
     "BlockConfig",
     "ArchConfig",
-    "CompressionConfig",  # noqa: F822 - made on first use (PEP 562 __getattr__ below)
+    "CompressionConfig",
     "Recipe",
     "Candidate",
 ]
 
 SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class BlockType:
+    """What records and spaces know of a block type, torch-free (:mod:`nas.blocks` registers
+    the module that builds it): whether the summary shows its kernel and expansion, and
+    whether it needs a 2-D input."""
+
+    name: str
+    shows_kernel: bool = True
+    shows_expansion: bool = False
+    needs_2d: bool = False
+
+
+# the built-in block types; nas.blocks.register_block adds one for a block of your own
+BLOCK_TYPES: dict[str, BlockType] = {t.name: t for t in (
+    BlockType("conv"), BlockType("dsconv"), BlockType("factorized", needs_2d=True),
+    BlockType("mbconv", shows_expansion=True), BlockType("skip", shows_kernel=False))}
 
 
 @dataclass(frozen=True)
@@ -57,12 +78,14 @@ class BlockConfig:
 class ArchConfig:
     """A whole network: stem, body blocks and classifier head."""
 
-    in_channels: int
-    num_classes: int
-    input_size: tuple[int, int]
-    spatial: str
-    stem_channels: int
-    blocks: tuple[BlockConfig, ...]
+    # the defaults are the smallest network for 8x8 digits (a stem and the head), so that
+    # ``Candidate()`` is a valid record
+    in_channels: int = 1
+    num_classes: int = 10
+    input_size: tuple[int, int] = (8, 8)
+    spatial: str = "2d"
+    stem_channels: int = 8
+    blocks: tuple[BlockConfig, ...] = ()
     head: str = "gap"
     dropout: float = 0.0
     share: bool = False  # blocks of a stage with identical shapes share one set of weights
@@ -74,6 +97,15 @@ class ArchConfig:
         d["input_size"] = list(self.input_size)
         return d
 
+    def stage_of(self, layer: str) -> int:
+        """The stage a module of the built network belongs to (``body.3...``: its block's;
+        the stem goes with the first block's stage, the head with the last's)."""
+        if layer.startswith("body."):
+            return self.blocks[int(layer.split(".")[1])].stage
+        if layer.startswith("stem"):
+            return self.blocks[0].stage if self.blocks else 0
+        return self.blocks[-1].stage if self.blocks else 0
+
     def summary(self) -> str:
         """Compact text, one group per stage: ``stem16 | dsconv k3 w24 x2 /2 | ... | gap``."""
         parts = [f"stem{self.stem_channels}" + (f" k{self.stem_kernel}" if self.stem_kernel != 3 else "")
@@ -83,10 +115,9 @@ class ArchConfig:
             stages.setdefault(b.stage, []).append(b)
         for blocks in stages.values():
             b = blocks[0]
-            from nas.blocks import BLOCKS
-
-            cls = BLOCKS[b.type]
-            text = (f"{b.type} k{b.kernel}" if cls.summary_kernel else b.type) + cls.label(b)
+            kind = BLOCK_TYPES.get(b.type, BlockType(b.type))
+            text = (f"{b.type} k{b.kernel}" if kind.shows_kernel else b.type)
+            text += f" e{b.expansion}" if kind.shows_expansion else ""
             text += f" w{b.out_channels}"
             if len(blocks) > 1:
                 text += f" x{len(blocks)}"
@@ -105,87 +136,6 @@ class ArchConfig:
             return cls(blocks=blocks, **rest)
         except (KeyError, TypeError) as exc:
             raise ConfigError(f"arch: cannot read architecture record ({exc})") from exc
-
-
-class _CompressionMethods:
-    """Behaviour of :class:`CompressionConfig` (its fields come from the registry)."""
-
-    def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):  # per-stage values may come in as lists (JSON)
-            v = getattr(self, f.name)
-            if isinstance(v, list):
-                object.__setattr__(self, f.name, tuple(v))
-
-    @staticmethod
-    def check_gene(name: str, value: Any) -> str | None:
-        """Why ``value`` is not allowed for gene ``name`` (``None`` if it is)."""
-        from nas.compress.registry import genes
-
-        gene = genes().get(name)
-        return gene.check(value) if gene is not None and gene.check is not None else None
-
-    def per_stage(self, gene: str, stage: int) -> Any:
-        """The value of ``gene`` for ``stage``: its per-stage value when sampled per stage."""
-        from nas.compress.registry import genes
-
-        field_name = genes()[gene].per_stage
-        staged = getattr(self, field_name) if field_name else ()
-        return staged[min(stage, len(staged) - 1)] if staged else getattr(self, gene)
-
-    def stage_ratio(self, stage: int) -> float:
-        return self.per_stage("prune_ratio", stage)
-
-    def stage_precision(self, stage: int) -> str:
-        return self.per_stage("quant", stage)
-
-    @property
-    def precisions(self) -> tuple[str, ...]:
-        return self.stage_quant or (self.quant,)
-
-    def summary(self) -> str:
-        """Compact text of the genes that are on, e.g. ``prune l1 0.5 | int4 | huffman``."""
-        from nas.compress.registry import ordered_methods
-
-        return " | ".join(p for m in ordered_methods() if m.active(self) and (p := m.summary(self))) or "none"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Any:
-        try:
-            return cls(**dict(d))
-        except TypeError as exc:
-            raise ConfigError(f"compression: cannot read compression record ({exc})") from exc
-
-
-_COMPRESSION: type | None = None
-
-
-def _compression_class() -> type:
-    """``CompressionConfig``: a frozen dataclass whose fields are the registered methods'
-    genes (:mod:`nas.compress.registry`), built on first use so that a new method's module
-    adds its genes without touching this file."""
-    global _COMPRESSION
-    if _COMPRESSION is None:
-        from nas.compress.registry import genes
-
-        known = genes()
-        fields = [(g.name, type(g.default).__name__, dataclasses.field(default=g.default)) for g in known.values()]
-        fields += [(g.per_stage, "tuple", dataclasses.field(default=())) for g in known.values() if g.per_stage]
-        cls = dataclasses.make_dataclass("CompressionConfig", fields, bases=(_CompressionMethods,), frozen=True)
-        cls.__module__ = __name__  # pickles (Ray) find it as nas.config.CompressionConfig
-        cls.__doc__ = ("Compression genes, one field per gene of the registered methods; the defaults mean "
-                       "\"no compression\". Fields: " + ", ".join(f"{g.name} ({g.doc})" if g.doc else g.name
-                                                                   for g in known.values()))
-        _COMPRESSION = cls
-    return _COMPRESSION
-
-
-def __getattr__(name: str) -> Any:  # PEP 562: CompressionConfig is made on first use
-    if name == "CompressionConfig":
-        return _compression_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 AUGMENTS = ("none", "shift", "affine")
@@ -228,8 +178,8 @@ class Recipe:
 class Candidate:
     """Architecture + compression + training recipe: one point of the search space."""
 
-    arch: ArchConfig
-    compression: CompressionConfig = field(default_factory=lambda: _compression_class()())  # noqa: F821
+    arch: ArchConfig = field(default_factory=ArchConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
     recipe: Recipe = field(default_factory=Recipe)
 
     def to_dict(self) -> dict[str, Any]:
@@ -249,7 +199,7 @@ class Candidate:
             )
         return cls(
             arch=ArchConfig.from_dict(d["arch"]),
-            compression=_compression_class().from_dict(d.get("compression", {})),
+            compression=CompressionConfig.from_dict(d.get("compression", {})),
             recipe=Recipe.from_dict(d.get("recipe", {})),
         )
 

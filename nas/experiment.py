@@ -18,7 +18,7 @@ from nas.errors import NasError
 __all__ = ["apply_config"]
 
 
-def _given_dests(sub: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
+def given_dests(sub: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
     """The flags the command line really gave (abbreviations included): parse it again with
     every default suppressed, so only given flags land in the namespace."""
     import copy
@@ -31,7 +31,7 @@ def _given_dests(sub: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
     return set(vars(ns))
 
 
-def _apply_config(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> None:
+def apply_config(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> None:
     """Fill flags from an experiment YAML (keys are flag names, '-' or '_'); explicit flags win."""
     import yaml
 
@@ -49,7 +49,7 @@ def _apply_config(args: argparse.Namespace, parser: argparse.ArgumentParser, arg
     sub = next(a for a in parser._subparsers._group_actions[0].choices.values() if a.prog.endswith(" search"))
     actions = {a.dest: a for a in sub._actions if a.dest not in ("help", "config")}
     argv = list(argv or [])
-    given = _given_dests(sub, argv[argv.index("search") + 1 :] if "search" in argv else argv)
+    given = given_dests(sub, argv[argv.index("search") + 1 :] if "search" in argv else argv)
     for key, value in raw.items():
         dest = str(key).replace("-", "_")
         if dest not in actions:
@@ -103,4 +103,4 @@ def _repeated(path: Path, key: str, value: object, action: argparse.Action) -> l
     return out
 
 
-apply_config = _apply_config
+apply_config = apply_config

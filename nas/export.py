@@ -34,7 +34,7 @@ from nas.measure import (
     LATENCY_HOST_KEYS,
     cpu_model,
 )
-from nas.pipeline import PACKED_NAME, Task, evaluate, get_dataset
+from nas.pipeline import PACKED_NAME, Task, artifact_name, evaluate, get_dataset
 from nas.preprocess import with_normalization
 from nas.study import front_frame, study_meta, trials_frame
 from nas.trust import (
@@ -60,7 +60,8 @@ _PICK = re.compile(r"^\s*(max|min)\s+(\w+)(?:\s+(?:with|where)\s+(.+))?\s*$")
 _COND = re.compile(r"^\s*(\w+)\s*(<=|>=|<|>)\s*([-+0-9.eE]+)\s*$")
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks (the manifest records one per file)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -260,7 +261,7 @@ def export_bundle(study: optuna.Study, number: int, out: Path, *, storage_url: s
             search_metrics, metrics = metrics, {k: res.metrics[k] for k in (*metrics, *LATENCY_HOST_KEYS) if k in res.metrics}
         else:
             folder = trial.user_attrs.get("artifact_dir") or (
-                str(Path(task.artifacts_dir) / f"trial-{number:05d}") if task.artifacts_dir else None)
+                str(Path(task.artifacts_dir) / artifact_name(number)) if task.artifacts_dir else None)
             if not folder or not Path(folder, PACKED_NAME).is_file():
                 raise NasError(f"trial {number} has no stored artifacts (looked in {folder!r}); "
                                "export it with --retrain EPOCHS to rebuild it")
@@ -299,7 +300,7 @@ def export_bundle(study: optuna.Study, number: int, out: Path, *, storage_url: s
                        "objectives": meta["objectives"], "front_position": _front_position(study, number)},
             "tolerances": {"accuracy": "exact (same data, same artifact)", "size_bytes": "exact",
                            "latency_ms": LATENCY_BAND},
-            "files": {f: {"sha256": _sha256(tmp / f), "bytes": (tmp / f).stat().st_size} for f in FILES},
+            "files": {f: {"sha256": sha256_file(tmp / f), "bytes": (tmp / f).stat().st_size} for f in FILES},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         (tmp / CARD).write_text(_card(manifest))

@@ -30,10 +30,10 @@ from typing import Any
 
 import numpy as np
 
+from nas.valuediff import REL_TOL, floats_differ, sparse_diff, tensor_diff, type_sig, value_diff
+
 __all__ = ["compare_models", "REL_TOL", "MAX_DIFFERENCES"]
 
-# Float rounding allowed between a value and its reference (relative, element by element).
-REL_TOL = 1e-6
 # Differences reported at most (the first is what a FAIL line shows).
 MAX_DIFFERENCES = 20
 
@@ -113,91 +113,6 @@ class _Defs:
 
 
 # ---------------------------------------------------------------------------------------------
-# values
-
-
-def _float_types() -> set[int]:
-    from onnx import TensorProto
-
-    return {getattr(TensorProto, n) for n in ("FLOAT", "DOUBLE", "FLOAT16", "BFLOAT16", "FLOAT8E4M3FN", "FLOAT8E4M3FNUZ",
-                                               "FLOAT8E5M2", "FLOAT8E5M2FNUZ", "FLOAT4E2M1", "FLOAT8E8M0")
-            if hasattr(TensorProto, n)}
-
-
-def _external(t: Any) -> bool:
-    from onnx import TensorProto
-
-    return t.data_location == TensorProto.EXTERNAL or len(t.external_data) > 0
-
-
-def _floats_differ(a: np.ndarray, b: np.ndarray) -> str | None:
-    a, b = np.asarray(a).astype(np.float64).ravel(), np.asarray(b).astype(np.float64).ravel()
-    nan_a, nan_b = np.isnan(a), np.isnan(b)
-    with np.errstate(invalid="ignore", over="ignore"):
-        close = np.abs(a - b) <= REL_TOL * np.maximum(np.abs(a), np.abs(b))
-        bad = (nan_a != nan_b) | (~nan_a & ~nan_b & ~(a == b) & ~close)
-    if not bad.any():
-        return None
-    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        rel = np.abs(a - b)[bad] / np.maximum(np.abs(a), np.abs(b))[bad]
-    worst = float(np.nanmax(rel)) if np.isfinite(rel).any() else float("inf")
-    return f"values differ at {int(bad.sum()):,} of {a.size:,} elements (largest relative difference {worst:.3g})"
-
-
-def _tensor_diff(a: Any, b: Any, lb: str) -> str | None:
-    """Why tensor ``a`` is not ``b`` (None: equal within float rounding); ``lb`` names ``b``'s model."""
-    from onnx import numpy_helper
-
-    if _external(a) or _external(b):
-        return "names external data (never read, so not the same)"
-    if a.data_type != b.data_type:
-        return f"data type {a.data_type} where {lb} has {b.data_type}"
-    if list(a.dims) != list(b.dims):
-        return f"shape {list(a.dims)} where {lb} has {list(b.dims)}"
-    try:
-        va, vb = numpy_helper.to_array(a), numpy_helper.to_array(b)
-    except Exception as exc:  # noqa: BLE001 - a malformed tensor fails in many ways
-        return f"cannot be read ({type(exc).__name__})"
-    if va.shape != vb.shape or va.dtype != vb.dtype:
-        return f"holds {va.size} {va.dtype} values where {lb} holds {vb.size} {vb.dtype}"
-    if a.data_type in _float_types() or va.dtype.kind == "f":
-        return _floats_differ(va, vb)
-    if va.dtype.kind == "c":
-        return _floats_differ(va.real, vb.real) or _floats_differ(va.imag, vb.imag)
-    if not np.array_equal(va, vb):
-        return f"values differ at {int((va != vb).sum()):,} of {va.size:,} elements"
-    return None
-
-
-def _sparse_diff(a: Any, b: Any, lb: str) -> str | None:
-    if list(a.dims) != list(b.dims):
-        return f"shape {list(a.dims)} where {lb} has {list(b.dims)}"
-    for part in ("values", "indices"):
-        d = _tensor_diff(getattr(a, part), getattr(b, part), lb)
-        if d:
-            return f"{part} {d}"
-    return None
-
-
-def _value_diff(a: tuple[Any, str], b: tuple[Any, str], lb: str) -> str | None:
-    if a[1] != b[1]:
-        return f"a {a[1]} tensor where {lb} has a {b[1]} one"
-    return _tensor_diff(a[0], b[0], lb) if a[1] == "dense" else _sparse_diff(a[0], b[0], lb)
-
-
-def _type_sig(tp: Any) -> Any:
-    """A value's type with symbolic dimension names left out (exporters name them their own way)."""
-    if tp is None:
-        return None
-    if tp.HasField("tensor_type"):
-        tt = tp.tensor_type
-        shape = (tuple(d.dim_value if d.HasField("dim_value") else "?" for d in tt.shape.dim)
-                 if tt.HasField("shape") else None)
-        return ("tensor", tt.elem_type, shape)
-    return tp.SerializeToString(deterministic=True)
-
-
-# ---------------------------------------------------------------------------------------------
 # the walk
 
 
@@ -264,7 +179,7 @@ class _Walk:
                 differs = True
             elif pa is None:
                 self.init_pairs["a"][na], self.init_pairs["b"][nb] = nb, na
-                d = _value_diff(self.A.inits[na], self.B.inits[nb], self.lb)
+                d = value_diff(self.A.inits[na], self.B.inits[nb], self.lb)
                 if d:
                     self.add(f"initializer read by {reader}: {d}")
         if not differs and sa[0] == "node":
@@ -294,18 +209,18 @@ class _Walk:
         if len(a.inputs) != len(b.inputs):
             self.add(f"{len(a.inputs)} input(s) where {self.lb} has {len(b.inputs)}")
         for i, (x, y) in enumerate(zip(a.input_types, b.input_types)):
-            if _type_sig(x) != _type_sig(y):
+            if type_sig(x) != type_sig(y):
                 self.add(f"input {i} has another type or shape than in {self.lb}")
         if sorted(self.A.defaults) != sorted(self.B.defaults):
             self.add(f"inputs with a default value (an initializer of the same name) differ from {self.lb}'s")
         for i in sorted(set(self.A.defaults) & set(self.B.defaults)):
-            d = _value_diff(self.A.defaults[i], self.B.defaults[i], self.lb)
+            d = value_diff(self.A.defaults[i], self.B.defaults[i], self.lb)
             if d:
                 self.add(f"default value of input {i}: {d}")
         if len(a.outputs) != len(b.outputs):
             self.add(f"{len(a.outputs)} output(s) where {self.lb} has {len(b.outputs)}")
         for j, (x, y) in enumerate(zip(a.output_types, b.output_types)):
-            if _type_sig(x) != _type_sig(y):
+            if type_sig(x) != type_sig(y):
                 self.add(f"output {j} has another type or shape than in {self.lb}")
         for j, (x, y) in enumerate(zip(a.outputs, b.outputs)):
             self.match(x, y, f"graph output {j}")
@@ -372,14 +287,14 @@ def _compare_attr(a: Any, b: Any, where: str, walk: _Walk | None, rep: _Report) 
     if a.s != b.s or list(a.strings) != list(b.strings):
         add(f"{a.s or list(a.strings)!r} where {lb} has {b.s or list(b.strings)!r}")
     fa, fb = np.array([a.f, *a.floats], dtype=np.float64), np.array([b.f, *b.floats], dtype=np.float64)
-    if fa.shape != fb.shape or _floats_differ(fa, fb):
+    if fa.shape != fb.shape or floats_differ(fa, fb):
         add(f"{a.f if not a.floats else list(a.floats)} where {lb} has {b.f if not b.floats else list(b.floats)}")
     ta = ([a.t] if a.HasField("t") else []) + list(a.tensors)
     tb = ([b.t] if b.HasField("t") else []) + list(b.tensors)
     if len(ta) != len(tb):
         add(f"{len(ta)} tensor(s) where {lb} has {len(tb)}")
     for k, (x, y) in enumerate(zip(ta, tb)):
-        d = _tensor_diff(x, y, lb)
+        d = tensor_diff(x, y, lb)
         if d:
             add(f"tensor{'' if len(ta) == 1 else f' {k}'} {d}")
     xa = ([a.sparse_tensor] if a.HasField("sparse_tensor") else []) + list(a.sparse_tensors)
@@ -387,12 +302,12 @@ def _compare_attr(a: Any, b: Any, where: str, walk: _Walk | None, rep: _Report) 
     if len(xa) != len(xb):
         add(f"{len(xa)} sparse tensor(s) where {lb} has {len(xb)}")
     for x, y in zip(xa, xb):
-        d = _sparse_diff(x, y, lb)
+        d = sparse_diff(x, y, lb)
         if d:
             add(f"sparse tensor {d}")
     pa = ([a.tp] if a.HasField("tp") else []) + list(a.type_protos)
     pb = ([b.tp] if b.HasField("tp") else []) + list(b.type_protos)
-    if [_type_sig(t) for t in pa] != [_type_sig(t) for t in pb]:
+    if [type_sig(t) for t in pa] != [type_sig(t) for t in pb]:
         add("another type")
     ga = ([a.g] if a.HasField("g") else []) + list(a.graphs)
     gb = ([b.g] if b.HasField("g") else []) + list(b.graphs)

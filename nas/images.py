@@ -91,7 +91,7 @@ def folder_dataset_id(folder: str | Path, size: str | None = None, mode: str | N
     return str(Path(path).resolve()) + (f"?{query}" if query else "")
 
 
-def _cache_dir() -> Path:
+def cache_dir() -> Path:
     if os.environ.get("NAS_CACHE_DIR"):
         return Path(os.environ["NAS_CACHE_DIR"])
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
@@ -189,7 +189,7 @@ def load_folder(name: str) -> dict[str, np.ndarray | list[str]]:
     classes = list(parts[0][1])
     if split_layout and list(parts[1][1]) != classes:
         raise DataError(f"{root / 'test'}: classes {list(parts[1][1])} differ from train/'s {classes}")
-    cache = _cache_dir() / "images" / f"{_key(root, parts, opts)}.npz"
+    cache = cache_dir() / "images" / f"{_key(root, parts, opts)}.npz"
     if cache.is_file():
         try:
             with np.load(cache, allow_pickle=False) as f:

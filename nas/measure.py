@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import logging
 import os
 import platform
 import statistics
 import tempfile
-import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -28,6 +26,17 @@ import numpy as np
 import torch
 from torch import nn
 
+# re-exported: export and sessions moved to nas.onnxio, callers import them from here too
+from nas.onnxio import (  # noqa: F401
+    Exported,
+    export_onnx,
+    export_onnx_as,
+    ort_predict,
+    ort_session,
+    quiet_exporter,
+    quiet_output,
+)
+
 __all__ = [
     "Latency",
     "InputLatency",
@@ -35,6 +44,7 @@ __all__ = [
     "count_params",
     "count_flops",
     "export_onnx",
+    "export_onnx_as",
     "Exported",
     "onnx_latency",
     "latency_host",
@@ -112,140 +122,6 @@ def flops_by_module(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
     return _flop_analysis(model, example, per_module=True)
 
 
-def _quiet_exporter() -> None:
-    # The dynamo exporter logs progress lines and torchvision-missing warnings on every call.
-    for name in ("torch.onnx", "torch._export", "torch.export", "torch._dynamo", "onnxscript"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
-# redirect_stdout swaps the process-wide sys.stdout: two --jobs threads exporting at once
-# restored each other's devnull and left sys.stdout closed, so `nas search --jobs 2 > file`
-# ended in "I/O operation on closed file" when it printed the front. One export at a time.
-_QUIET_LOCK = threading.RLock()
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """The exporter prints progress on stdout and warns on every call."""
-    with _QUIET_LOCK, open(os.devnull, "w") as null, warnings.catch_warnings(), contextlib.redirect_stdout(null):
-        warnings.simplefilter("ignore")
-        yield
-
-
-class Exported:
-    """A model traced once by the torch.export-based ONNX exporter, re-weightable.
-
-    Graph shape and latency do not depend on weight values, so a trial traces its final-shape
-    model once (in pre-flight, untrained) and writes the trained weights into that graph with
-    ``ONNXProgram.apply_weights`` instead of tracing again (tracing is the slowest step of a
-    trial outside training). The graph is kept *unoptimized*, so every weight is still an
-    initializer named after a state-dict key (tied weights: one of their keys); each save
-    re-weights a copy and then runs the exporter's own optimizer (which folds BatchNorm into
-    the convolutions). :meth:`save_with` checks the result against the model on real inputs
-    and traces afresh if they disagree.
-    """
-
-    def __init__(self, model: nn.Module, example: torch.Tensor) -> None:
-        import onnx_ir
-
-        _quiet_exporter()
-        model.eval()
-        self.example = example
-        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        with _quiet():
-            program = torch.onnx.export(model, (example,), dynamo=True, verbose=False, optimize=False)
-        self.initializers = set(program.model.graph.initializers)
-        self._proto = onnx_ir.serde.serialize_model(program.model)
-        self.last_reused = False  # whether the last save_with re-used this graph (recorded per trial)
-
-    def save(self, path: str | os.PathLike[str], state: dict[str, torch.Tensor] | None = None) -> Path:
-        """Write the optimized graph with ``state``'s weights (default: the traced model's)."""
-        import onnx_ir
-
-        program = torch.onnx.ONNXProgram(onnx_ir.serde.deserialize_model(self._proto), None)
-        state = self.state if state is None else state
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        with _quiet():
-            program.apply_weights({k: v.detach() for k, v in state.items() if k in self.initializers})
-            program.optimize()
-            program.save(str(tmp), external_data=False)
-        os.replace(tmp, path)  # atomic: a crash never leaves a half-written model behind
-        return path
-
-    def _matches(self, state: dict[str, torch.Tensor]) -> bool:
-        return state.keys() == self.state.keys() and all(
-            v.shape == self.state[k].shape and v.dtype == self.state[k].dtype for k, v in state.items())
-
-    def save_with(self, model: nn.Module, path: str | os.PathLike[str], check: torch.Tensor) -> tuple[Path, bool]:
-        """Write ``model``'s weights into this graph and save it at ``path``; returns (path, reused).
-
-        Re-used only if the state-dict keys, shapes and dtypes match and ONNX Runtime's outputs
-        on ``check`` match the model's; the candidate file is checked before it replaces
-        ``path``. Otherwise ``model`` is traced afresh. The traced model's own weights are
-        saved as they are (reused is False: nothing was re-weighted)."""
-        model.eval()
-        state = model.state_dict()
-        path = Path(path)
-        self.last_reused = False
-        if self._matches(state) and all(torch.equal(v, self.state[k]) for k, v in state.items()):
-            return self.save(path), False  # the traced weights themselves: this is the trace, no check needed
-        if self._matches(state):
-            trial = path.with_name(path.name + ".reused")
-            try:
-                self.save(trial, state)
-                with torch.no_grad():
-                    want = model(check).numpy()
-                sess = _session(trial, 1)
-                name = sess.get_inputs()[0].name
-                got = np.concatenate([sess.run(None, {name: check[i : i + 1].numpy()})[0] for i in range(len(check))])
-                self.last_reused = bool(np.allclose(got, want, rtol=1e-4, atol=1e-4))
-            except Exception:  # noqa: BLE001 - any failure of the shortcut means: trace afresh
-                self.last_reused = False
-            if self.last_reused:
-                os.replace(trial, path)
-                return path, True
-            trial.unlink(missing_ok=True)
-        return export_onnx(model, self.example, path), False
-
-
-# Which exporter wrote the last file (recorded per trial as ``onnx_exporter``).
-LAST_EXPORTER = {"name": ""}
-
-
-def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike[str]) -> Path:
-    """Export ``model`` for batch-1 inference.
-
-    The TorchScript-based exporter goes first: on this project's models it writes the same
-    graph (Conv+BatchNorm folded in eval mode) ~40x faster than the torch.export-based one
-    (0.05 s vs 2.1 s measured on an MNIST-1D candidate), and tracing was the largest overhead
-    of a trial. Its output is checked against the model on random inputs; any failure or
-    mismatch (or a PyTorch without it) falls back to the torch.export-based exporter."""
-    import onnxruntime  # noqa: F401 - the check below runs the file
-
-    path = Path(path)
-    tmp = path.with_name(path.name + ".ts.tmp")
-    model.eval()
-    try:
-        with _quiet():
-            torch.onnx.export(model, (example,), str(tmp), dynamo=False, do_constant_folding=True, opset_version=17,
-                              input_names=["x"], output_names=["logits"])
-        x = torch.from_numpy(np.random.default_rng(0).standard_normal((4, *example.shape[1:])).astype(np.float32))
-        with torch.no_grad():
-            want = model(x).numpy()
-        sess = _session(tmp, 1)
-        got = np.concatenate([sess.run(None, {"x": x[i : i + 1].numpy()})[0] for i in range(len(x))])
-        if not np.allclose(got, want, rtol=1e-4, atol=1e-4):
-            raise ValueError("TorchScript export differs from the model")
-        os.replace(tmp, path)
-        LAST_EXPORTER["name"] = "torchscript"
-        return path
-    except Exception:  # noqa: BLE001 - any failure of the fast path: the torch.export-based exporter
-        tmp.unlink(missing_ok=True)
-        LAST_EXPORTER["name"] = "dynamo"
-        return Exported(model, example).save(path)
-
-
 def _lock_path() -> Path:
     return Path(os.environ.get("NAS_MEASURE_LOCK", Path(tempfile.gettempdir()) / "nas-measure.lock"))
 
@@ -265,18 +141,6 @@ def file_lock(path: Path) -> Iterator[None]:
 def measure_lock() -> contextlib.AbstractContextManager[None]:
     """Hold the host-wide measurement lock, so two timings never overlap on a node."""
     return file_lock(_lock_path())
-
-
-def _session(path: Path, threads: int):  # noqa: ANN202
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
 # The timed runs are split into windows a short pause apart, and the fastest window's median
@@ -302,10 +166,10 @@ def onnx_latency(
     A measurement whose IQR/median is above :data:`NOISY_IQR_RATIO` is repeated (up to
     ``max_attempts``); the steadiest attempt is kept and the number of attempts recorded.
     """
-    sess = _session(Path(path), threads)
+    sess = ort_session(Path(path), threads)
     name = sess.get_inputs()[0].name
     x = np.random.default_rng(0).standard_normal(input_shape).astype(np.float32)
-    floor = _session(_identity_graph(input_shape), threads)
+    floor = ort_session(identity_graph(input_shape), threads)
     windows = max(1, min(WINDOWS, repeats // 8))
     best: Latency | None = None
     with measure_lock():
@@ -362,9 +226,9 @@ def onnx_latency_over(path: str | os.PathLike[str], inputs: np.ndarray, *, threa
     xs = np.ascontiguousarray(np.asarray(inputs, dtype=np.float32)[:MAX_TIMED_INPUTS])
     if len(xs) == 0:
         raise ValueError("no inputs to time")
-    sess = _session(Path(path), threads)
+    sess = ort_session(Path(path), threads)
     name = sess.get_inputs()[0].name
-    floor = _session(_identity_graph(xs[:1].shape), threads)
+    floor = ort_session(identity_graph(xs[:1].shape), threads)
     times = np.zeros((passes, len(xs)))
     floors = []
     with measure_lock():
@@ -398,7 +262,7 @@ def _window(sess: Any, name: str, x: np.ndarray, runs: int) -> tuple[float, floa
 _FLOOR_FILES: dict[str, Path] = {}
 
 
-def _identity_graph(input_shape: tuple[int, ...]) -> Path:
+def identity_graph(input_shape: tuple[int, ...]) -> Path:
     """An ONNX graph of one Identity node for this input shape: what the runtime costs with no
     work at all, timed beside every model as the host's speed reference.
 
@@ -412,9 +276,9 @@ def _identity_graph(input_shape: tuple[int, ...]) -> Path:
     key = "x".join(map(str, input_shape))
     if key in _FLOOR_FILES:
         return _FLOOR_FILES[key]
-    from nas.images import _cache_dir
+    from nas.images import cache_dir
 
-    path = _cache_dir() / f"identity-{key}.onnx"
+    path = cache_dir() / f"identity-{key}.onnx"
     try:
         if not path.is_file() or path.read_bytes() != data:
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -8,10 +8,14 @@ unfinished trials) are never on a front and add no volume.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
-__all__ = ["to_minimize", "non_dominated_ranks", "pareto_mask", "hypervolume", "hypervolume_curve"]
+__all__ = ["to_minimize", "non_dominated_ranks", "pareto_mask", "hypervolume", "hypervolume_curve", "REF_MARGIN",
+           "reference_point", "log_floor", "normalize_objectives", "normalized_hypervolume"]
+
+REF_MARGIN = 1.1
 
 
 def to_minimize(values: np.ndarray, directions: Sequence[str]) -> np.ndarray:
@@ -124,3 +128,73 @@ def hypervolume_curve(values: np.ndarray, directions: Sequence[str], reference: 
             hv = _hv_exact(front, ref)
         out[i] = hv
     return out
+
+
+# --------------------------------------------------------------------------- normalized hypervolume
+
+
+def _column(frames: Sequence[Any], name: str) -> np.ndarray:
+    """The finite values of column ``name`` over ``frames`` (DataFrames or mappings of arrays)."""
+    parts = [np.asarray(f[name], dtype=float) for f in frames if name in f]
+    vals = np.concatenate(parts) if parts else np.zeros(0)
+    return vals[np.isfinite(vals)]
+
+
+def reference_point(frames: Sequence[Any], names: list[str], dirs: list[str]) -> dict[str, float]:
+    """The hypervolume reference of each objective over the compared studies (``frames``:
+    tables with a column per objective): 0 for accuracy, the worst cost x1.1."""
+    ref = {}
+    for n, d in zip(names, dirs):
+        vals = _column(frames, n)
+        if d == "maximize":
+            ref[n] = 0.0 if n in ("accuracy", "reward") or not vals.size else float(vals.min()) - abs(float(vals.min())) * 0.1
+        else:
+            ref[n] = REF_MARGIN * float(vals.max()) if vals.size else 1.0
+    return ref
+
+
+def log_floor(frames: Sequence[Any], names: list[str], dirs: list[str]) -> dict[str, float]:
+    """The 0 of each cost's log scale: its smallest positive value over the compared studies / 1.1."""
+    low = {}
+    for n, d in zip(names, dirs):
+        if d != "minimize":
+            continue
+        vals = _column(frames, n)
+        if vals.size and float(vals.min()) > 0:
+            low[n] = float(vals.min()) / REF_MARGIN
+    return low
+
+
+def normalize_objectives(values: np.ndarray, names: list[str], dirs: list[str], ref: dict[str, float],
+                         lower: dict[str, float] | None = None) -> tuple[np.ndarray, list[float]]:
+    """Costs with a lower bound on a log scale (0 at the bound, 1 at the reference), other costs
+    divided by the reference; maximized objectives as they are."""
+    out = values.astype(float).copy()
+    norm_ref = []
+    lower = lower or {}
+    for j, (n, d) in enumerate(zip(names, dirs)):
+        if d == "minimize":
+            if n in lower and ref[n] > lower[n]:
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    out[:, j] = np.log(out[:, j] / lower[n]) / np.log(ref[n] / lower[n])
+            else:
+                out[:, j] = out[:, j] / ref[n]
+            norm_ref.append(1.0)
+        else:
+            norm_ref.append(ref[n])
+    return out, norm_ref
+
+
+def normalized_hypervolume(values: np.ndarray, names: Sequence[str], dirs: Sequence[str]) -> tuple[int, float | None]:
+    """(size of the Pareto front of ``values`` (one row per trial), its hypervolume with costs on
+    the log scale between their smallest value and the reference that :func:`reference_point`
+    gives over the same rows), as the live display and ``nas report`` show it."""
+    vals = np.asarray(values, dtype=float).reshape(-1, len(names))
+    vals = vals[np.isfinite(vals).all(1)]
+    if not len(vals):
+        return 0, None
+    front = vals[pareto_mask(vals, dirs)]
+    frame = [{n: vals[:, j] for j, n in enumerate(names)}]
+    ref, lower = reference_point(frame, list(names), list(dirs)), log_floor(frame, list(names), list(dirs))
+    norm, norm_ref = normalize_objectives(front, list(names), list(dirs), ref, lower)
+    return int(len(front)), float(hypervolume(norm, dirs, norm_ref))

@@ -25,13 +25,12 @@ import torch
 from torch import nn
 
 from nas.compress.pack import write_file
+from nas.compress.deploy import deploy_onnx, onnx_predict
 from nas.compress.passes import (
     compress,
-    deploy_onnx,
     dynamic_latency,
     load_packed,
     method_metrics,
-    onnx_predict,
     pack_model,
     trained_model,
     training_terms,
@@ -39,21 +38,20 @@ from nas.compress.passes import (
 )
 from nas.config import ArchConfig, Candidate, Recipe, augments_for
 from nas.data import Dataset, load_dataset
-from nas.early_stop import RungRule
-from nas.errors import ConfigError, TrialFailure
+from nas.task import Task, auto_screen, default_train_threads  # noqa: F401 - re-exported
+from nas.errors import TrialFailure
 from nas.measure import (
-    LAST_EXPORTER,
-    Exported,
     count_flops,
     count_params,
     latency_host,
     onnx_latency,
     onnx_latency_over,
 )
-from nas.objectives import DEFAULT_OBJECTIVES, check_constraints, mnasnet_reward
+from nas.objectives import check_constraints, mnasnet_reward
 from nas.train import accuracy, seed_everything, train
 
-__all__ = ["Task", "TrialResult", "ConstraintViolation", "evaluate", "get_dataset", "reference_floor", "timed", "PACKED_NAME"]
+__all__ = ["Task", "TrialResult", "ConstraintViolation", "evaluate", "get_dataset", "reference_floor", "timed", "PACKED_NAME",
+           "artifact_name"]
 
 PACKED_NAME = "weights.nasp"
 CALIBRATION_SAMPLES = 64
@@ -68,63 +66,16 @@ class ConstraintViolation(TrialFailure):
         self.costs = dict(costs or {})
 
 
-@dataclass(frozen=True)
-class Task:
-    """What every trial of a study shares: data, objectives, limits, measurement settings."""
-
-    dataset: str = "digits"
-    seed: int = 0
-    objectives: tuple[str, ...] = DEFAULT_OBJECTIVES
-    constraints: dict[str, float] = field(default_factory=dict)
-    latency_threads: int = 1
-    # The study's reference runtime floor (an Identity graph's latency when the study was made):
-    # every timing is scaled to that host speed by the floor timed beside it (see timed()).
-    latency_floor_ms: float | None = None
-    train_threads: int | None = None
-    epochs: int | None = None
-    artifacts_dir: str | None = None
-    teachers: int = 1
-    teacher_epochs: int = 20  # bounded by ``epochs`` where that is set (see teacher_budget)
-    max_memory_mb: float = 4096.0  # candidates estimated to need more to train fail in pre-flight
-    reward: dict[str, Any] | None = None  # {"on": cost name, "target": T, "form": soft|hard}
-    early_stop: dict[str, Any] | None = None  # RungRule fields; None turns early stopping off
-    # data-size fidelity: with early stopping on, every trial is first trained on this fraction
-    # of the training split (the whole recipe, so ~this fraction of the cost) and judged at rung
-    # 0 like any rung (calibrated, Pareto successive halving); 0 turns it off (see auto_screen)
-    screen: float = 0.0
-
-    def teacher_budget(self) -> int:
-        """Epochs a distillation teacher trains: ``--epochs`` bounds it as it bounds the students."""
-        return self.teacher_epochs if self.epochs is None else min(self.teacher_epochs, self.epochs)
-
-    def rung_rule(self) -> RungRule | None:
-        if self.early_stop is None:
-            return None
-        d = dict(self.early_stop)
-        if "fractions" in d:
-            d["fractions"] = tuple(d["fractions"])
-        return RungRule(**d)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["objectives"] = list(self.objectives)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Task:
-        try:
-            d = dict(d)
-            d["objectives"] = tuple(d.get("objectives", DEFAULT_OBJECTIVES))
-            return cls(**d)
-        except TypeError as exc:
-            raise ConfigError(f"task: cannot read task record ({exc})") from exc
-
-
 @dataclass
 class TrialResult:
     objectives: dict[str, float]
     metrics: dict[str, Any]
     artifact_dir: str | None = None
+
+
+def artifact_name(number: int) -> str:
+    """The folder a trial's artifacts go in, under the study's artifacts directory."""
+    return f"trial-{number:05d}"
 
 
 def get_dataset(name: str, seed: int) -> Dataset:
@@ -210,10 +161,10 @@ def _check_shapes(arch: ArchConfig, data: Dataset, recipe: Recipe | None = None)
 
 def reference_floor(task: Task) -> float:
     """The runtime's floor on this host now: an Identity graph's latency for the task's input."""
-    from nas.measure import _identity_graph
+    from nas.measure import identity_graph
 
     data = get_dataset(task.dataset, task.seed)
-    return onnx_latency(_identity_graph((1, data.in_channels, *data.input_size)), (1, data.in_channels,
+    return onnx_latency(identity_graph((1, data.in_channels, *data.input_size)), (1, data.in_channels,
                         *data.input_size), threads=task.latency_threads).median_ms
 
 
@@ -246,11 +197,11 @@ def timed(path: Path, example: torch.Tensor, task: Task, inputs: torch.Tensor | 
 
 
 def _costs(model: nn.Module, cand: Candidate, blob: bytes, example: torch.Tensor, calibration: torch.Tensor,
-           workdir: Path, task: Task, exported: Exported, normalize: tuple[float, float]) -> dict[str, Any]:
+           workdir: Path, task: Task, normalize: tuple[float, float]) -> dict[str, Any]:
     """Every cost of the shipped form: deployable ONNX latency (the graph normalises its raw
     input first, as shipped), packed-file bytes, FLOPs, params."""
-    onnx_path, precision = deploy_onnx(model, cand.compression, example, workdir / "model.onnx", calibration,
-                                       exported, normalize=normalize)
+    onnx_path, precision, _ = deploy_onnx(model, cand.compression, example, workdir / "model.onnx", calibration,
+                                          normalize=normalize)
     lat = timed(onnx_path, example, task)
     size = write_file(workdir / PACKED_NAME, blob)
     return {
@@ -276,7 +227,7 @@ class _Trial:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def _preflight(t: _Trial) -> tuple[dict[str, Any], Exported]:
+def _preflight(t: _Trial) -> dict[str, Any]:
     """The final compressed shape with untrained weights gives every cost; a violated hard
     limit rejects the candidate before training (sizes that depend on trained values are
     checked after compression instead)."""
@@ -294,10 +245,8 @@ def _preflight(t: _Trial) -> tuple[dict[str, Any], Exported]:
         preview = load_packed(t.candidate, blob)  # time exactly the structure that will ship
     except (RuntimeError, ValueError) as exc:
         raise TrialFailure(f"infeasible candidate: {exc}") from exc
-    exported = None  # each save exports afresh: the TorchScript exporter takes ~0.05 s (nas.measure.export_onnx)
     with tempfile.TemporaryDirectory(prefix="nas-trial-") as tmp:
-        costs = _costs(preview, t.candidate, blob, t.example, t.calibration, Path(tmp), t.task, exported,
-                       t.data.normalization)
+        costs = _costs(preview, t.candidate, blob, t.example, t.calibration, Path(tmp), t.task, t.data.normalization)
     # sizes that depend on trained values, and latencies that depend on the input (early exits:
     # the untrained pre-flight graph runs to full depth, an upper bound), are checked after compression
     later = {"size_bytes"} if value_dependent_size(t.candidate.compression) else set()
@@ -305,26 +254,7 @@ def _preflight(t: _Trial) -> tuple[dict[str, Any], Exported]:
     reason = check_constraints(costs, {k: v for k, v in t.task.constraints.items() if k not in later})
     if reason:
         raise ConstraintViolation(reason, costs)
-    return costs, exported
-
-
-def default_train_threads(concurrent: int) -> int:
-    """Training threads per trial: the cores this process may use divided by the trials that
-    run at once (every trial training with all cores oversubscribes the host: with 4 other
-    processes on it the quick start's trials took 30-280 s each against ~2 s idle)."""
-    import os
-
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, cores // max(1, concurrent))
-
-
-def auto_screen(n_train: int) -> float:
-    """The default data fraction trials are screened on: 1/8 of a training split of 20,000
-    samples or more (there one epoch is tens of seconds on 2 cores), none below."""
-    return 0.125 if n_train >= 20_000 else 0.0
+    return costs
 
 
 def screen_indices(n: int, fraction: float, seed: int) -> torch.Tensor:
@@ -373,8 +303,7 @@ def _train(t: _Trial, costs: dict[str, Any], at_rung: Callable | None,
     return model, stats, loss_fn
 
 
-def _deploy_and_score(t: _Trial, shipped: nn.Module, blob: bytes, exported: Exported,
-                      out: Path | None) -> dict[str, Any]:
+def _deploy_and_score(t: _Trial, shipped: nn.Module, blob: bytes, out: Path | None) -> dict[str, Any]:
     """Write the packed file and the deployable ONNX model; accuracy of that artifact in ONNX
     Runtime on the raw validation (the objective) and test (reported) inputs, which it normalises
     itself, and of the packed model beside it."""
@@ -383,8 +312,8 @@ def _deploy_and_score(t: _Trial, shipped: nn.Module, blob: bytes, exported: Expo
         folder = out or Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
         size = write_file(folder / PACKED_NAME, blob)
-        onnx_path, _ = deploy_onnx(shipped, t.candidate.compression, t.example, folder / "model.onnx", t.calibration,
-                                   exported, normalize=data.normalization)
+        onnx_path, _, exporter = deploy_onnx(shipped, t.candidate.compression, t.example, folder / "model.onnx",
+                                             t.calibration, normalize=data.normalization)
         pred = onnx_predict(onnx_path, torch.cat([data.raw("val"), data.raw("test")])).argmax(1)  # one ORT session
         dynamic = dynamic_latency(t.candidate.compression)
         lat = timed(onnx_path, t.example, t.task, inputs=data.raw("val") if dynamic else None)
@@ -393,7 +322,7 @@ def _deploy_and_score(t: _Trial, shipped: nn.Module, blob: bytes, exported: Expo
     val_pred, test_pred = pred[: len(data.y_val)], pred[len(data.y_val) :]
     # the packed model in PyTorch (float activations): differs from the deployed one only where
     # int8 QDQ quantizes activations; stored beside the deployed figures, never selected on
-    return {"size_bytes": size, **{f"deployed_{k}": v for k, v in lat.items()},
+    return {"size_bytes": size, "onnx_exporter": exporter, **{f"deployed_{k}": v for k, v in lat.items()},
             "accuracy": float((val_pred == data.y_val.numpy()).mean()),
             "test_accuracy": float((test_pred == data.y_test.numpy()).mean()),
             "packed_val_accuracy": accuracy(shipped, data.x_val, data.y_val),
@@ -418,8 +347,8 @@ def _result(t: _Trial, costs: dict[str, Any], scores: dict[str, Any], stats: Any
     acc = scores["accuracy"]
     objectives = {"accuracy": acc, **{k: float(costs[k]) for k in ("latency_ms", "size_bytes", "flops", "params")}}
     if t.task.reward:
-        objectives["reward"] = mnasnet_reward(acc, objectives[t.task.reward["on"]], t.task.reward["target"],
-                                              t.task.reward.get("form", "soft"))
+        r = t.task.reward
+        objectives["reward"] = mnasnet_reward(acc, objectives[r.on], r.target, r.form)
     metrics = {**costs, **{k: v for k, v in scores.items() if not k.startswith("deployed_")}, "val_accuracy": acc, "epochs": stats.epochs, "final_loss": stats.final_loss,
                **t.timings, **({"reward": objectives["reward"]} if "reward" in objectives else {})}
     return TrialResult(objectives, metrics, str(out) if out else None)
@@ -452,7 +381,7 @@ def evaluate(
                data.x_train[:CALIBRATION_SAMPLES])
     out = Path(task.artifacts_dir) / trial_id if task.artifacts_dir and trial_id is not None else None
 
-    costs, exported = _preflight(t)  # 1. every cost, on the final shape; reject over a limit
+    costs = _preflight(t)  # 1. every cost, on the final shape; reject over a limit
     t.timings["preflight_s"] = (t1 := clock()) - t0
     model, stats, loss_fn = _train(t, costs, at_rung, progress)  # 2. train (rungs may stop it)
     t.timings["train_s"] = (t2 := clock()) - t1
@@ -460,8 +389,7 @@ def evaluate(
     blob = pack_model(compressed, candidate.compression)
     shipped = load_packed(candidate, blob)
     t.timings["compress_s"] = (t3 := clock()) - t2
-    scores = _deploy_and_score(t, shipped, blob, exported, out)  # 4. deploy and score the artifact
-    costs["onnx_exporter"] = LAST_EXPORTER["name"]  # torchscript (fast path) or dynamo (fallback)
+    scores = _deploy_and_score(t, shipped, blob, out)  # 4. deploy and score the artifact
     t.timings["eval_s"] = clock() - t3
     t.timings["total_s"] = clock() - t0
     return _result(t, costs, scores, stats, out)  # 5. objectives and metrics

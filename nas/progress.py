@@ -31,23 +31,11 @@ LOG_FORMATS = ("text", "json")
 
 def front_stats(trials: Sequence[Any], objectives: Sequence[str], directions: Sequence[str]) -> tuple[int, float | None]:
     """(size of the Pareto front, its hypervolume) over the COMPLETE trials."""
-    import pandas as pd
-
-    from nas.pareto import hypervolume, pareto_mask
-    from nas.report import _lower, _normalize, _reference
+    from nas.pareto import normalized_hypervolume
 
     vals = np.array([t.values for t in trials if t.state.name == "COMPLETE" and t.values
                      and len(t.values) == len(objectives)], dtype=float)
-    if not len(vals):
-        return 0, None
-    vals = vals[np.isfinite(vals).all(1)]
-    if not len(vals):
-        return 0, None
-    front = vals[pareto_mask(vals, directions)]
-    frame = [pd.DataFrame(vals, columns=list(objectives))]
-    ref, lower = _reference(frame, list(objectives), list(directions)), _lower(frame, list(objectives), list(directions))
-    norm, norm_ref = _normalize(front, list(objectives), list(directions), ref, lower)
-    return int(len(front)), float(hypervolume(norm, directions, norm_ref))
+    return normalized_hypervolume(vals, objectives, directions)
 
 
 def trial_line(trial: Any, objectives: Sequence[str]) -> str:

@@ -24,7 +24,7 @@ import optuna
 import pandas as pd
 
 from nas.baseline import annotate, baseline_lines, stored_baselines
-from nas.pareto import hypervolume_curve, pareto_mask
+from nas.pareto import hypervolume_curve, log_floor, normalize_objectives, pareto_mask, reference_point
 from nas.table import counts_sentence
 from nas.study import front_frame, study_meta, trials_frame
 
@@ -38,7 +38,6 @@ UNITS = {
     "params": "params (count)",
     "reward": "reward (MnasNet)",
 }
-REF_MARGIN = 1.1
 
 
 @dataclass
@@ -60,51 +59,6 @@ class Report:
     lower: dict[str, float] = field(default_factory=dict)  # log-scale costs: the 0 of each
 
 
-def _reference(frames: list[pd.DataFrame], names: list[str], dirs: list[str]) -> dict[str, float]:
-    ref = {}
-    for n, d in zip(names, dirs):
-        vals = pd.concat([f[n] for f in frames if n in f]).astype(float)
-        vals = vals[np.isfinite(vals)]
-        if d == "maximize":
-            ref[n] = 0.0 if n in ("accuracy", "reward") or vals.empty else float(vals.min()) - abs(float(vals.min())) * 0.1
-        else:
-            ref[n] = REF_MARGIN * float(vals.max()) if not vals.empty else 1.0
-    return ref
-
-
-def _lower(frames: list[pd.DataFrame], names: list[str], dirs: list[str]) -> dict[str, float]:
-    """The 0 of each cost's log scale: its smallest positive value over the compared studies / 1.1."""
-    low = {}
-    for n, d in zip(names, dirs):
-        if d != "minimize":
-            continue
-        vals = pd.concat([f[n] for f in frames if n in f]).astype(float)
-        vals = vals[np.isfinite(vals)]
-        if not vals.empty and float(vals.min()) > 0:
-            low[n] = float(vals.min()) / REF_MARGIN
-    return low
-
-
-def _normalize(values: np.ndarray, names: list[str], dirs: list[str], ref: dict[str, float],
-               lower: dict[str, float] | None = None) -> tuple[np.ndarray, list[float]]:
-    """Costs with a lower bound on a log scale (0 at the bound, 1 at the reference), other costs
-    divided by the reference; maximized objectives as they are."""
-    out = values.astype(float).copy()
-    norm_ref = []
-    lower = lower or {}
-    for j, (n, d) in enumerate(zip(names, dirs)):
-        if d == "minimize":
-            if n in lower and ref[n] > lower[n]:
-                with np.errstate(divide="ignore", invalid="ignore"):
-                    out[:, j] = np.log(out[:, j] / lower[n]) / np.log(ref[n] / lower[n])
-            else:
-                out[:, j] = out[:, j] / ref[n]
-            norm_ref.append(1.0)
-        else:
-            norm_ref.append(ref[n])
-    return out, norm_ref
-
-
 def _hv_curve(df: pd.DataFrame, names: list[str], dirs: list[str], ref: dict[str, float],
               lower: dict[str, float] | None = None) -> pd.DataFrame:
     df = df.sort_values(["datetime_complete", "trial"], kind="stable")  # in the order trials finished
@@ -113,7 +67,7 @@ def _hv_curve(df: pd.DataFrame, names: list[str], dirs: list[str], ref: dict[str
     starts = pd.to_datetime(df["datetime_start"])
     ends = pd.to_datetime(df["datetime_complete"])
     t0 = starts.min()
-    values, norm_ref = _normalize(df[names].to_numpy(dtype=float), names, dirs, ref, lower)
+    values, norm_ref = normalize_objectives(df[names].to_numpy(dtype=float), names, dirs, ref, lower)
     hv = hypervolume_curve(values, dirs, norm_ref)
     return pd.DataFrame({"trial": df["trial"].astype(int).to_numpy(),
                          "elapsed_s": [(e - t0).total_seconds() if pd.notna(e) else np.nan for e in ends],
@@ -168,8 +122,8 @@ def build_report(studies: list[optuna.Study]) -> Report:
             raise ValueError(f"study {s.study_name!r} has objectives {m['objectives']}, not {names}: "
                              "only studies with the same objectives can be compared")
     frames = [trials_frame(s) for s in studies]
-    ref = _reference(frames, names, dirs)
-    lower = _lower(frames, names, dirs)
+    ref = reference_point(frames, names, dirs)
+    lower = log_floor(frames, names, dirs)
     out = []
     for s, df in zip(studies, frames):
         front = front_frame(s)

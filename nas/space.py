@@ -14,7 +14,7 @@ A space file is data::
         stride: 2
         expansion: [2, 4]       # used by mbconv only
     recipe: {epochs: 10, lr: {low: 0.001, high: 0.01, log: true}}
-    compression: {quant_bits: [32, 8]}
+    compression: {quant: [fp32, int8], prune: [none, l1], prune_ratio: [0.25, 0.5]}
 
 :meth:`Space.suggest` turns an Optuna trial (or Ray Tune's define-by-run trial, which is the
 same object) into a :class:`~nas.config.Candidate` without running anything.
@@ -30,10 +30,10 @@ from typing import Any
 
 import yaml
 
-from nas.blocks import BLOCKS
-from nas.compress.registry import sampling_order
-from nas.config import ArchConfig, BlockConfig, Candidate, CompressionConfig, Recipe, augments_for
+from nas.config import BLOCK_TYPES, ArchConfig, BlockConfig, Candidate, CompressionConfig, Recipe, augments_for
 from nas.errors import SpaceError
+from nas.genes import genes as _compression_genes
+from nas.genes import per_stage_genes, sampling_order
 
 __all__ = ["Param", "StageSpace", "Space", "load_space", "resolve_space_path", "per_stage_genes", "SPACES_DIR"]
 
@@ -43,17 +43,6 @@ _TOP_KEYS = {"name", "spatial", "stem_channels", "stem_kernel", "stem_stride", "
              "compression", "early_stop", "input_size"}
 _STAGE_KEYS = {"block", "depth", "width", "kernel", "stride", "expansion"}
 _HEADS = ("gap", "flatten")
-
-
-def _compression_genes() -> dict[str, Any]:
-    from nas.compress.registry import genes
-
-    return genes()
-
-
-def per_stage_genes() -> dict[str, str]:
-    """Genes a space may sample once per stage, and the CompressionConfig field that holds them."""
-    return {name: g.per_stage for name, g in _compression_genes().items() if g.per_stage}
 
 
 @dataclass(frozen=True)
@@ -269,11 +258,11 @@ def _stage(where: str, raw: Any, spatial: str) -> StageSpace:
     for key in ("block", "width"):
         if key not in raw:
             raise SpaceError(f"{where}: missing required key {key!r}")
-    allowed_blocks = sorted(b for b in BLOCKS if not (spatial == "1d" and b == "factorized"))
+    allowed_blocks = sorted(b for b, t in BLOCK_TYPES.items() if not (spatial == "1d" and t.needs_2d))
 
     def block_ok(v: str) -> str | None:
-        if v not in BLOCKS:
-            return f"is not a block type (allowed: {', '.join(sorted(BLOCKS))})"
+        if v not in BLOCK_TYPES:
+            return f"is not a block type (allowed: {', '.join(sorted(BLOCK_TYPES))})"
         if v not in allowed_blocks:
             return f"needs a 2-D input; a 1d space allows: {', '.join(allowed_blocks)}"
         return None

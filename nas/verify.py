@@ -7,7 +7,6 @@ nothing is ever unpickled. :func:`verify_bundle` then re-measures what the manif
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import tempfile
@@ -19,26 +18,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from nas.compress.deploy import graph_nodes
-from nas.compress.passes import load_packed, onnx_predict, weights_off_packed
+from nas.compress.deploy import graph_nodes, onnx_predict, weights_off_packed
+from nas.compress.passes import load_packed
 from nas.config import Candidate
 from nas.errors import BundleError, NasError
-from nas.export import BUNDLE_FORMAT, CARD, FILES, INT8_AGREEMENT, MANIFEST
-from nas.measure import LATENCY_HOST_KEYS, export_onnx, latency_host, onnx_latency, onnx_latency_over
+from nas.export import BUNDLE_FORMAT, CARD, FILES, INT8_AGREEMENT, MANIFEST, sha256_file
+from nas.measure import LATENCY_HOST_KEYS, latency_host, onnx_latency, onnx_latency_over
+from nas.onnxio import export_onnx
 from nas.pipeline import PACKED_NAME, get_dataset
 from nas.preprocess import with_normalization
 from nas.train import accuracy
-from nas.trust import check_dataset_size, check_onnx, check_pt2, inside, no_unpickling, read_json_file
+from nas.datasize import check_dataset_size
+from nas.trust import check_onnx, check_pt2, inside, no_unpickling, read_json_file
 
 __all__ = ["read_manifest", "verify_bundle", "load_bundle", "Bundle", "VerifyResult"]
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass
@@ -124,7 +117,7 @@ def _decode(cand: Candidate, path: Path) -> torch.nn.Module:
                           f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
 
 
-def _load_pt2(path: Path) -> Any:
+def load_pt2(path: Path) -> Any:
     """torch.export.load of an archive already checked to hold nothing pickled, with every
     unpickling entry point disabled while it loads."""
     check_pt2(path)  # entries, pickle flags and the graph's operators (crafted archives: tests/test_trust.py)
@@ -149,13 +142,13 @@ def verify_bundle(path: Path, *, remeasure_latency: bool = True) -> VerifyResult
     if extra:
         checks.append(("bundle contents", False, f"files the manifest does not list: {', '.join(extra)}"))
     for name, info in manifest["files"].items():
-        digest = _sha256(path / name)
+        digest = sha256_file(path / name)
         checks.append((f"sha256 {name}", digest == info["sha256"],
                        "matches" if digest == info["sha256"] else f"{digest[:16]}... != manifest {info['sha256'][:16]}..."))
     if not all(ok for _, ok, _ in checks):
         return VerifyResult(False, checks)
     check_onnx(path / "model.onnx")
-    program = _load_pt2(path / "model.pt2")
+    program = load_pt2(path / "model.pt2")
 
     m = manifest["metrics"]
     size = (path / PACKED_NAME).stat().st_size
@@ -241,7 +234,7 @@ def _graph_check(path: Path, cand: Candidate, data: Any) -> tuple[str, bool, str
     keep the two calls alike) and compared by topology (:mod:`nas.graphcheck`)."""
     import onnx
 
-    from nas.compress.passes import deploy_onnx
+    from nas.compress.deploy import deploy_onnx
     from nas.graphcheck import MAX_DIFFERENCES, REL_TOL, compare_models
     from nas.pipeline import CALIBRATION_SAMPLES
 
@@ -251,7 +244,7 @@ def _graph_check(path: Path, cand: Candidate, data: Any) -> tuple[str, bool, str
     exported = None  # what the pipeline passes (its pre-flight keeps no export)
     with tempfile.TemporaryDirectory(prefix="nas-verify-graph-") as tmp:
         try:
-            ref_path, _ = deploy_onnx(shipped, cand.compression, example, Path(tmp) / "model.onnx", calibration,
+            ref_path, _, _ = deploy_onnx(shipped, cand.compression, example, Path(tmp) / "model.onnx", calibration,
                                       exported, normalize=data.normalization)
             reference = onnx.load(str(ref_path))
         except Exception as exc:  # noqa: BLE001 - whatever stops the rebuild fails the check

@@ -14,6 +14,7 @@ from torch import nn
 
 from nas.backends.optuna import make_objective, make_sampler, recover_dead_trials
 from nas.blocks import BLOCKS, register_block
+from nas.config import BLOCK_TYPES
 from nas.pipeline import Task
 from nas.space import parse_space
 
@@ -125,8 +126,9 @@ def test_failing_trials_are_recorded_and_the_study_goes_on(tmp_path):
         assert by_block["test_nan"].state == optuna.trial.TrialState.FAIL
         assert "non-finite loss" in by_block["test_nan"].user_attrs["fail_reason"]
     finally:
-        BLOCKS.pop("test_boom", None)
-        BLOCKS.pop("test_nan", None)
+        for name in ("test_boom", "test_nan"):
+            BLOCKS.pop(name, None)
+            BLOCK_TYPES.pop(name, None)
 
 
 def _states(db, name):

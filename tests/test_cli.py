@@ -129,14 +129,15 @@ def test_bad_config_files_are_one_line_and_exit_2(in_tmp, capsys, text, message)
 def test_flags_win_over_the_config_also_abbreviated(in_tmp):
     import argparse
 
-    from nas.cli import _apply_config, _build_parser
+    from nas.cli import apply_config
+    from nas.cliparser import build_parser as _build_parser
 
     (in_tmp / "c.yaml").write_text("sampler: tpe\ntrials: 7\nseed: 3\nearly_stop: false\n")
     parser = _build_parser()
     for argv in (["search", "--config", "c.yaml", "--sam", "random", "--tri", "2"],
                  ["search", "--config=c.yaml", "--sampler=random", "--trials=2"]):
         args = parser.parse_args(argv)
-        _apply_config(args, parser, argv)
+        apply_config(args, parser, argv)
         assert (args.sampler, args.trials, args.seed, args.early_stop) == ("random", 2, 3, False)
     assert isinstance(args, argparse.Namespace)
 
@@ -275,15 +276,21 @@ def test_early_stopping_follows_the_space_unless_eta_is_given_and_timeout_stops(
     assert off.user_attrs["nas"]["task"]["early_stop"] is None
     assert len(off.trials) == 1  # the timeout passed during the first trial: no second one started
     assert main([*common, "--study", "on", "--trials", "1", "--eta", "2"]) == 0
-    assert optuna.load_study(study_name="on", storage=db).user_attrs["nas"]["task"]["early_stop"] == {"eta": 2.0, "calibrate": 12}
+    from nas.early_stop import RungRule
+    from nas.task import Task
+
+    def stored_rule(name: str) -> RungRule | None:
+        return Task.from_dict(optuna.load_study(study_name=name, storage=db).user_attrs["nas"]["task"]).early_stop
+
+    assert stored_rule("on") == RungRule(eta=2.0, calibrate=12)
     assert main(["search", "--epochs", "1", "--storage", db, "--quiet", "--study", "d", "--trials", "1"]) == 0
-    assert optuna.load_study(study_name="d", storage=db).user_attrs["nas"]["task"]["early_stop"] == {"eta": 3.0, "calibrate": 12}
+    assert stored_rule("d") == RungRule(eta=3.0, calibrate=12)
 
 
 def test_every_command_shows_examples_that_parse():
     import shlex
 
-    from nas.cli import _build_parser
+    from nas.cliparser import build_parser as _build_parser
 
     parser = _build_parser()
     sub = next(a for a in parser._actions if isinstance(a, __import__("argparse")._SubParsersAction))
@@ -452,13 +459,14 @@ def test_ctrl_c_fails_the_running_trial_as_interrupted_and_the_resume_retries_it
 
 def test_a_single_baseline_in_a_config_file_is_one_model(in_tmp, capsys):
     """`baseline: /x.onnx` is one path (a list of one), not its characters."""
-    from nas.cli import _apply_config, _build_parser
+    from nas.cli import apply_config
+    from nas.cliparser import build_parser as _build_parser
 
     parser = _build_parser()
     for text, want in (("baseline: /x/model.onnx\n", ["/x/model.onnx"]), ("baseline: [a.onnx, b.pt2]\n", ["a.onnx", "b.pt2"])):
         (in_tmp / "c.yaml").write_text(text)
         args = parser.parse_args(["search", "--config", "c.yaml"])
-        _apply_config(args, parser, ["search", "--config", "c.yaml"])
+        apply_config(args, parser, ["search", "--config", "c.yaml"])
         assert args.baseline == want
     (in_tmp / "c.yaml").write_text("baseline: /nowhere/model.onnx\ntrials: 1\n")
     assert _exit_code(["search", "--config", "c.yaml", "--storage", f"sqlite:///{in_tmp}/b.db"]) == 2

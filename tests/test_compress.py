@@ -155,7 +155,7 @@ def _packed(state, cfg, data):
 
 def test_int8_export_has_quantized_ops_and_runs(data, trained, tmp_path):
     cfg = CompressionConfig(quant="int8")
-    path, precision = deploy_onnx(_packed(trained, cfg, data), cfg, torch.zeros(1, 1, 8, 8), tmp_path / "m.onnx",
+    path, precision, _ = deploy_onnx(_packed(trained, cfg, data), cfg, torch.zeros(1, 1, 8, 8), tmp_path / "m.onnx",
                                   data.x_train[:32])
     graph = onnx.load(str(path)).graph
     ops = {n.op_type for n in graph.node}
@@ -173,11 +173,11 @@ def test_int8_export_has_quantized_ops_and_runs(data, trained, tmp_path):
 def test_deployed_int8_weights_are_exactly_the_packed_codes(data, trained, tmp_path, cfg):
     """The deployed QDQ graph dequantizes to the packed model's weights (per-channel scales of
     the packed codes); ONNX Runtime's own int8 scale would put sub-8-bit codes on another grid."""
-    from nas.compress.passes import weights_off_packed
+    from nas.compress.deploy import weights_off_packed
     from nas.measure import export_onnx
 
     model = _packed(trained, cfg, data)
-    path, precision = deploy_onnx(model, cfg, torch.zeros(1, 1, 8, 8), tmp_path / "m.onnx", data.x_train[:32])
+    path, precision, _ = deploy_onnx(model, cfg, torch.zeros(1, 1, 8, 8), tmp_path / "m.onnx", data.x_train[:32])
     assert "int8" in precision
     ref = onnx.load(str(export_onnx(model, torch.zeros(1, 1, 8, 8), tmp_path / "ref.onnx"))).graph
     assert weights_off_packed(path, ref) == []
@@ -206,13 +206,13 @@ def test_requantized_weights_are_caught(data, trained, tmp_path):
 def test_clustered_weights_deploy_as_exact_fp32(data, trained, tmp_path):
     cfg = CompressionConfig(cluster_bits=4)
     model = _packed(trained, cfg, data)
-    path, precision = deploy_onnx(model, cfg, torch.zeros(1, 1, 8, 8), tmp_path / "m.onnx", data.x_train[:4])
+    path, precision, _ = deploy_onnx(model, cfg, torch.zeros(1, 1, 8, 8), tmp_path / "m.onnx", data.x_train[:4])
     assert precision == "fp32 (clustered weights)"
     np.testing.assert_array_equal(onnx_predict(path, data.x_val).argmax(1), predict(model, data.x_val).numpy().argmax(1))
 
 
 def test_fp32_deploy_matches_pytorch(data, trained, tmp_path):
-    path, precision = deploy_onnx(_fresh(trained), CompressionConfig(), torch.zeros(1, 1, 8, 8), tmp_path / "m.onnx", data.x_train[:4])
+    path, precision, _ = deploy_onnx(_fresh(trained), CompressionConfig(), torch.zeros(1, 1, 8, 8), tmp_path / "m.onnx", data.x_train[:4])
     assert precision == "fp32"
     np.testing.assert_allclose(onnx_predict(path, data.x_val[:50]), predict(_fresh(trained), data.x_val[:50]).numpy(), atol=1e-4)
 
@@ -262,7 +262,7 @@ def test_pack_aliases_shared_tensors_and_rejects_bad_magic():
 
 def test_mixed_precision_deploys_float_stages_as_float(data, trained, tmp_path):
     cfg = CompressionConfig(stage_quant=("fp32", "int8", "int8"))
-    path, precision = deploy_onnx(_packed(trained, cfg, data), cfg, torch.zeros(1, 1, 8, 8), tmp_path / "m.onnx", data.x_train[:16])
+    path, precision, _ = deploy_onnx(_packed(trained, cfg, data), cfg, torch.zeros(1, 1, 8, 8), tmp_path / "m.onnx", data.x_train[:16])
     assert precision == "mixed int8/fp32"
     graph = onnx.load(str(path)).graph
     producers = {o: n for n in graph.node for o in n.output}

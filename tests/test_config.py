@@ -24,9 +24,32 @@ def test_candidate_json_round_trip_is_exact():
     assert json.loads(cand.to_json())["version"] == 1
 
 
+def _unusual() -> Candidate:
+    """Every field away from its default, so a decoder that drops or mixes one is caught."""
+    arch = ArchConfig(in_channels=3, num_classes=7, input_size=(12, 10), spatial="2d", stem_channels=12,
+                      blocks=(BlockConfig("factorized", 16, 5, 1, stage=0), BlockConfig("mbconv", 16, 3, 1, 2, stage=0),
+                              BlockConfig("mbconv", 16, 3, 1, 2, stage=0), BlockConfig("conv", 24, 3, 2, stage=1,
+                                                                                      hidden=20, residual=False)),
+                      head="flatten", dropout=0.25, share=True, stem_kernel=5, stem_stride=2)
+    comp = CompressionConfig(prune="l1", prune_ratio=0.5, stage_prune_ratios=(0.25, 0.5), prune_rounds=2, quant="int4",
+                             stage_quant=("int8", "int4"), huffman=True, sparsity=0.3, distill_alpha=0.5, distill_T=2.0,
+                             finetune_epochs=3, lowrank=0.5, share=True, weight_only=True)
+    return Candidate(arch, comp, Recipe(epochs=7, lr=0.02, batch_size=32, weight_decay=0.001, augment="shift"))
+
+
+def test_every_field_survives_the_json_round_trip():
+    cand = _unusual()
+    again = Candidate.from_json(cand.to_json())
+    assert again == cand and again.to_dict() == cand.to_dict()
+    for field in ("arch", "compression", "recipe"):
+        assert getattr(again, field) == getattr(cand, field), field
+    assert again.compression.stage_quant == ("int8", "int4") and again.arch.input_size == (12, 10)
+
+
 def test_same_candidate_builds_same_structure():
-    cand = Candidate.from_json(Candidate(_arch()).to_json())
-    a, b = build(cand.arch), build(cand.arch)
+    cand = _unusual()
+    decoded = Candidate.from_json(cand.to_json())
+    a, b = build(cand.arch), build(decoded.arch)  # the original and what its record decodes to
     assert str(a) == str(b)
     assert [(k, v.shape) for k, v in a.state_dict().items()] == [(k, v.shape) for k, v in b.state_dict().items()]
 
@@ -59,7 +82,7 @@ def test_config_parser_fuzz_only_raises_nas_errors(tmp_path_factory, raw):
     """Whatever an experiment file holds: values land with the flag's own type, or one NasError."""
     import yaml
 
-    from nas.cli import _apply_config, _build_parser
+    from nas.cli import apply_config, _build_parser
     from nas.errors import NasError
 
     path = tmp_path_factory.mktemp("cfg") / "c.yaml"
@@ -68,7 +91,7 @@ def test_config_parser_fuzz_only_raises_nas_errors(tmp_path_factory, raw):
     argv = ["search", "--config", str(path)]
     args = parser.parse_args(argv)
     try:
-        _apply_config(args, parser, argv)
+        apply_config(args, parser, argv)
     except NasError as exc:
         assert "\n" not in str(exc)
         return

@@ -15,6 +15,7 @@ import torch
 from nas.cli import main
 from nas.compress.deploy import graph_nodes, onnx_predict
 from nas.compress.early_exit import GRID, NEVER, EarlyExitNet, answered_by, exit_points, exit_stages
+from nas.builder import build
 from nas.compress.passes import load_packed
 from nas.config import ArchConfig, BlockConfig, Candidate, CompressionConfig, Recipe
 from nas.pipeline import Task, evaluate, get_dataset
@@ -86,6 +87,30 @@ def test_exits_are_trained_calibrated_and_shipped_as_one_graph_with_control_flow
     assert m["deploy_precision"] == "fp32 (early-exit graph)" and m["size_bytes"] > 0
 
 
+def test_the_recorded_exporter_is_the_one_that_wrote_the_early_exit_graph(exit_trial, tmp_path, monkeypatch):
+    """It travels with the deployed file (it used to be a module global, read after the whole
+    deploy: '' in a fresh process, or whatever the previous export of the process used)."""
+    from nas.compress.deploy import deploy_onnx
+    from nas.measure import export_onnx_as
+
+    cand, res = exit_trial
+    assert res.metrics["onnx_exporter"] == "torchscript"  # its segments are traced by the TorchScript exporter
+    real = torch.onnx.export
+
+    def no_torchscript(*a, **k):
+        if not k.get("dynamo", True):
+            raise RuntimeError("no TorchScript exporter here")
+        return real(*a, **k)
+
+    monkeypatch.setattr(torch.onnx, "export", no_torchscript)
+    assert export_onnx_as(build(ARCH).eval(), torch.zeros(1, 1, 8, 8), tmp_path / "d.onnx")[1] == "dynamo"
+    monkeypatch.undo()
+    shipped = load_packed(cand, open(f"{res.artifact_dir}/weights.nasp", "rb").read())
+    deployed = deploy_onnx(shipped, cand.compression, torch.zeros(1, 1, 8, 8), tmp_path / "e.onnx",
+                           get_dataset("digits", 0).x_train[:16])
+    assert (deployed.precision, deployed.exporter) == ("fp32 (early-exit graph)", "torchscript")
+
+
 def test_an_input_leaves_at_its_first_confident_exit(exit_trial):
     """Thresholds set by hand: all at NEVER runs full depth, the first at 0 answers everything
     from exit 1; the ONNX graph does what the PyTorch model does in both cases."""
@@ -122,7 +147,7 @@ def test_candidates_the_exits_cannot_serve_fail_in_preflight_with_the_reason(gen
 
 
 def test_the_gene_is_not_sampled_where_it_cannot_apply():
-    from nas.compress.registry import genes
+    from nas.genes import genes
 
     matters = genes()["early_exit"].matters
     assert matters({"prune": "none", "quant": "int8", "weight_only": True})

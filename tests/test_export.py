@@ -12,7 +12,8 @@ import torch
 
 import nas
 from nas.cli import main
-from nas.compress.passes import load_packed, onnx_predict
+from nas.compress.deploy import onnx_predict
+from nas.compress.passes import load_packed
 from nas.config import Candidate
 from nas.export import INT8_AGREEMENT
 from nas.measure import Latency

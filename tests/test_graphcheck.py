@@ -2,7 +2,7 @@
 structure with the one ``deploy_onnx`` rebuilds from ``weights.nasp`` (nas.graphcheck), ONNX
 files are refused with external data wherever the format allows a tensor, or with
 ``training_info`` (nas.trust.check_onnx), and a dataset the manifest names is bounded before
-it is read (nas.trust.check_dataset_size). Each crafted case here used to verify or load."""
+it is read (nas.datasize.check_dataset_size). Each crafted case here used to verify or load."""
 
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ from nas.cli import main
 from nas.compress.deploy import onnx_predict
 from nas.errors import BundleError
 from nas.graphcheck import compare_models
-from nas.trust import check_dataset_size, check_onnx, graphs_in
+from nas.datasize import check_dataset_size
+from nas.trust import check_onnx, graphs_in
 
 from bundles import rehash  # tests/bundles.py
 
@@ -355,7 +356,7 @@ def test_the_dataset_bound_passes_real_data_and_covers_image_folders(tmp_path, m
         for k in range(3):
             Image.new("L", (64, 64)).save(folder / c / f"{k}.png")
     check_dataset_size(str(folder))
-    monkeypatch.setattr("nas.trust.MAX_DATASET_BYTES", 6 * 64 * 64 * 3 * 4 - 1)  # six RGB float32 images, less one byte
+    monkeypatch.setattr("nas.datasize.MAX_DATASET_BYTES", 6 * 64 * 64 * 3 * 4 - 1)  # six RGB float32 images, less one byte
     with pytest.raises(BundleError, match="more than"):
         check_dataset_size(str(folder))
     check_dataset_size(f"{folder}?size=8x8")  # resized: small again

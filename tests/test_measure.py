@@ -1,47 +1,10 @@
-"""ONNX export and re-weighting, latency, FLOPs and params (nas.measure)."""
+"""ONNX export, latency, FLOPs and params (nas.measure)."""
 
 from __future__ import annotations
 
 import torch
 
 from nas.config import ArchConfig, BlockConfig
-
-
-def test_exported_graph_is_reweighted_or_exported_afresh(tmp_path, monkeypatch):
-    from nas.builder import build
-    from nas.compress.passes import onnx_predict
-    from nas.measure import Exported
-
-    arch = ArchConfig(1, 10, (8, 8), "2d", 8, (BlockConfig("dsconv", 16, 3, 1, stage=0), BlockConfig("conv", 24, 3, 2, stage=1)))
-    x = torch.randn(6, 1, 8, 8)
-    torch.manual_seed(0)
-    exported = Exported(build(arch).eval(), torch.zeros(1, 1, 8, 8))
-
-    def check(model, name, reused):
-        path, was = exported.save_with(model.eval(), tmp_path / name, x)
-        assert was is reused
-        with torch.no_grad():
-            assert torch.allclose(torch.from_numpy(onnx_predict(path, x)), model(x), atol=1e-4)
-
-    torch.manual_seed(1)
-    check(build(arch), "same_shape.onnx", True)
-    wider = ArchConfig(1, 10, (8, 8), "2d", 8, (BlockConfig("dsconv", 32, 3, 1, stage=0), BlockConfig("conv", 24, 3, 2, stage=1)))
-    check(build(wider), "other_shape.onnx", False)
-    # weights that did not reach the graph are caught by the output check, and the model is exported afresh
-    monkeypatch.setattr(torch.onnx.ONNXProgram, "apply_weights", lambda self, state: None)
-    torch.manual_seed(2)
-    check(build(arch), "stale.onnx", False)
-    monkeypatch.undo()
-    # a shortcut that breaks (here: ONNX Runtime refuses the file) falls back too, leaving no stray file
-    import nas.measure
-
-    def broken(*a, **k):
-        raise RuntimeError("Type Error")
-
-    monkeypatch.setattr(nas.measure, "_session", broken)
-    path, was = exported.save_with(build(arch).eval(), tmp_path / "broken.onnx", x)
-    assert not was and path.is_file() and not list(tmp_path.glob("*.reused"))
-
 
 
 def test_latency_median_iqr_and_the_lock(tmp_path):
@@ -69,15 +32,15 @@ def test_the_runtime_floor_graph_is_one_shared_file_per_shape(tmp_path, monkeypa
 
     monkeypatch.setenv("NAS_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(measure, "_FLOOR_FILES", {})
-    code = "from nas.measure import _identity_graph; print(_identity_graph((1, 1, 8, 8)))"
+    code = "from nas.measure import identity_graph; print(identity_graph((1, 1, 8, 8)))"
     paths = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                             env={**__import__("os").environ}).stdout.strip() for _ in range(2)}
     assert paths == {str(tmp_path / "cache" / "identity-1x1x8x8.onnx")}
-    path = measure._identity_graph((1, 1, 8, 8))
+    path = measure.identity_graph((1, 1, 8, 8))
     assert str(path) in paths and sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["identity-1x1x8x8.onnx"]
     path.write_bytes(b"not onnx")  # a damaged file is replaced, not used
     monkeypatch.setattr(measure, "_FLOOR_FILES", {})
-    assert measure.onnx_latency(measure._identity_graph((1, 1, 8, 8)), (1, 1, 8, 8), repeats=16, warmup=2).median_ms > 0
+    assert measure.onnx_latency(measure.identity_graph((1, 1, 8, 8)), (1, 1, 8, 8), repeats=16, warmup=2).median_ms > 0
 
 
 def test_latency_over_inputs_follows_the_work_each_input_takes(tmp_path):
@@ -108,3 +71,43 @@ def test_latency_over_inputs_follows_the_work_each_input_takes(tmp_path):
     assert all_cheap.inputs == mixed.inputs == 40 and all_cheap.floor_ms > 0
     assert all_cheap.mean_ms < mixed.mean_ms < all_dear.mean_ms
     assert mixed.p95_ms > 2 * all_cheap.p95_ms  # the slowest 5% took the long branch
+
+
+def test_two_timings_never_overlap(tmp_path, monkeypatch):
+    """Concurrent trials (--jobs, Ray workers on a node) queue for the measurement lock: the
+    timed windows of two threads started together never interleave."""
+    import threading
+
+    from nas import measure
+    from nas.builder import build
+
+    monkeypatch.setenv("NAS_MEASURE_LOCK", str(tmp_path / "lock"))
+    arch = ArchConfig(1, 10, (8, 8), "2d", 8, (BlockConfig("conv", 16, 3, 2, stage=0),))
+    path = measure.export_onnx(build(arch).eval(), torch.zeros(1, 1, 8, 8), tmp_path / "m.onnx")
+    spans: dict[int, list[tuple[float, float]]] = {0: [], 1: []}
+    real = measure._window
+    who = threading.local()
+
+    def window(*a, **k):
+        import time
+
+        t0 = time.perf_counter()
+        out = real(*a, **k)
+        spans[who.k].append((t0, time.perf_counter()))
+        return out
+
+    monkeypatch.setattr(measure, "_window", window)
+    start = threading.Barrier(2)
+
+    def run(k: int) -> None:
+        who.k = k
+        start.wait()
+        measure.onnx_latency(path, (1, 1, 8, 8), warmup=2, repeats=64, max_attempts=1)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    (a0, a1), (b0, b1) = [(min(s for s, _ in spans[k]), max(e for _, e in spans[k])) for k in (0, 1)]
+    assert spans[0] and spans[1] and (a1 <= b0 or b1 <= a0)  # one thread's timing ends before the other's starts

@@ -74,7 +74,7 @@ def test_registry_is_complete_and_ordered():
     assert names.index("prune") < names.index("quant") < names.index("cluster")
     assert set(CODECS) == {"fp32", "fp16", "int8", "int4", "int2", "ternary", "binary"}
     for m in ordered_methods():
-        assert m.example and all(g in dataclasses.asdict(CompressionConfig()) for g in m.example), m.name
+        assert m.example and all(g in CompressionConfig().to_dict() for g in m.example), m.name
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
@@ -93,7 +93,7 @@ def test_every_method_round_trips_exports_and_shows_its_effect(name, data, train
                                    atol=1e-2)
         np.testing.assert_allclose(again(data.x_val[:32]).numpy(), shipped(data.x_val[:32]).numpy(), atol=1e-5)
     # 2. its deployable ONNX model carries exactly the packed weights and runs
-    path, precision = deploy_onnx(shipped, cfg, EXAMPLE, tmp_path / "m.onnx", data.x_train[:16])
+    path, precision, _ = deploy_onnx(shipped, cfg, EXAMPLE, tmp_path / "m.onnx", data.x_train[:16])
     ref = onnx.load(str(export_onnx(shipped, EXAMPLE, tmp_path / "ref.onnx"))).graph
     assert weights_off_packed(path, ref) == []
     agree = (onnx_predict(path, data.x_val).argmax(1) == predict(shipped, data.x_val).numpy().argmax(1)).mean()
@@ -105,7 +105,7 @@ def test_every_method_round_trips_exports_and_shows_its_effect(name, data, train
     if "bytes" in method.effect:
         assert len(blob) < len(b_blob)
     if "nodes" in method.effect:  # a leaner deployed graph (at this scale latency is node count)
-        b_path, _ = deploy_onnx(b_shipped, base, EXAMPLE, tmp_path / "b.onnx",
+        b_path, _, _ = deploy_onnx(b_shipped, base, EXAMPLE, tmp_path / "b.onnx",
                                 data.x_train[:16])
         assert len(onnx.load(str(path)).graph.node) < len(onnx.load(str(b_path)).graph.node)
     if "exits" in method.effect:  # control flow in the deployed graph: some inputs answered early
@@ -136,7 +136,101 @@ def test_every_codec_round_trips_and_deploys_exactly(name, data, trained, tmp_pa
     assert len(pack_state({"w": q}, {"w": plan})) < len(pack_state({"w": w}, {"w": WeightPlan()})) or codec.bits == 32
     cfg = _cfg({"quant": name})
     _, _, shipped = _shipped(cfg, trained, data)
-    path, precision = deploy_onnx(shipped, cfg, EXAMPLE, tmp_path / "m.onnx", data.x_train[:16])
+    path, precision, _ = deploy_onnx(shipped, cfg, EXAMPLE, tmp_path / "m.onnx", data.x_train[:16])
     assert precision == ("int8" if codec.deploy == "int8" else "fp32")
     ref = onnx.load(str(export_onnx(shipped, EXAMPLE, tmp_path / "ref.onnx"))).graph
     assert weights_off_packed(path, ref) == []
+
+
+@pytest.mark.parametrize("genes", [{"prune": "l1", "prune_ratio": 0.5}, {"quant": "ternary"}], ids=["structural", "parametrize"])
+def test_finetuning_spends_its_budget_and_recovers_what_compression_cost(genes, data, trained):
+    """The finetune gene (effect: none of its own) is the budget the other methods spend: with
+    it at 0 nothing is trained after compressing, and with epochs the accuracy comes back."""
+    def shipped_accuracy(epochs: int) -> float:
+        cfg = CompressionConfig(**genes, finetune_epochs=epochs)
+        compressed, _, shipped = _shipped(cfg, trained, data)
+        return float(predict(shipped, data.x_val).argmax(1).eq(data.y_val).float().mean())
+
+    untuned, tuned = shipped_accuracy(0), shipped_accuracy(2)
+    assert tuned > untuned + 0.02, (untuned, tuned)
+
+
+def test_conflicts_between_methods_are_refused_at_registration():
+    from dataclasses import dataclass
+
+    from nas.compress.registry import register_method
+    from nas.compress.weight_only import WeightOnly
+    from nas.genes import MethodConfig, gene, register_config, unregister_config
+
+    with pytest.raises(ValueError, match="gene 'quant' already belongs to method 'quant'"):
+        @register_config
+        @dataclass(frozen=True)
+        class Clash(MethodConfig):
+            method, order = "clash", 99
+            quant: str = gene("fp32")
+    with pytest.raises(ValueError, match="reads \\['nothing'\\]"):
+        @register_config
+        @dataclass(frozen=True)
+        class Reader(MethodConfig):
+            method, order, reads = "reader", 99, ("nothing",)
+            reader_on: bool = gene(False)
+
+    @register_config
+    @dataclass(frozen=True)
+    class Other(MethodConfig):
+        method, order = "other_float", 99
+        other_float: bool = gene(False)
+
+    try:
+        # weight_only and cluster both answer float_deploy: allowed only because weight_only
+        # declares that it is never active with cluster; a third supplier without that is refused
+        class Third(WeightOnly):
+            config, excludes = Other, ()
+
+        with pytest.raises(ValueError, match="both supply 'float_deploy'"):
+            register_method(Third)
+        assert "other_float" not in METHODS
+        assert "cluster" in WeightOnly.excludes
+    finally:
+        unregister_config("other_float")
+    assert "other_float" not in CompressionConfig().to_dict()
+
+
+def test_the_readme_method_registers_and_compresses(data, trained, tmp_path):
+    """The README's worked example, run as a user would: its file imported, then the gene used
+    in a space, a candidate, compress() and the packed file."""
+    import importlib.util
+    import re
+    import sys
+    from pathlib import Path
+
+    from nas.compress.registry import unregister_method
+    from nas.genes import unregister_config
+    from nas.space import parse_space
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    code = re.search(r"```python\n# mythreshold.py\n(.*?)```", readme, re.S).group(1)
+    (tmp_path / "mythreshold.py").write_text(code)
+    spec = importlib.util.spec_from_file_location("mythreshold", tmp_path / "mythreshold.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["mythreshold"] = module
+    try:
+        spec.loader.exec_module(module)
+        cfg = _cfg({"threshold": 0.5})
+        assert cfg[module.ThresholdConfig].threshold == 0.5 and "threshold 0.5" in cfg.summary()
+        assert parse_space({"name": "t", "stem_channels": 8, "stages": [{"block": "conv", "width": 8}],
+                            "compression": {"threshold": [0.0, 0.5]}}).compression["threshold"].options() == [0.0, 0.5]
+        compressed, blob, shipped = _shipped(cfg, trained, data)
+        _, plain, _ = _shipped(_cfg({}), trained, data)
+        assert len(blob) < len(plain)  # the effect it declares
+        w = shipped.body[0].conv[0].weight
+        assert (w == 0).any() and torch.equal(w == 0, compressed.body[0].conv[0].weight == 0)
+    finally:
+        if "threshold" in METHODS:
+            unregister_method("threshold")
+        from nas.genes import CONFIGS
+
+        if "threshold" in CONFIGS:
+            unregister_config("threshold")
+        sys.modules.pop("mythreshold", None)
+    assert "threshold" not in CompressionConfig().to_dict()

@@ -130,13 +130,13 @@ def test_hypervolume_counts_costs_as_ratios():
     """A 10x smaller model adds the same hypervolume at any size (costs on a log scale), and
     nothing outside the [lower, reference] box counts."""
     from nas.pareto import hypervolume
-    from nas.report import _normalize
+    from nas.pareto import normalize_objectives
 
     names, dirs = ["accuracy", "size_bytes"], ["maximize", "minimize"]
     ref, lower = {"accuracy": 0.0, "size_bytes": 1e6}, {"size_bytes": 1e2}
 
     def hv(points):
-        vals, r = _normalize(np.array(points, dtype=float), names, dirs, ref, lower)
+        vals, r = normalize_objectives(np.array(points, dtype=float), names, dirs, ref, lower)
         return hypervolume(vals, dirs, r)
 
     base = hv([[0.9, 1e5]])

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime
 import hashlib
 import logging
 import os
-import socket
 import tempfile
 import threading
 import time
@@ -19,21 +17,30 @@ from typing import Any
 
 import numpy as np
 import optuna
-from optuna.exceptions import UpdateFinishedTrialError
 
 from nas.config import Candidate
 from nas.early_stop import EarlyStopped
 from nas.errors import ConfigError
 from nas.objectives import directions as objective_directions
-from nas.pipeline import Task, evaluate, get_dataset, reference_floor
+from nas.pipeline import Task, artifact_name, evaluate, get_dataset, reference_floor
 from nas.space import Space
 from nas.study import META_KEY, open_storage
-from nas.trial import counts_toward_total, outcome, record_rung_and_judge, rung_names
+from nas.backends.recovery import (  # noqa: F401 - finished_count, worker_id: re-exported for callers
+    INTERRUPTED,
+    RUNNING_HERE,
+    committed_count,
+    fail_for_retry,
+    fail_interrupted_trials,
+    finished_count,
+    recover_dead_trials,
+    storage_key,
+    worker_id,
+)
+from nas.trial import outcome, record_rung_and_judge, rung_names
 
 __all__ = ["SAMPLERS", "make_sampler", "make_objective", "create_study", "run_optuna"]
 
 SAMPLERS = ("surrogate", "nsga2", "tpe", "random", "gp")
-FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
 
 
 def make_sampler(name: str, seed: int, n_trials: int = 50, space: Space | None = None,
@@ -133,7 +140,7 @@ def _evaluate_trial(trial: optuna.Trial, space: Space, task: Task,
     cand = suggest_candidate(trial, space, task)
     progress = None if on_progress is None else (lambda text: on_progress(trial.number, text))
     try:
-        result = evaluate(cand, task, trial_id=f"trial-{trial.number:05d}", at_rung=rung_hook(trial, task),
+        result = evaluate(cand, task, trial_id=artifact_name(trial.number), at_rung=rung_hook(trial, task),
                           progress=progress)
     except Exception as exc:
         state, attrs = outcome(exc)
@@ -186,15 +193,8 @@ def create_study(
     return study
 
 
-# Settings a resumed study must keep: they decide the data splits (dataset, seed), what is
-# searched (space, objectives) and how candidates are trained and timed. Changing one would
-# mix incomparable trials, or make earlier trials' validation/test data later trials' training
-# data. (Limits, early stopping, jobs and workers may change between runs.)
-RESUME_FIXED = {"dataset": "--dataset", "seed": "--seed", "objectives": "--objectives", "epochs": "--epochs",
-                "latency_threads": "--latency-threads", "teachers": "teachers", "teacher_epochs": "teacher epochs",
-                "reward": "--reward/--reward-on/--reward-target",
-                # rung 0's accuracies are comparable only on one subset of one size
-                "screen": "--screen-fraction"}
+# Settings a resumed study must keep, with how each is set: marked on the Task's fields
+RESUME_FIXED = Task.fixed_on_resume()
 
 
 def check_resume(study_name: str, meta: dict[str, Any], task: Task, space: Space) -> None:
@@ -242,143 +242,10 @@ def with_study_floor(task: Task, study: optuna.Study) -> Task:
     return dataclasses.replace(task, latency_floor_ms=stored) if stored else task
 
 
-def finished_count(study: optuna.Study) -> int:
-    """Trials that count towards ``--trials``: completed, pruned, or failed by the pipeline with
-    a reason. Trials whose process died or was interrupted (and were retried) do not count."""
-    return sum(1 for t in study.get_trials(deepcopy=False, states=FINISHED) if counts_toward_total(t))
-
-
-def worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-INTERRUPTED = "interrupted"
-JUST_ASKED_S = 60.0  # a RUNNING trial not yet claimed by a worker is being started for this long
-# (storage, trial id) of the trials this process's run_optuna is running now. A RUNNING trial
-# recorded with this process's own host:pid but not here is stale: left by an earlier search in
-# this process, or by a dead process whose pid this one reuses (containers restart with the
-# same hostname and small pids).
-_RUNNING_HERE: set[tuple[str, int]] = set()
-
-
-def _worker_alive(study: optuna.Study, t: optuna.trial.FrozenTrial, host: str) -> bool | None:
-    """Whether the worker recorded on RUNNING trial ``t`` is alive: ``None`` when it cannot be
-    told (no worker recorded yet, or a worker on another host: stale ones there are failed by the
-    RDB heartbeat)."""
-    worker = str(t.user_attrs.get("worker", ""))
-    h, _, pid = worker.rpartition(":")
-    if not worker or h != host or not pid.isdigit():
-        return None
-    if int(pid) == os.getpid():
-        return (_storage_key(study._storage), t._trial_id) in _RUNNING_HERE
-    return _alive(int(pid))
-
-
-def fail_for_retry(study: optuna.Study, t: optuna.trial.FrozenTrial, reason: str, *, flag: str,
-                   set_state: bool = True, retry: bool = True) -> bool:
-    """Record ``reason`` on the RUNNING trial ``t``, flag it (``killed``, ``interrupted``: it does
-    not count towards ``--trials``), fail it (unless ``set_state`` is false: Optuna's own loop
-    fails it next), and, if ``retry``, enqueue its parameters once more as a WAITING trial that
-    the next ``ask`` of any worker (a resume, or another process on the study) runs. Returns
-    False if another process finished the trial first (it then enqueued the retry)."""
-    storage = study._storage
-    try:
-        storage.set_trial_user_attr(t._trial_id, "fail_reason", reason)
-        storage.set_trial_user_attr(t._trial_id, flag, True)
-        if set_state:
-            storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
-    except UpdateFinishedTrialError:
-        return False
-    if retry and t.params:
-        study.add_trial(optuna.trial.create_trial(
-            state=optuna.trial.TrialState.WAITING, params=t.params, distributions=t.distributions,
-            system_attrs={"retry_of": t.system_attrs.get("retry_of", t.number)}))
-    return True
-
-
-def recover_dead_trials(study: optuna.Study) -> list[int]:
-    """Fail RUNNING trials whose worker process on this host is gone (SIGKILL, OOM, power),
-    and enqueue each once more with the same parameters. Works for every storage, including
-    journal files, which have no heartbeat; RDB storages also get Optuna's heartbeat for
-    workers on other hosts."""
-    host = socket.gethostname()
-    recovered = []
-    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        if _worker_alive(study, t, host) is not False:
-            continue
-        worker = t.user_attrs["worker"]
-        # one retry: a candidate that kills its worker twice stays failed
-        if fail_for_retry(study, t, f"worker {worker} died during the trial; retried", flag="killed",
-                          retry="retry_of" not in t.system_attrs):
-            recovered.append(t.number)
-    return recovered
-
-
-def fail_interrupted_trials(study: optuna.Study, worker: str | None = None) -> list[int]:
-    """After Ctrl-C: fail this process's trials still RUNNING (``--jobs`` threads, or an
-    interrupt outside the objective) as "interrupted", each enqueued to run again."""
-    worker = worker or worker_id()
-    done = []
-    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        if t.user_attrs.get("worker") == worker and fail_for_retry(study, t, INTERRUPTED, flag="interrupted"):
-            done.append(t.number)
-    return done
-
-
-def _in_flight(study: optuna.Study, t: optuna.trial.FrozenTrial, host: str) -> bool:
-    """A RUNNING trial that is really running: its worker on this host is alive, or its worker is
-    on another host, or it was asked for moments ago and no worker has claimed it yet."""
-    alive = _worker_alive(study, t, host)
-    if alive is not None:
-        return alive
-    if t.user_attrs.get("worker"):
-        return True  # another host's
-    start = t.datetime_start
-    return start is None or (datetime.datetime.now(start.tzinfo) - start).total_seconds() < JUST_ASKED_S
-
-
-def committed_count(study: optuna.Study) -> int:
-    """Trials counting towards ``--trials`` (:func:`finished_count`) plus those running now in
-    live workers: a trial is started only while this is below the total."""
-    host = socket.gethostname()
-    n = 0
-    for t in study.get_trials(deepcopy=False):
-        if t.state == optuna.trial.TrialState.RUNNING:
-            n += _in_flight(study, t, host)
-        elif t.state in FINISHED:
-            n += counts_toward_total(t)
-    return n
-
-
-def _storage_key(storage: optuna.storages.BaseStorage) -> str:
-    """What ``storage`` is, the same for every storage object of this process open on it: a
-    journal or SQLite file's real path, another database's URL (password masked), or the object
-    (in-memory storages)."""
-    backend = getattr(storage, "_backend", storage)  # Optuna wraps RDB storages in a cache
-    if hasattr(backend, "_file_path"):  # a JournalStorage's file backend
-        return "journal:" + os.path.realpath(backend._file_path)
-    if hasattr(backend, "url"):
-        from nas.trust import redact_url
-
-        url = str(backend.url)
-        return "sqlite:" + os.path.realpath(url[len("sqlite:///"):]) if url.startswith("sqlite:///") else redact_url(url)
-    return f"memory:{id(backend)}"
-
-
 def _start_lock_path(storage: optuna.storages.BaseStorage) -> Path | None:
     """The host-wide lock file serializing trial starts on ``storage`` (``None``: an in-memory
     storage, which only this process sees)."""
-    key = _storage_key(storage)
+    key = storage_key(storage)
     if key.startswith("memory:"):
         return None
     digest = hashlib.sha256(key.encode()).hexdigest()[:20]
@@ -462,7 +329,7 @@ def run_optuna(
         study.sampler = make_sampler(sampler, resume_seed(task.seed, existing), n_trials, space, task)
     task = with_study_floor(task, study)
     recover_dead_trials(study)
-    key, lock_path = _storage_key(study._storage), _start_lock_path(study._storage)
+    key, lock_path = storage_key(study._storage), _start_lock_path(study._storage)
     stop = threading.Event()
     local = threading.local()  # each worker thread's start lock, released by the objective
     started: list[int] = []  # trials this run started
@@ -470,7 +337,7 @@ def run_optuna(
     def claimed(trial: optuna.Trial) -> None:  # the trial is this worker's: others may start theirs
         started.append(trial.number)
         local.running = (key, trial._trial_id)
-        _RUNNING_HERE.add(local.running)
+        RUNNING_HERE.add(local.running)
         lock = getattr(local, "lock", None)
         if lock is not None:
             lock.release()
@@ -493,7 +360,7 @@ def run_optuna(
                     stop.set()
             finally:
                 lock.release()  # (already released once the trial was claimed)
-                _RUNNING_HERE.discard(getattr(local, "running", None))
+                RUNNING_HERE.discard(getattr(local, "running", None))
                 local.running = None
 
     started_at = time.monotonic()

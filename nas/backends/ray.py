@@ -30,7 +30,7 @@ from nas.backends.optuna import (
 from nas.config import Candidate
 from nas.early_stop import RungRule
 from nas.errors import ConfigError
-from nas.pipeline import Task, evaluate, get_dataset
+from nas.pipeline import Task, artifact_name, evaluate, get_dataset
 from nas.space import Space
 from nas.study import open_storage
 from nas.trial import outcome, record_rung_and_judge, rung_names
@@ -241,7 +241,7 @@ def _trainable(config: dict[str, Any]) -> None:
         tune.report({"rung": epoch, "rung_accuracy": acc, **{n: float(costs[n]) for n in names[1:]}})
 
     try:
-        res = evaluate(cand, task, trial_id=f"trial-{config['optuna_number']:05d}",
+        res = evaluate(cand, task, trial_id=artifact_name(config['optuna_number']),
                        at_rung=at_rung if task.early_stop else None)
     except Exception as exc:  # a bug in a block, say: recorded, the study goes on
         state, attrs = outcome(exc)

@@ -1,25 +1,24 @@
 """Compression methods, one module each, registered in :mod:`nas.compress.registry`.
 
-Importing this package registers every method and codec: every module in this folder is
-imported, so a new method is a new module and nothing else (see the README's "Adding a
-compression method").
+Importing this package registers every built-in method and codec: each module is imported here
+by name (as timm's ``models/__init__.py`` does), so what is registered is what this file lists.
+A method of your own is one module holding its config class and handler; importing it registers
+both (see the README's "Adding a compression method").
 """
 
-import importlib as _importlib
-import pkgutil as _pkgutil
-
-from nas.compress.registry import (
-    CODECS,
-    METHODS,
-    Codec,
-    Gene,
-    Method,
-    register_codec,
-    register_method,
+from nas.compress import (  # noqa: F401 - imported to register their methods and codecs
+    cluster,
+    distill,
+    early_exit,
+    huffman,
+    lowrank,
+    passes,
+    prune,
+    quantize,
+    share,
+    sparsity,
+    weight_only,
 )
+from nas.compress.registry import CODECS, METHODS, Codec, Method, register_codec, register_method
 
-_importlib.import_module(f"{__name__}.passes")  # first: deploy and passes import each other
-for _info in _pkgutil.iter_modules(__path__):
-    _importlib.import_module(f"{__name__}.{_info.name}")
-
-__all__ = ["METHODS", "CODECS", "Method", "Gene", "Codec", "register_method", "register_codec"]
+__all__ = ["METHODS", "CODECS", "Method", "Codec", "register_method", "register_codec"]

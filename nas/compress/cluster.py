@@ -14,7 +14,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from nas.compress.registry import Gene, Method, register_method
+from nas.compress.quantize import quantizable_layers, unique_layers
+from nas.compress.registry import Method, register_method
+from nas.methods import ClusterConfig
 
 __all__ = ["kmeans_1d", "cluster_", "Cluster"]
 
@@ -39,11 +41,7 @@ def kmeans_1d(values: torch.Tensor, k: int, iters: int = 30) -> tuple[torch.Tens
 @torch.no_grad()
 def cluster_(layers: Sequence[nn.Module], bits: int) -> None:
     """Snap each layer's nonzero weights to its 2^bits k-means centroids, in place."""
-    seen: set[int] = set()
-    for layer in layers:
-        if id(layer) in seen:
-            continue
-        seen.add(id(layer))
+    for layer in unique_layers(layers):
         w = layer.weight
         nz = w != 0
         if not nz.any():
@@ -55,25 +53,15 @@ def cluster_(layers: Sequence[nn.Module], bits: int) -> None:
         w.copy_(snapped)
 
 
-def _bits_ok(v: int) -> str | None:
-    return None if 0 <= v <= 8 else "must be 0 (off) to 8"
-
-
 @register_method
 class Cluster(Method):
     """k-means weight sharing: each layer's weights snapped to a 2^b-value codebook after the
     other compression; the codebook replaces the precision (stored as b-bit indices)."""
 
-    name, order, phase = "cluster", 60, "snap"
+    config, phase = ClusterConfig, "snap"
     example, effect = {"cluster_bits": 4}, ("bytes",)
-    genes = (Gene("cluster_bits", 0, _bits_ok, doc="k-means weight sharing, 2^b values per layer (0 = off)"),)
-
-    def active(self, cfg) -> bool:  # noqa: ANN001
-        return cfg.cluster_bits > 0
 
     def apply(self, model, cfg, ctx):  # noqa: ANN001, ANN201
-        from nas.compress.quantize import quantizable_layers
-
         cluster_([m for _, m in quantizable_layers(model)], cfg.cluster_bits)
         return model
 
@@ -89,6 +77,3 @@ class Cluster(Method):
 
     def value_dependent(self, cfg) -> bool:  # noqa: ANN001
         return True  # how many codebook entries are used depends on the trained weights
-
-    def summary(self, cfg) -> str | None:  # noqa: ANN001
-        return f"cluster {cfg.cluster_bits}b"

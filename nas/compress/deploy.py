@@ -13,22 +13,21 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
 
-from nas.compress.passes import active_methods, layer_stage
+from nas.compress.passes import active_methods
 from nas.compress.registry import CODECS
 from nas.config import ArchConfig
 from nas.trust import graphs_in
 
 if TYPE_CHECKING:
     from nas.config import CompressionConfig
-    from nas.measure import Exported
 
-__all__ = ["deploy_onnx", "onnx_predict", "weights_off_packed"]
+__all__ = ["Deployed", "deploy_onnx", "onnx_predict", "weights_off_packed"]
 
 
 def _module_of(node) -> str:  # noqa: ANN001
@@ -78,7 +77,7 @@ def _grid_overrides(graph, cfg: CompressionConfig, arch: ArchConfig) -> tuple[di
     for node in graph.node:
         if node.op_type not in ("Conv", "Gemm", "MatMul"):
             continue
-        codec = CODECS[cfg.stage_precision(layer_stage(_module_of(node), arch))]
+        codec = CODECS[cfg.stage_precision(arch.stage_of(_module_of(node)))]
         if codec.deploy != "int8":
             exclude.append(node.name)
             continue
@@ -161,10 +160,18 @@ def graph_nodes(graph):  # noqa: ANN001, ANN201
         yield from g.node
 
 
+class Deployed(NamedTuple):
+    """A written deployable model: where, its deployed precision's label, and which exporter
+    traced it (``torchscript``, ``dynamo``; a method that writes its own graph names its own)."""
+
+    path: Path
+    precision: str
+    exporter: str
+
+
 def deploy_onnx(model: nn.Module, cfg: CompressionConfig, example: torch.Tensor, path: Path,
-                calibration: torch.Tensor, exported: Exported | None = None, *,
-                normalize: tuple[Any, Any] | None = None) -> tuple[Path, str]:
-    """Write the deployable ONNX model; returns (path, deployed precision).
+                calibration: torch.Tensor, *, normalize: tuple[Any, Any] | None = None) -> Deployed:
+    """Write the deployable ONNX model; returns (path, deployed precision, exporter).
 
     ``normalize``: ``(mean, std)`` of the training inputs; the written graph then takes raw
     inputs and normalises them in its first nodes (:mod:`nas.preprocess`), after quantization,
@@ -174,34 +181,27 @@ def deploy_onnx(model: nn.Module, cfg: CompressionConfig, example: torch.Tensor,
     Integer precisions (int8 down to binary) deploy as int8 QDQ whose weights are exactly the
     packed codes and scales (see :func:`_grid_overrides`), with activations quantized from
     calibration data (static, uint8). fp32/fp16 layers and clustered weights (a codebook
-    that is not an int8 grid) deploy as fp32, carrying the decoded packed values exactly.
-
-    ``exported``: an earlier export of a model of the same shape (the pre-flight one); its
-    graph is re-weighted with ``model``'s weights instead of exporting again."""
-    path, label = _deploy_bare(model, cfg, example, path, calibration, exported)
+    that is not an int8 grid) deploy as fp32, carrying the decoded packed values exactly."""
+    deployed = _deploy_bare(model, cfg, example, path, calibration)
     if normalize is not None:
         from nas.preprocess import prepend_normalization
 
-        prepend_normalization(path, *normalize)
-    return path, label
+        prepend_normalization(deployed.path, *normalize)
+    return deployed
 
 
 def _deploy_bare(model: nn.Module, cfg: CompressionConfig, example: torch.Tensor, path: Path,
-                 calibration: torch.Tensor, exported: Exported | None) -> tuple[Path, str]:
-    from nas.measure import export_onnx
-
-    def fp32_onnx(dest: Path) -> Path:
-        if exported is None:
-            return export_onnx(model, example, dest)
-        return exported.save_with(model, dest, calibration[:16])[0]
+                 calibration: torch.Tensor) -> Deployed:
+    from nas.onnxio import export_onnx_as
 
     for m in active_methods(cfg):  # a method that owns its graph (control flow) writes it itself
-        label = m.deploy(model, cfg, example, path)
-        if label is not None:
-            return path, label
+        owned = m.deploy(model, cfg, example, path)
+        if owned is not None:
+            return Deployed(path, *owned)
     forced = next((label for m in active_methods(cfg) if (label := m.float_deploy(cfg))), None)
     if forced or not any(CODECS[p].deploy == "int8" for p in cfg.precisions):
-        return fp32_onnx(path), forced or "fp32"
+        written, exporter = export_onnx_as(model, example, path)
+        return Deployed(written, forced or "fp32", exporter)
     import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -213,7 +213,7 @@ def _deploy_bare(model: nn.Module, cfg: CompressionConfig, example: torch.Tensor
 
     reader_cls = type("Reader", (_Calibration, CalibrationDataReader), {})
     with tempfile.TemporaryDirectory(prefix="nas-q-") as tmp:
-        fp32 = fp32_onnx(Path(tmp) / "fp32.onnx")
+        fp32, exporter = export_onnx_as(model, example, Path(tmp) / "fp32.onnx")
         graph = onnx.load(str(fp32)).graph
         name = graph.input[0].name
         overrides, exclude = _grid_overrides(graph, cfg, model.arch)
@@ -235,17 +235,12 @@ def _deploy_bare(model: nn.Module, cfg: CompressionConfig, example: torch.Tensor
         if off:
             raise RuntimeError(f"deploy of {path.name}: int8 weights of {', '.join(off)} are not the packed ones")
         os.replace(out_tmp, path)
-    return path, "int8" if not exclude else "mixed int8/fp32"
+    return Deployed(path, "int8" if not exclude else "mixed int8/fp32", exporter)
 
 
 def onnx_predict(path: Path, x: torch.Tensor) -> np.ndarray:
-    """Logits of the exported model in ONNX Runtime, one sample at a time (batch-1 export)."""
-    import onnxruntime as ort
+    """Logits of the exported model in ONNX Runtime (one thread), one sample at a time for a
+    batch-1 export."""
+    from nas.onnxio import ort_predict, ort_session
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    arr = x.numpy()
-    return np.concatenate([sess.run(None, {name: arr[i : i + 1]})[0] for i in range(len(arr))])
+    return ort_predict(ort_session(path, 1), x.numpy())

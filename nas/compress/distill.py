@@ -21,9 +21,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from nas.builder import build
-from nas.compress.registry import Gene, Method, register_method
+from nas.compress.registry import Method, register_method
 from nas.config import ArchConfig, BlockConfig, Candidate, Recipe
 from nas.data import Dataset
+from nas.methods import DistillConfig
 from nas.measure import file_lock
 from nas.train import accuracy, seed_everything, train
 
@@ -111,23 +112,11 @@ def distill_loss_fn(teachers: Sequence[nn.Module], alpha: float, T: float) -> Ca
 class Distill(Method):
     """Knowledge distillation from the study's teacher(s): a training loss, no structure."""
 
-    name, order = "distill", 80
+    config = DistillConfig
     example, effect = {"distill_alpha": 0.5}, ("loss",)
-    genes = (
-        Gene("distill_alpha", 0.0, lambda v: None if 0 <= v <= 1 else "must be in [0, 1]",
-             doc="weight of the soft-target loss (0 = no distillation)"),
-        Gene("distill_T", 4.0, lambda v: None if v > 0 else "must be > 0", needs=("distill_alpha",),
-             matters=lambda g: g.get("distill_alpha", 0.0) > 0, doc="distillation temperature"),
-    )
-
-    def active(self, cfg) -> bool:  # noqa: ANN001
-        return cfg.distill_alpha > 0
 
     def loss(self, cfg, task, data):  # noqa: ANN001, ANN201
         # the study's own folder (never a shared temp folder other users could write into)
         folder = Path(task.artifacts_dir) / "teachers" if task.artifacts_dir else None
         return distill_loss_fn(get_teachers(folder, data, task.teachers, task.teacher_budget()), cfg.distill_alpha,
                                cfg.distill_T)
-
-    def summary(self, cfg) -> str | None:  # noqa: ANN001
-        return f"kd a{cfg.distill_alpha:g} T{cfg.distill_T:g}"

@@ -40,35 +40,15 @@ from torch import nn
 from torch.nn import functional as F
 
 from nas.builder import Net
-from nas.compress.registry import Gene, Method, register_method
+from nas.compress.registry import Method, register_method
+from nas.methods import EarlyExitConfig, exit_stages, int8_activations
 
 __all__ = ["EarlyExit", "EarlyExitNet", "exit_stages", "calibrate_thresholds"]
 
-MAX_EXITS = 3
 NEVER = 2.0  # a threshold no softmax maximum reaches: the exit never answers
 # Threshold grid, rounded to fp16 so the packed file (which may store small tensors as fp16)
 # ships exactly the thresholds that were chosen.
 GRID = tuple(float(torch.tensor(v).half()) for v in (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.975, 0.99)) + (NEVER,)
-
-
-def exit_stages(value: Any) -> tuple[int, ...]:
-    """``"1+2"`` -> (1, 2); ``none`` -> ()."""
-    text = str(value).strip().lower()
-    if text in ("none", "", "0+"):
-        return ()
-    return tuple(sorted({int(p) for p in text.replace(",", "+").split("+")}))
-
-
-def _check(value: Any) -> str | None:
-    try:
-        stages = exit_stages(value)
-    except ValueError:
-        return "must be 'none' or stage indices joined by '+' (like '1' or '1+2')"
-    if any(s < 0 for s in stages):
-        return "stage indices must be >= 0"
-    if len(stages) > MAX_EXITS:  # thresholds are calibrated over a grid: len(GRID) ** exits combinations
-        return f"at most {MAX_EXITS} exits"
-    return None
 
 
 def exit_points(arch: Any, stages: Sequence[int]) -> list[int]:
@@ -185,17 +165,6 @@ def calibrate_thresholds(model: EarlyExitNet, x: torch.Tensor, y: torch.Tensor, 
     return tuple(float(t) for t in best)
 
 
-def _int8_activations(genes: Any) -> bool:
-    """Whether these genes deploy as int8 QDQ (integer weights without weight_only), which
-    the early-exit graph (float) would silently drop."""
-    from nas.compress.registry import CODECS
-
-    get = genes.get if isinstance(genes, Mapping) else lambda k, d=None: getattr(genes, k, d)
-    quant = get("quant", "fp32")
-    codec = CODECS.get(quant) if isinstance(quant, str) else None
-    return bool(codec is not None and codec.deploy == "int8" and not get("weight_only", False))
-
-
 class _Segment(nn.Module):
     """Part of the network between two exits: features in, (features, exit logits) out; the
     last part returns the logits."""
@@ -226,10 +195,10 @@ def _segments(model: EarlyExitNet) -> list[_Segment]:
 def _export_segment(part: _Segment, x: torch.Tensor, path: Path, last: bool) -> Any:
     import onnx
 
-    from nas.measure import _quiet
+    from nas.onnxio import quiet_output
 
     part.eval()
-    with _quiet(), torch.no_grad():
+    with quiet_output(), torch.no_grad():
         torch.onnx.export(part, (x,), str(path), dynamo=False, do_constant_folding=True, opset_version=17,
                           input_names=["x"], output_names=["logits"] if last else ["f", "l"])
     return onnx.load(str(path)).graph
@@ -317,27 +286,13 @@ def exit_graph(model: EarlyExitNet, example: torch.Tensor, path: Path) -> Path:
 
 @register_method
 class EarlyExit(Method):
-    name, order, phase = "early_exit", 95, "snap"
-    genes = (
-        Gene("early_exit", "none", _check, needs=("prune", "quant", "weight_only"),
-             matters=lambda g: g.get("prune", "none") in ("none", None) and not _int8_activations(g),
-             doc="exit heads after these stages ('1', '1+2'), or none (dynamic computation)"),
-        Gene("exit_loss", 0.01, lambda v: None if 0 <= v <= 1 else "must be in [0, 1]", needs=("early_exit",),
-             matters=lambda g: bool(exit_stages(g.get("early_exit", "none"))),
-             doc="validation accuracy the exits may cost against full depth (thresholds calibrated to it)"),
-        Gene("exit_weight", 0.5, lambda v: None if v >= 0 else "must be >= 0", needs=("early_exit",),
-             matters=lambda g: bool(exit_stages(g.get("early_exit", "none"))),
-             doc="weight of the exits' cross-entropy in the joint training loss"),
-    )
+    config, phase = EarlyExitConfig, "snap"
     example, effect = {"early_exit": "0"}, ("exits",)
-
-    def active(self, cfg: Any) -> bool:
-        return bool(exit_stages(cfg.early_exit))
 
     def extend(self, model: nn.Module, cfg: Any) -> nn.Module:
         if getattr(cfg, "prune", "none") not in ("none", None):
             raise ValueError("early_exit does not combine with structured pruning (prune must be none)")
-        if _int8_activations(cfg):
+        if int8_activations(cfg):
             raise ValueError("early_exit deploys float activations: integer weights need weight_only: true with it")
         stages = exit_stages(cfg.early_exit)
         points = exit_points(model.arch, stages)
@@ -354,11 +309,11 @@ class EarlyExit(Method):
             model.exit_thresholds.copy_(torch.tensor(ths))
         return model
 
-    def deploy(self, model: nn.Module, cfg: Any, example: torch.Tensor, path: Any) -> str | None:
+    def deploy(self, model: nn.Module, cfg: Any, example: torch.Tensor, path: Any) -> tuple[str, str] | None:
         if not isinstance(model, EarlyExitNet):
             return None
         exit_graph(model, example, Path(path))
-        return "fp32 (early-exit graph)"
+        return "fp32 (early-exit graph)", "torchscript"  # its segments: _export_segment
 
     def dynamic_latency(self, cfg: Any) -> bool:
         return self.active(cfg)
@@ -373,9 +328,6 @@ class EarlyExit(Method):
         return {"exit_after_block": list(model.exit_after), "thresholds": ths,
                 "exit_share_val": [float((who == k).mean()) for k in range(n)],
                 "full_depth_val_accuracy": float((final == data.y_val.numpy()).mean())}
-
-    def summary(self, cfg: Any) -> str | None:
-        return f"early exit after stage {cfg.early_exit} (<= {cfg.exit_loss:.1%} val)" if self.active(cfg) else None
 
     def card_notes(self, cfg: Any) -> list[str]:
         if not self.active(cfg):

@@ -14,7 +14,8 @@ import itertools
 
 import numpy as np
 
-from nas.compress.registry import CODECS, Gene, Method, register_method
+from nas.compress.registry import Method, register_method
+from nas.methods import HuffmanConfig
 
 __all__ = ["code_lengths", "encode", "decode", "Huffman"]
 
@@ -78,28 +79,15 @@ def decode(data: bytes, lengths: dict[int, int], n_symbols: int, n_bits: int) ->
     return out
 
 
-def _has_codes(g) -> bool:  # noqa: ANN001
-    staged = g.get("stage_quant") or (g.get("quant", "fp32"),)
-    return bool(g.get("cluster_bits", 0)) or any(CODECS[p].kind == "int" for p in staged)
-
-
 @register_method
 class Huffman(Method):
     """Huffman-code the stored integer codes or codebook indices (float weights have none)."""
 
-    name, order = "huffman", 70
+    config = HuffmanConfig
     example, effect = {"huffman": True, "quant": "int4"}, ("bytes",)
-    genes = (Gene("huffman", False, needs=("cluster_bits", "quant"), matters=_has_codes,
-                  doc="Huffman-code the stored codes / cluster indices"),)
-
-    def active(self, cfg) -> bool:  # noqa: ANN001
-        return bool(cfg.huffman)
 
     def plan(self, plan, layer, model, cfg):  # noqa: ANN001, ANN201
         return dataclasses.replace(plan, entropy=True)
 
     def value_dependent(self, cfg) -> bool:  # noqa: ANN001
         return True  # code lengths follow the trained symbol frequencies
-
-    def summary(self, cfg) -> str | None:  # noqa: ANN001
-        return "huffman"

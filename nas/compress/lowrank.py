@@ -12,7 +12,8 @@ import math
 import torch
 from torch import nn
 
-from nas.compress.registry import Gene, Method, register_method
+from nas.compress.registry import Method, register_method
+from nas.methods import LowRankConfig
 
 __all__ = ["lowrank_", "LowRank"]
 
@@ -79,21 +80,13 @@ def lowrank_(model: nn.Module, ratio: float, use_weights: bool = True) -> int:
     return count
 
 
-def _unit(v: float) -> str | None:
-    return None if 0 <= v <= 1 else "must be in [0, 1]"
-
-
 @register_method
 class LowRank(Method):
     """SVD factorization of linear and 1x1 conv layers (rank = ratio x min(in, out)), then
     fine-tuning; the factorized shape is known before training."""
 
-    name, order, phase = "lowrank", 20, "structural"
+    config, phase = LowRankConfig, "structural"
     example, effect = {"lowrank": 0.25}, ("params",)
-    genes = (Gene("lowrank", 0.0, _unit, doc="rank ratio for SVD factorization of linear and 1x1 conv layers (0 = off)"),)
-
-    def active(self, cfg) -> bool:  # noqa: ANN001
-        return cfg.lowrank > 0
 
     def restructure(self, model, cfg) -> None:  # noqa: ANN001
         lowrank_(model, cfg.lowrank, use_weights=False)
@@ -102,6 +95,3 @@ class LowRank(Method):
         if lowrank_(model, cfg.lowrank):
             ctx.finetune(model, 101)
         return model
-
-    def summary(self, cfg) -> str | None:  # noqa: ANN001
-        return f"lowrank {cfg.lowrank:g}"

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nas.compress import huffman
+import nas.compress.huffman as huffman
 from nas.compress.quantize import dequantize_codes, quantize_codes
 from nas.compress.registry import CODECS
 

@@ -23,18 +23,17 @@ from torch import nn
 from nas.builder import Net, build
 from nas.compress.pack import WeightPlan, pack_state, unpack_state
 from nas.compress.quantize import bake_, quantizable_layers
-from nas.compress.registry import Gene, Method, ordered_methods, register_method
+from nas.compress.registry import Method, ordered_methods, register_method
 from nas.config import ArchConfig, Candidate, Recipe
+from nas.methods import FineTuneConfig
 from nas.train import train
 
 if TYPE_CHECKING:
     from nas.config import CompressionConfig
 
 __all__ = ["trained_arch", "structural_arch", "final_model", "trained_model", "extended", "dynamic_latency",
-           "method_metrics", "compress", "weight_plans", "pack_model", "load_packed", "layer_stage",
-           "value_dependent_size", "training_terms", "active_methods", "Context",
-           # deploy lives in nas.compress.deploy; re-exported for callers of the old location
-           "deploy_onnx", "onnx_predict", "weights_off_packed"]
+           "method_metrics", "compress", "weight_plans", "pack_model", "load_packed",
+           "value_dependent_size", "training_terms", "active_methods", "Context"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -43,10 +42,8 @@ LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 class FineTune(Method):
     """The fine-tuning budget every method that changes trained weights spends after it."""
 
-    name, order = "finetune", 5
+    config = FineTuneConfig
     example, effect = {"finetune_epochs": 1}, ()  # a budget the other methods spend
-    genes = (Gene("finetune_epochs", 2, lambda v: None if v >= 0 else "must be >= 0",
-                  doc="epochs of fine-tuning after each compression step that needs it"),)
 
 
 @dataclass
@@ -121,14 +118,6 @@ def method_metrics(model: Net, cfg: CompressionConfig, data: Any) -> dict[str, A
     return {"method_metrics": own} if own else {}
 
 
-def layer_stage(name: str, arch: ArchConfig) -> int:
-    if name.startswith("body."):
-        return arch.blocks[int(name.split(".")[1])].stage
-    if name.startswith("stem"):
-        return arch.blocks[0].stage if arch.blocks else 0
-    return arch.blocks[-1].stage if arch.blocks else 0
-
-
 def compress(model: Net, cand: Candidate, data, seed: int, loss_fn: LossFn | None = None,  # noqa: ANN001
              finetune: bool = True, max_epochs: int | None = None) -> Net:
     """Apply every active compression method to a trained model, in registry order: structural
@@ -197,5 +186,3 @@ def load_packed(cand: Candidate, blob: bytes) -> Net:
     model.load_state_dict(state)
     return model.eval()
 
-
-from nas.compress.deploy import deploy_onnx, onnx_predict, weights_off_packed  # noqa: E402

@@ -21,8 +21,9 @@ from torch import nn
 
 from nas.blocks import BLOCKS, channel_roles, has_residual, hidden_width
 from nas.builder import Net, build, output_size, shared_with
-from nas.compress.registry import Gene, Method, register_method
+from nas.compress.registry import Method, register_method
 from nas.config import ArchConfig
+from nas.methods import IMPORTANCE, PruneConfig
 
 __all__ = ["channel_groups", "target_widths", "pruned_arch", "prune_structured", "slimming_penalty", "Prune"]
 
@@ -199,40 +200,16 @@ def slimming_penalty(model: nn.Module, strength: float) -> torch.Tensor:
     return strength * sum(g.abs().sum() for g in gammas) if gammas else torch.zeros(())
 
 
-def _ratio(v: float) -> str | None:
-    return None if 0 <= v <= 0.95 else "must be in [0, 0.95]"
-
-
-def _pruning(g) -> bool:  # noqa: ANN001
-    return g.get("prune", "none") != "none"
-
-
-IMPORTANCE = ("none", "l1", "bn")
-
-
 @register_method
 class Prune(Method):
     """Structured channel pruning (filter L1 norm, or BatchNorm gamma with an optional slimming
     penalty while training) that rebuilds a narrower model, in iterative rounds with fine-tuning."""
 
-    name, order, phase = "prune", 10, "structural"
+    config, phase = PruneConfig, "structural"
     example, effect = {"prune": "l1", "prune_ratio": 0.5}, ("params", "bytes")
-    genes = (
-        Gene("prune", "none", lambda v: None if v in IMPORTANCE else
-             f"is not a pruning method (allowed: {', '.join(IMPORTANCE)})", doc="channel importance: none, l1, bn"),
-        Gene("prune_ratio", 0.0, _ratio, per_stage="stage_prune_ratios", needs=("prune",), matters=_pruning,
-             doc="fraction of channels removed"),
-        Gene("prune_rounds", 1, lambda v: None if v >= 1 else "must be >= 1", needs=("prune",), matters=_pruning,
-             doc="iterative prune -> fine-tune rounds"),
-        Gene("slimming_l1", 0.0, lambda v: None if v >= 0 else "must be >= 0", needs=("prune",),
-             matters=lambda g: g.get("prune") == "bn", doc="L1 penalty on BatchNorm gamma while training"),
-    )
 
     def _ratios(self, arch: ArchConfig, cfg) -> list[float]:  # noqa: ANN001
         return [cfg.stage_ratio(s) for s in range(max(b.stage for b in arch.blocks) + 1)]
-
-    def active(self, cfg) -> bool:  # noqa: ANN001
-        return cfg.prune != "none" and any(r > 0 for r in (cfg.stage_prune_ratios or (cfg.prune_ratio,)))
 
     def arch(self, arch, cfg):  # noqa: ANN001, ANN201
         return pruned_arch(arch, target_widths(arch, self._ratios(arch, cfg)))
@@ -250,7 +227,3 @@ class Prune(Method):
         if cfg.prune == "bn" and cfg.slimming_l1 > 0:
             return lambda m: slimming_penalty(m, cfg.slimming_l1)
         return None
-
-    def summary(self, cfg) -> str | None:  # noqa: ANN001
-        ratio = "/".join(f"{r:g}" for r in cfg.stage_prune_ratios) or f"{cfg.prune_ratio:g}"
-        return f"prune {cfg.prune} {ratio}" + (f" x{cfg.prune_rounds}" if cfg.prune_rounds > 1 else "")

@@ -12,6 +12,8 @@ QDQ whose int8 weights are exactly their codes. Each precision is a registered
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -20,13 +22,17 @@ from torch.nn.utils import parametrize
 from nas.compress.registry import (
     CODECS,
     Codec,
-    Gene,
     Method,
     register_codec,
     register_method,
 )
+from nas.genes import PRECISIONS
+from nas.methods import QuantConfig
+
+T = TypeVar("T")
 
 __all__ = [
+    "unique_layers",
     "QUANT_MODES",
     "quantize_codes",
     "dequantize_codes",
@@ -77,16 +83,13 @@ def _binary(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes, _fp16(flat.abs().sum(1) / live.clamp_min(1))
 
 
-for _codec in (
-    Codec("fp32", 32, "float", "fp32", fake=lambda w: w),
-    Codec("fp16", 16, "float", "fp32", fake=lambda w: w.half().float()),
-    Codec("int8", 8, "int", "int8", qmax=127, encode=_symmetric(8), offset=127),
-    Codec("int4", 4, "int", "int8", qmax=7, encode=_symmetric(4), offset=7),
-    Codec("int2", 2, "int", "int8", qmax=1, encode=_symmetric(2), offset=1),
-    Codec("ternary", 2, "int", "int8", qmax=1, encode=_ternary, offset=1),
-    Codec("binary", 1, "int", "int8", qmax=1, encode=_binary, halves=True),
-):
-    register_codec(_codec)
+# each precision of nas.genes.PRECISIONS (bits, kind, deploy, symbol mapping: torch-free, read by
+# the gene checks) with its torch encoder
+_ENCODERS = {"fp32": {"fake": lambda w: w}, "fp16": {"fake": lambda w: w.half().float()},
+             "int8": {"encode": _symmetric(8)}, "int4": {"encode": _symmetric(4)}, "int2": {"encode": _symmetric(2)},
+             "ternary": {"encode": _ternary}, "binary": {"encode": _binary}}
+for _name, _precision in PRECISIONS.items():
+    register_codec(Codec(**dataclasses.asdict(_precision), **_ENCODERS[_name]))
 QUANT_MODES = tuple(CODECS)
 
 
@@ -136,15 +139,21 @@ def quantizable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
 
 
+def unique_layers(layers: Iterable[T], module: Callable[[T], nn.Module] = lambda x: x) -> Iterator[T]:
+    """Each layer once: blocks that share weights (the ``share`` gene) list one module under
+    several names, and it must get one parametrization, one codebook, one mask."""
+    seen: set[int] = set()
+    for item in layers:
+        if id(module(item)) not in seen:
+            seen.add(id(module(item)))
+            yield item
+
+
 def apply_fake_quant_(model: nn.Module, modes: dict[str, str]) -> None:
     """Register fake quantization on each named layer's weight (in place)."""
-    seen: set[int] = set()
-    for name, layer in quantizable_layers(model):
-        mode = modes.get(name, "fp32")
-        if CODECS[mode].bits == 32 or id(layer) in seen:  # shared layers get one parametrization
-            continue
-        seen.add(id(layer))
-        parametrize.register_parametrization(layer, "weight", FakeQuant(mode))
+    low = ((n, m) for n, m in quantizable_layers(model) if CODECS[modes.get(n, "fp32")].bits < 32)
+    for name, layer in unique_layers(low, lambda pair: pair[1]):
+        parametrize.register_parametrization(layer, "weight", FakeQuant(modes[name]))
 
 
 def bake_(model: nn.Module) -> None:
@@ -163,13 +172,7 @@ def bake_(model: nn.Module) -> None:
 
 
 def _layer_modes(model: nn.Module, cfg) -> dict[str, str]:  # noqa: ANN001
-    from nas.compress.passes import layer_stage
-
-    return {n: cfg.stage_precision(layer_stage(n, model.arch)) for n, _ in quantizable_layers(model)}
-
-
-def _precision_ok(v: object) -> str | None:
-    return None if v in CODECS else f"is not a precision (allowed: {', '.join(CODECS)})"
+    return {n: cfg.stage_precision(model.arch.stage_of(n)) for n, _ in quantizable_layers(model)}
 
 
 @register_method
@@ -177,14 +180,8 @@ class Quantize(Method):
     """Weight precision per layer (per stage when sampled per stage), trained with fake
     quantization (STE) and stored as the codec's codes."""
 
-    name, order, phase = "quant", 40, "parametrize"
+    config, phase = QuantConfig, "parametrize"
     example, effect = {"quant": "int4"}, ("bytes",)
-    genes = (Gene("quant", "fp32", _precision_ok, per_stage="stage_quant", needs=("cluster_bits",),
-                  matters=lambda g: not g.get("cluster_bits", 0),  # a codebook replaces the precision
-                  doc="weight precision"),)
-
-    def active(self, cfg) -> bool:  # noqa: ANN001
-        return not cfg.cluster_bits and any(CODECS[p].bits < 32 for p in cfg.precisions)
 
     def apply(self, model, cfg, ctx):  # noqa: ANN001, ANN201
         apply_fake_quant_(model, _layer_modes(model, cfg))
@@ -194,15 +191,10 @@ class Quantize(Method):
         return self.active(cfg)
 
     def plan(self, plan, layer, model, cfg):  # noqa: ANN001, ANN201
-        from nas.compress.passes import layer_stage
-
-        return dataclasses.replace(plan, codec=cfg.stage_precision(layer_stage(layer, model.arch)))
+        return dataclasses.replace(plan, codec=cfg.stage_precision(model.arch.stage_of(layer)))
 
     def float_rest(self, cfg) -> bool:  # noqa: ANN001
         return any(CODECS[p].bits < 32 for p in cfg.precisions)
-
-    def summary(self, cfg) -> str | None:  # noqa: ANN001
-        return "/".join(cfg.precisions) if not cfg.cluster_bits and cfg.precisions != ("fp32",) else None
 
     def card_notes(self, cfg) -> list[str]:  # noqa: ANN001
         low = [p for p in cfg.precisions if CODECS[p].kind == "int" and CODECS[p].bits < 8]

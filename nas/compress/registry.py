@@ -1,8 +1,9 @@
 """The compression registry: one module per method, one registered codec per precision.
 
-In the style of torchao's config -> handler pairs and timm's registries. A method is a
-:class:`Method` subclass registered with :func:`register_method`; it declares its genes (name,
-default, validation, when it matters) and owns what it does at every step of a trial:
+In the style of torchao's config -> handler pairs and timm's registries. A method's genes are
+its frozen config class (:mod:`nas.genes`, torch-free); its handler is a :class:`Method`
+subclass naming that class (``config = PruneConfig``), registered with
+:func:`register_method`, and owns what it does at every step of a trial:
 
 ====================  ==========================================================================
 ``build_arch``        its effect on the architecture that is trained (sharing)
@@ -18,19 +19,19 @@ default, validation, when it matters) and owns what it does at every step of a t
 ``loss`` / ``penalty`` training-time terms (distillation, network slimming); a network that
                       ``extend`` gave an ``auxiliary_loss(targets)`` gets that term too
 ``deploy``            writes the deployable ONNX graph itself (control flow the exporter
-                      cannot trace), returning the deployed precision's label
+                      cannot trace), returning its precision's label and exporter
 ``dynamic_latency``   whether latency depends on the input: then it is the mean over the
                       validation inputs at batch 1, with the 95th percentile beside it
 ``metrics``           figures measured on the shipped model, recorded with the trial
-``summary``           its one-line text, or ``None`` when off
+``active`` / ``summary`` whether it is on and its one-line text (its config's, by default)
 ``card_notes``        limits the model card states; ``card_lines`` what it says of the metrics
 ====================  ==========================================================================
 
 :func:`nas.compress.passes.compress` runs the registered methods in ``order``. A precision is
 a :class:`Codec` (bits, integer codes or float, how it deploys) registered with
 :func:`register_codec`; quantization, packing, deployment and the model card all read it.
-Adding a method or a precision is one new module in ``nas/compress/``: every module there is
-imported when the registry is first read.
+This module imports nothing from ``nas``; ``nas/compress/__init__.py`` imports every built-in
+method's module by name, which registers them.
 """
 
 from __future__ import annotations
@@ -39,40 +40,34 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # types only: this module imports nothing from nas (a leaf under every method)
     import torch
 
     from nas.compress.pack import WeightPlan
-    from nas.config import ArchConfig, CompressionConfig
+    from nas.config import ArchConfig
+    from nas.genes import Gene, MethodConfig
+    from nas.methods import CompressionConfig
 
-__all__ = ["Gene", "Method", "Codec", "METHODS", "CODECS", "register_method", "register_codec", "genes",
-           "ordered_methods", "sampling_order"]
+__all__ = ["Method", "Codec", "METHODS", "CODECS", "FIRST_WINS", "register_method", "unregister_method", "register_codec",
+           "ordered_methods"]
 
 PHASES = ("structural", "parametrize", "snap", "none")
-
-
-@dataclass(frozen=True)
-class Gene:
-    """One compression gene. ``per_stage``: name of the field holding one value per stage when
-    a space samples it per stage. ``matters(genes)``: whether it has any effect given the genes
-    sampled so far (those named in ``needs``); a gene that does not matter is not sampled."""
-
-    name: str
-    default: Any
-    check: Callable[[Any], str | None] | None = None
-    per_stage: str | None = None
-    needs: tuple[str, ...] = ()
-    matters: Callable[[Mapping[str, Any]], bool] | None = None
-    doc: str = ""
+# hooks where only one active method can answer: two methods supplying one of them must
+# declare that they are never active together (``excludes``), or registration fails
+FIRST_WINS = ("loss", "penalty", "deploy", "float_deploy")
 
 
 class Method:
     """Base handler: every hook is a no-op; a method overrides the ones it owns."""
 
+    config: ClassVar[type[MethodConfig]]  # its genes (nas.genes); name and order come from it
     name: ClassVar[str]
     order: ClassVar[int]
     phase: ClassVar[str] = "none"
     genes: ClassVar[tuple[Gene, ...]] = ()
+    # methods never active together with this one (their genes exclude each other), so both
+    # may supply a FIRST_WINS hook
+    excludes: ClassVar[tuple[str, ...]] = ()
     # Genes that switch it on in a test, and what it should then cut against the same genes
     # with its own off: "params", "bytes" (of the packed file), "latency", or "loss" (a
     # training term). The registry tests check every method against its declaration.
@@ -80,7 +75,7 @@ class Method:
     effect: ClassVar[tuple[str, ...]] = ()
 
     def active(self, cfg: CompressionConfig) -> bool:
-        return False
+        return cfg[self.config].active(cfg)
 
     def build_arch(self, arch: ArchConfig, cfg: CompressionConfig) -> ArchConfig:
         """Its effect on the model that is trained (sharing ties blocks from the start)."""
@@ -114,9 +109,11 @@ class Method:
     def float_deploy(self, cfg: CompressionConfig) -> str | None:
         return None
 
-    def deploy(self, model: torch.nn.Module, cfg: CompressionConfig, example: torch.Tensor, path: Any) -> str | None:
-        """Write the deployable ONNX graph to ``path`` itself and return the deployed
-        precision's label, or ``None`` to leave it to the exporter and quantizer."""
+    def deploy(self, model: torch.nn.Module, cfg: CompressionConfig, example: torch.Tensor,
+               path: Any) -> tuple[str, str] | None:
+        """Write the deployable ONNX graph to ``path`` itself and return (the deployed
+        precision's label, the exporter that traced it), or ``None`` to leave it to the
+        exporter and quantizer."""
         return None
 
     def dynamic_latency(self, cfg: CompressionConfig) -> bool:
@@ -137,7 +134,7 @@ class Method:
         return None
 
     def summary(self, cfg: CompressionConfig) -> str | None:
-        return None
+        return cfg[self.config].summary(cfg)
 
     def card_notes(self, cfg: CompressionConfig) -> list[str]:
         return []
@@ -177,12 +174,32 @@ CODECS: dict[str, Codec] = {}
 
 
 def register_method(cls: type[Method]) -> type[Method]:
+    """Register a handler against its config class (``cls.config``, registered with
+    :func:`nas.genes.register_config`). A second method supplying a :data:`FIRST_WINS` hook
+    is an error unless one of the two ``excludes`` the other."""
+    config = getattr(cls, "config", None)
+    if config is None or not hasattr(config, "method"):
+        raise ValueError(f"{cls.__name__}: a compression method names its config class (config = ...Config)")
+    cls.name, cls.order, cls.genes = config.method, config.order, config.genes
     if cls.name in METHODS:
         raise ValueError(f"compression method {cls.name!r} is registered twice")
     if cls.phase not in PHASES:
         raise ValueError(f"{cls.name}: phase {cls.phase!r} is not one of {PHASES}")
+    for hook in FIRST_WINS:
+        if getattr(cls, hook) is getattr(Method, hook):
+            continue
+        for other in METHODS.values():
+            if getattr(type(other), hook) is not getattr(Method, hook) and not (
+                    other.name in cls.excludes or cls.name in other.excludes):
+                raise ValueError(f"compression methods {other.name!r} and {cls.name!r} both supply {hook!r}; only "
+                                 f"one can answer: declare excludes=({other.name!r},) if they are never active together")
     METHODS[cls.name] = cls()
     return cls
+
+
+def unregister_method(name: str) -> None:
+    """Remove a registered handler (tests, plugins that unload); its config stays registered."""
+    METHODS.pop(name)
 
 
 def register_codec(codec: Codec) -> Codec:
@@ -192,40 +209,6 @@ def register_codec(codec: Codec) -> Codec:
     return codec
 
 
-def _load() -> None:
-    """Import every module of the package (each method's module registers itself)."""
-    import importlib
-    import pkgutil
-
-    import nas.compress
-
-    for info in pkgutil.iter_modules(nas.compress.__path__):
-        importlib.import_module(f"nas.compress.{info.name}")
-
-
 def ordered_methods() -> list[Method]:
-    _load()
+    """The registered methods in their order (importing :mod:`nas.compress` registers them)."""
     return sorted(METHODS.values(), key=lambda m: m.order)
-
-
-def genes() -> dict[str, Gene]:
-    """Every registered gene by name, in method order."""
-    return {g.name: g for m in ordered_methods() for g in m.genes}
-
-
-def sampling_order(names: list[str]) -> list[str]:
-    """``names`` ordered so each gene comes after the genes it ``needs`` (stable otherwise)."""
-    known = genes()
-    out: list[str] = []
-    pending = list(names)
-    while pending:
-        for n in pending:
-            deps = known[n].needs if n in known else ()
-            if all(d not in pending or d == n for d in deps):
-                out.append(n)
-                pending.remove(n)
-                break
-        else:  # a cycle cannot come from the registry; keep the rest in their order
-            out += pending
-            break
-    return out

@@ -5,23 +5,22 @@ packed file stores each shared tensor once, and structured pruning keeps tied ch
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
-from nas.compress.registry import Gene, Method, register_method
+from nas.compress.registry import Method, register_method
+from nas.methods import ShareConfig
+
+if TYPE_CHECKING:
+    from nas.config import ArchConfig
+    from nas.methods import CompressionConfig
 
 __all__ = ["Share"]
 
 
 @register_method
 class Share(Method):
-    name, order, phase = "share", 0, "none"
+    config, phase = ShareConfig, "none"
     example, effect = {"share": True}, ("params", "bytes")
-    genes = (Gene("share", False, doc="blocks of a stage with identical shapes share one set of weights"),)
 
-    def active(self, cfg) -> bool:  # noqa: ANN001
-        return bool(cfg.share)
-
-    def build_arch(self, arch, cfg):  # noqa: ANN001, ANN201
+    def build_arch(self, arch: ArchConfig, cfg: CompressionConfig) -> ArchConfig:
         return dataclasses.replace(arch, share=True)
-
-    def summary(self, cfg) -> str | None:  # noqa: ANN001
-        return "share"

@@ -12,7 +12,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from nas.compress.registry import CODECS, Gene, Method, register_method
+from nas.compress.quantize import quantizable_layers, unique_layers
+from nas.compress.registry import CODECS, Method, register_method
+from nas.methods import SparsityConfig
 
 __all__ = ["apply_sparsity_", "sparse_layers", "Sparsity"]
 
@@ -29,11 +31,7 @@ class _Mask(nn.Module):
 def apply_sparsity_(layers: Sequence[nn.Module], sparsity: float) -> None:
     """Unstructured magnitude pruning: zero the smallest |w| of each layer, kept at zero by a
     mask parametrization while fine-tuning. Only the packed size benefits (dense kernels)."""
-    seen: set[int] = set()
-    for layer in layers:
-        if id(layer) in seen:
-            continue
-        seen.add(id(layer))
+    for layer in unique_layers(layers):
         w = layer.weight.detach()
         k = int(math.floor(w.numel() * sparsity))
         if k == 0:
@@ -46,20 +44,13 @@ def apply_sparsity_(layers: Sequence[nn.Module], sparsity: float) -> None:
 def sparse_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Layers that unstructured pruning thins: dense convs and linears. The stem and depthwise
     convs hold a handful of weights per filter; zeroing most of them destroys the model."""
-    from nas.compress.quantize import quantizable_layers
-
     return {n: m for n, m in quantizable_layers(model) if not n.startswith("stem") and getattr(m, "groups", 1) == 1}
 
 
 @register_method
 class Sparsity(Method):
-    name, order, phase = "sparsity", 30, "parametrize"
+    config, phase = SparsityConfig, "parametrize"
     example, effect = {"sparsity": 0.7}, ("bytes",)
-    genes = (Gene("sparsity", 0.0, lambda v: None if 0 <= v <= 0.95 else "must be in [0, 0.95]",
-                  doc="fraction of each dense layer's weights zeroed (size only)"),)
-
-    def active(self, cfg) -> bool:  # noqa: ANN001
-        return cfg.sparsity > 0
 
     def apply(self, model, cfg, ctx):  # noqa: ANN001, ANN201
         apply_sparsity_(list(sparse_layers(model).values()), cfg.sparsity)
@@ -74,9 +65,6 @@ class Sparsity(Method):
     def value_dependent(self, cfg) -> bool:  # noqa: ANN001
         # how many low-bit codes round to zero behind the mask depends on the trained values
         return cfg.cluster_bits > 0 or any(CODECS[p].kind == "int" for p in cfg.precisions)
-
-    def summary(self, cfg) -> str | None:  # noqa: ANN001
-        return f"sparse {cfg.sparsity:g}"
 
     def card_notes(self, cfg) -> list[str]:  # noqa: ANN001
         return ["- Unstructured sparsity shrinks the file only; dense kernels run at full cost."]
