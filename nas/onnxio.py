@@ -102,7 +102,7 @@ def export_onnx_as(model: nn.Module, example: torch.Tensor, path: str | os.PathL
         with torch.no_grad():
             want = model(x).numpy()
         sess = ort_session(tmp, 1)
-        got = ort_predict(sess, x.numpy())
+        got = ort_predict(sess, x.numpy(), batch=1)
         if not np.allclose(got, want, rtol=1e-4, atol=1e-4):
             raise ValueError("TorchScript export differs from the model")
         os.replace(tmp, path)
@@ -112,11 +112,12 @@ def export_onnx_as(model: nn.Module, example: torch.Tensor, path: str | os.PathL
         return Exported(model, example).save(path), "dynamo"
 
 
-def ort_predict(sess: Any, x: np.ndarray) -> np.ndarray:
-    """Outputs of an ONNX Runtime session over ``x``: one sample per run for a batch-1 graph,
-    256 per run for a graph with a free batch dimension."""
+def ort_predict(sess: Any, x: np.ndarray, batch: int | None = None) -> np.ndarray:
+    """Outputs of an ONNX Runtime session over ``x``, ``batch`` samples per run (default: one
+    for a batch-1 graph, 256 for a graph with a free batch dimension). Graphs with control flow
+    (early exits) answer a batch as a whole: run them one sample at a time."""
     inp = sess.get_inputs()[0]
-    step = 1 if inp.shape and inp.shape[0] == 1 else 256
+    step = batch or (1 if inp.shape and inp.shape[0] == 1 else 256)
     return np.concatenate([sess.run(None, {inp.name: x[i : i + step]})[0] for i in range(0, len(x), step)])
 
 

@@ -241,11 +241,10 @@ def _graph_check(path: Path, cand: Candidate, data: Any) -> tuple[str, bool, str
     shipped = _decode(cand, path / PACKED_NAME)
     example = torch.zeros(1, data.in_channels, *data.input_size)
     calibration = data.x_train[:CALIBRATION_SAMPLES]
-    exported = None  # what the pipeline passes (its pre-flight keeps no export)
     with tempfile.TemporaryDirectory(prefix="nas-verify-graph-") as tmp:
         try:
             ref_path, _, _ = deploy_onnx(shipped, cand.compression, example, Path(tmp) / "model.onnx", calibration,
-                                      exported, normalize=data.normalization)
+                                         normalize=data.normalization)
             reference = onnx.load(str(ref_path))
         except Exception as exc:  # noqa: BLE001 - whatever stops the rebuild fails the check
             return ("graph", False, f"the deploy graph cannot be rebuilt from {PACKED_NAME} to compare with "

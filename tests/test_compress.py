@@ -11,14 +11,8 @@ from nas.builder import build
 from nas.compress import huffman
 from nas.compress.distill import distill_loss_fn, kd_loss
 from nas.compress.pack import WeightPlan, pack_state, unpack_state
-from nas.compress.passes import (
-    compress,
-    deploy_onnx,
-    final_model,
-    load_packed,
-    onnx_predict,
-    pack_model,
-)
+from nas.compress.deploy import deploy_onnx, onnx_predict
+from nas.compress.passes import compress, final_model, load_packed, pack_model
 from nas.compress.prune import prune_structured, target_widths
 from nas.config import ArchConfig, BlockConfig, Candidate, CompressionConfig, Recipe
 from nas.measure import count_flops, count_params
@@ -87,7 +81,7 @@ METHODS = {
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_method_keeps_accuracy_and_packed_file_round_trips(name, data, trained, trained_shared, tmp_path):
-    cfg = dataclasses.replace(METHODS[name], finetune_epochs=2)
+    cfg = METHODS[name].replace(finetune_epochs=2)
     cand = Candidate(ARCH, cfg, RECIPE)
     model = compress(_fresh(trained_shared if cfg.share else trained, share=cfg.share), cand, data, seed=0)
     acc = accuracy(model, data.x_val, data.y_val)

@@ -82,7 +82,8 @@ def test_config_parser_fuzz_only_raises_nas_errors(tmp_path_factory, raw):
     """Whatever an experiment file holds: values land with the flag's own type, or one NasError."""
     import yaml
 
-    from nas.cli import apply_config, _build_parser
+    from nas.cli import apply_config
+    from nas.cliparser import build_parser as _build_parser
     from nas.errors import NasError
 
     path = tmp_path_factory.mktemp("cfg") / "c.yaml"

@@ -243,4 +243,4 @@ def onnx_predict(path: Path, x: torch.Tensor) -> np.ndarray:
     batch-1 export."""
     from nas.onnxio import ort_predict, ort_session
 
-    return ort_predict(ort_session(path, 1), x.numpy())
+    return ort_predict(ort_session(path, 1), x.numpy(), batch=1)
