@@ -12,7 +12,7 @@ from typing import Any
 _LAZY = {
     "ArchConfig": "nas.config", "BlockConfig": "nas.config", "Candidate": "nas.config",
     "CompressionConfig": "nas.config", "Recipe": "nas.config", "NasError": "nas.errors",
-    "Task": "nas.pipeline", "TrialResult": "nas.pipeline", "evaluate": "nas.pipeline",
+    "Task": "nas.task", "TrialResult": "nas.pipeline", "evaluate": "nas.pipeline",
     "Space": "nas.space", "load_space": "nas.space", "load_bundle": "nas.verify",
 }
 

@@ -129,6 +129,11 @@ class ArchConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ArchConfig:
+        # a record names the whole network: the defaults are for ArchConfig() in code only
+        missing = [k for k in ("in_channels", "num_classes", "input_size", "spatial", "stem_channels", "blocks")
+                   if k not in d]
+        if missing:
+            raise ConfigError(f"arch: cannot read architecture record (missing {', '.join(missing)})")
         try:
             blocks = tuple(BlockConfig(**b) for b in d["blocks"])
             rest = {k: v for k, v in d.items() if k != "blocks"}

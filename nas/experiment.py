@@ -102,5 +102,3 @@ def _repeated(path: Path, key: str, value: object, action: argparse.Action) -> l
         out.append(item if action.type is not None else str(item))
     return out
 
-
-apply_config = apply_config

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from nas.methods import CompressionConfig
 
 __all__ = ["Gene", "gene", "Precision", "PRECISIONS", "MethodConfig", "register_config", "unregister_config", "CONFIGS",
-           "owner_of", "field_default", "genes", "sampling_order", "per_stage_genes"]
+           "owner_of", "field_default", "register_precision", "RESERVED", "genes", "sampling_order", "per_stage_genes"]
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,17 @@ PRECISIONS: dict[str, Precision] = {p.name: p for p in (
 )}
 
 
+def register_precision(p: Precision) -> Precision:
+    """Add a weight precision (the gene checks read this table; its torch codec is registered
+    with :func:`nas.compress.registry.register_codec`)."""
+    if p.name in PRECISIONS:
+        raise ValueError(f"precision {p.name!r} is registered twice")
+    if p.kind not in ("float", "int") or p.deploy not in ("fp32", "int8"):
+        raise ValueError(f"precision {p.name!r}: kind must be float or int, deploy fp32 or int8")
+    PRECISIONS[p.name] = p
+    return p
+
+
 class MethodConfig:
     """Base of a method's frozen config. Subclasses are frozen dataclasses whose fields are the
     method's genes (:func:`gene`) and per-stage values; ``method`` names the handler,
@@ -89,6 +100,7 @@ class MethodConfig:
     order: ClassVar[int]
     reads: ClassVar[tuple[str, ...]] = ()
     genes: ClassVar[tuple[Gene, ...]] = ()
+    registered: ClassVar[bool] = False  # set by register_config (register_method checks it)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):  # type: ignore[arg-type]  # per-stage values may come in as lists (JSON)
@@ -104,6 +116,10 @@ class MethodConfig:
         """Its one-line text when active."""
         return None
 
+
+# attributes of nas.methods.CompressionConfig: a gene of that name could not be read by name
+RESERVED = frozenset({"summary", "replace", "parts", "precisions", "to_dict", "from_dict", "of", "per_stage",
+                      "check_gene", "stage_ratio", "stage_precision"})
 
 CONFIGS: dict[str, type[MethodConfig]] = {}
 _OWNER: dict[str, str] = {}  # field (gene or per-stage) -> method
@@ -128,6 +144,14 @@ def register_config(cls: C) -> C:
             raise ValueError(f"{cls.__name__}: gene {f.name!r} already belongs to method {_OWNER[f.name]!r}")
         if "gene" not in f.metadata and f.name not in staged:
             raise ValueError(f"{cls.__name__}: field {f.name!r} is neither a gene nor a gene's per-stage values")
+    for f in fields:
+        if f.name.startswith("_") or f.name in RESERVED:
+            raise ValueError(f"{cls.__name__}: {f.name!r} cannot be a gene name (reserved: names starting with '_', "
+                             f"{', '.join(sorted(RESERVED))})")
+    for g in found:
+        if g.per_stage and g.per_stage not in {f.name for f in fields}:
+            raise ValueError(f"{cls.__name__}: gene {g.name!r} keeps per-stage values in {g.per_stage!r}, "
+                             f"which is not a field of the config")
     own = {g.name for g in found}
     for g in found:
         missing = [n for n in g.needs if n not in _OWNER and n not in own]
@@ -136,7 +160,7 @@ def register_config(cls: C) -> C:
     unknown = [m for m in cls.reads if m not in CONFIGS]
     if unknown:
         raise ValueError(f"{cls.__name__}: reads {unknown}, which are not registered methods")
-    cls.genes = found
+    cls.genes, cls.registered = found, True
     CONFIGS[name] = cls
     for f in fields:
         _OWNER[f.name] = name
@@ -146,6 +170,7 @@ def register_config(cls: C) -> C:
 def unregister_config(method: str) -> None:
     """Remove a registered method config and its genes (tests, plugins that unload)."""
     cls = CONFIGS.pop(method)
+    cls.registered = False
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         _OWNER.pop(f.name, None)
 

@@ -50,18 +50,24 @@ class CompressionConfig:
             values.update({f.name: getattr(p, f.name) for f in dataclasses.fields(p)})  # type: ignore[arg-type]
         return cls(**values)
 
+    def _part(self, method: str) -> MethodConfig:
+        part = self._parts.get(method)
+        if part is None:  # a method registered after this config was made: its defaults
+            part = CONFIGS[method]()
+        return part
+
     def __getitem__(self, kind: type[T]) -> T:
-        return self._parts[kind.method]  # type: ignore[return-value]
+        return self._part(kind.method)  # type: ignore[return-value]
 
     def parts(self) -> Iterator[MethodConfig]:
-        """The method configs, in method order."""
-        return iter(sorted(self._parts.values(), key=lambda p: p.order))
+        """The configs of the registered methods, in method order."""
+        return iter(sorted((self._part(m) for m in CONFIGS), key=lambda p: p.order))
 
     def __getattr__(self, name: str) -> Any:
         owner = None if name.startswith("_") else owner_of(name)
         if owner is None:
             raise AttributeError(f"CompressionConfig has no gene {name!r}")
-        return getattr(self._parts[owner], name)
+        return getattr(self._part(owner), name)
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise dataclasses.FrozenInstanceError(f"cannot assign to field {name!r}")
@@ -70,10 +76,10 @@ class CompressionConfig:
         raise dataclasses.FrozenInstanceError(f"cannot delete field {name!r}")
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, CompressionConfig) and self._parts == other._parts
+        return isinstance(other, CompressionConfig) and self.to_dict() == other.to_dict()
 
     def __hash__(self) -> int:
-        return hash(tuple(self._parts[n] for n in sorted(self._parts)))
+        return hash(tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in self.to_dict().items())))
 
     def __repr__(self) -> str:
         changed = {k: v for k, v in self.to_dict().items() if v != field_default(k)}

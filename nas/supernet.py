@@ -68,6 +68,9 @@ class Picker:
         elif name.endswith(".block"):
             ranked = [t for t in BLOCK_CAPACITY if t in choices and t != "skip"] or list(choices)
             v = ranked[0] if self.policy == "max" else ranked[-1]
+        elif name.endswith("stride") or name == "dropout":
+            # the largest candidate downsamples least; neither drops out
+            v = min(choices) if self.policy == "max" or name == "dropout" else max(choices)
         elif all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in choices):
             v = max(choices) if self.policy == "max" else min(choices)
         else:
@@ -76,13 +79,17 @@ class Picker:
         return v
 
     def suggest_int(self, name: str, low: int, high: int, step: int = 1, log: bool = False) -> int:
+        big = high if not name.endswith("stride") else low
         v = (self.rng.randrange(low, high + 1, step) if self.policy == "random"
-             else high if self.policy == "max" else low)
+             else big if self.policy == "max" else low + high - big)
         self.params[name] = v
         return v
 
     def suggest_float(self, name: str, low: float, high: float, step: float | None = None, log: bool = False) -> float:
-        v = self.rng.uniform(low, high) if self.policy == "random" else high if self.policy == "max" else low
+        if name == "dropout" and self.policy != "random":
+            v = low
+        else:
+            v = self.rng.uniform(low, high) if self.policy == "random" else high if self.policy == "max" else low
         self.params[name] = v
         return v
 
@@ -204,7 +211,8 @@ def recalibrate_bn(model: nn.Module, x: torch.Tensor, batch: int = 256) -> nn.Mo
     was = model.training
     model.train()
     for i in range(0, len(x), batch):
-        model(x[i : i + batch])
+        if len(x) - i >= 2 or i == 0:  # a last batch of one sample has no batch statistics
+            model(x[i : i + batch])
     for m, mom in zip(bns, saved):
         m.momentum = mom
     model.train(was)
@@ -234,7 +242,7 @@ def train_supernet(net: SuperNet, x: torch.Tensor, y: torch.Tensor, *, epochs: i
     rng = random.Random(seed)
     torch.manual_seed(seed)
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True)
-    steps = max(1, math.ceil(len(y) / batch_size))
+    steps = max(1, len(y) // batch_size)  # whole batches only: BatchNorm needs more than one sample
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, epochs * steps), pct_start=0.1)
     largest, smallest = net.sample("max"), net.sample("min")
     layout = torch.channels_last if x.ndim == 4 and x.shape[2] > 1 else torch.contiguous_format

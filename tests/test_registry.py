@@ -234,3 +234,25 @@ def test_the_readme_method_registers_and_compresses(data, trained, tmp_path):
             unregister_config("threshold")
         sys.modules.pop("mythreshold", None)
     assert "threshold" not in CompressionConfig().to_dict()
+
+
+def test_a_method_of_your_own_is_found_through_nas_plugins(tmp_path):
+    """Every command and worker imports the modules $NAS_PLUGINS names once the built-ins are in;
+    a plugin that cannot be imported is one line naming it."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    (tmp_path / "mythreshold.py").write_text(re.search(r"```python\n# mythreshold.py\n(.*?)```", readme, re.S).group(1))
+    env = {**__import__("os").environ, "NAS_PLUGINS": "mythreshold",
+           "PYTHONPATH": f"{tmp_path}:{__import__('os').environ.get('PYTHONPATH', '')}"}
+    code = ("import nas.compress; from nas.config import Candidate, CompressionConfig; "
+            "print(CompressionConfig(threshold=0.5).summary(), 'threshold' in nas.compress.METHODS)")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.split() == ["threshold", "0.5", "True"], out.stderr[-800:]
+    env["NAS_PLUGINS"] = "no_such_plugin"
+    bad = subprocess.run([sys.executable, "-m", "nas.cli", "search", "--trials", "1"], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "'no_such_plugin'" in bad.stderr, bad.stderr[-800:]

@@ -99,7 +99,7 @@ def test_sandwich_training_trains_the_largest_and_the_smallest_candidate(data):
     seen = []
     stats = train_supernet(net, data.x_train, data.y_train, epochs=3, lr=0.05, seed=0,
                            on_epoch=lambda e, loss: seen.append((e, loss)))
-    assert stats.steps == 3 * -(-len(data.y_train) // 128) and [e for e, _ in seen] == [1, 2, 3]
+    assert stats.steps == 3 * (len(data.y_train) // 128) and [e for e, _ in seen] == [1, 2, 3]
     accs = [accuracy(recalibrate_bn(net.extract(net.sample(p)), data.x_train[:1000]), data.x_val, data.y_val)
             for p in ("max", "min")]
     assert accs[0] > 0.9 and accs[1] > 0.3, accs  # chance is 0.1

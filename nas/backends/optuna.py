@@ -201,6 +201,10 @@ def check_resume(study_name: str, meta: dict[str, Any], task: Task, space: Space
     """Refuse (one line, naming the setting and both values) to resume ``study_name`` with a
     setting that changes the splits, the space, the objectives or the recipe."""
     old, new = meta.get("task", {}), task.to_dict()
+    try:  # the stored record as this version writes it (a reward given without "form", say)
+        old = {k: v for k, v in Task.from_dict(old).to_dict().items() if k in old}
+    except ConfigError:
+        pass
     hint = "resume with the same value, or choose another --study name"
     for key, flag in RESUME_FIXED.items():
         if key in old and old[key] != new.get(key):

@@ -23,7 +23,7 @@ from torch import nn
 from nas.builder import Net, build
 from nas.compress.pack import WeightPlan, pack_state, unpack_state
 from nas.compress.quantize import bake_, quantizable_layers
-from nas.compress.registry import Method, ordered_methods, register_method
+from nas.compress.registry import FIRST_WINS, Method, ordered_methods, register_method
 from nas.config import ArchConfig, Candidate, Recipe
 from nas.methods import FineTuneConfig
 from nas.train import train
@@ -67,7 +67,15 @@ class Context:
 
 
 def active_methods(cfg: CompressionConfig) -> list[Method]:
-    return [m for m in ordered_methods() if m.active(cfg)]
+    """The methods that do something at ``cfg``, in order. Two of them answering one
+    first-wins hook (their ``excludes`` said they never would) is an error, not a silent drop."""
+    active = [m for m in ordered_methods() if m.active(cfg)]
+    for hook in FIRST_WINS:
+        owners = [m.name for m in active if getattr(type(m), hook) is not getattr(Method, hook)]
+        if len(owners) > 1:
+            raise ValueError(f"compression methods {' and '.join(owners)} are both active and both supply {hook!r} "
+                             f"({cfg.summary()}): only one can answer")
+    return active
 
 
 def trained_arch(cand: Candidate) -> ArchConfig:

@@ -178,13 +178,17 @@ def register_method(cls: type[Method]) -> type[Method]:
     :func:`nas.genes.register_config`). A second method supplying a :data:`FIRST_WINS` hook
     is an error unless one of the two ``excludes`` the other."""
     config = getattr(cls, "config", None)
-    if config is None or not hasattr(config, "method"):
-        raise ValueError(f"{cls.__name__}: a compression method names its config class (config = ...Config)")
+    if config is None or not getattr(config, "registered", False):
+        raise ValueError(f"{cls.__name__}: a compression method names its config class (config = ...Config), "
+                         "registered with nas.genes.register_config first")
     cls.name, cls.order, cls.genes = config.method, config.order, config.genes
     if cls.name in METHODS:
         raise ValueError(f"compression method {cls.name!r} is registered twice")
     if cls.phase not in PHASES:
         raise ValueError(f"{cls.name}: phase {cls.phase!r} is not one of {PHASES}")
+    unknown = [m for m in cls.excludes if m not in METHODS]
+    if unknown:
+        raise ValueError(f"{cls.name}: excludes {unknown}, which are not registered methods")
     for hook in FIRST_WINS:
         if getattr(cls, hook) is getattr(Method, hook):
             continue
