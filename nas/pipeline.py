@@ -277,7 +277,11 @@ def _train(t: _Trial, costs: dict[str, Any], at_rung: Callable | None,
     loss_fn, penalty = training_terms(t.candidate.compression, t.task, t.data)
     rule = t.task.rung_rule()
     rungs = set(rule.rungs(recipe.epochs)) if rule is not None and at_rung is not None else set()
-    if rule is not None and at_rung is not None and t.task.screen > 0:
+    decided_off = getattr(at_rung, "decided_off", None)
+    off = decided_off(0) if decided_off is not None and rule is not None and t.task.screen > 0 else None
+    if off:  # the screen's calibration is done and it stops nothing: do not pay for it
+        t.timings.update(screen_s=0.0, screen_skipped=1.0)
+    elif rule is not None and at_rung is not None and t.task.screen > 0:
         t0 = time.perf_counter()
         idx = screen_indices(len(t.data.y_train), t.task.screen, t.task.seed)
         screened = trained_model(t.candidate)
@@ -366,7 +370,7 @@ def evaluate(
 
     ``at_rung(epoch, val_accuracy, costs)`` is called at the early-stopping rungs of
     ``task.early_stop`` and may raise :class:`~nas.early_stop.EarlyStopped` (rung 0: the
-    data-fraction screen, ``task.screen``). ``progress(text)`` hears where training is
+    data-fraction screen, ``task.screen``; skipped where ``at_rung.decided_off(0)`` says so). ``progress(text)`` hears where training is
     ("epoch 3/12", "screen 2/12"), for live displays.
     Raises :class:`ConstraintViolation` (reject without training) or :class:`TrialFailure`.
     """

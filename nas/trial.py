@@ -22,7 +22,7 @@ from nas.early_stop import EarlyStopped, RungRule
 from nas.errors import TrialFailure
 from nas.objectives import COSTS
 
-__all__ = ["rung_names", "record_rung_and_judge", "outcome", "counts_toward_total"]
+__all__ = ["rung_names", "record_rung_and_judge", "rung_decided_off", "outcome", "counts_toward_total"]
 
 
 def counts_toward_total(trial: Any) -> bool:
@@ -66,6 +66,22 @@ def record_rung_and_judge(study: optuna.Study, trial_id: int, number: int, rule:
     ]
     point = [float(acc)] + [float(costs[n]) for n in names[1:]]
     return rule.verdict(epoch, point, np.array(peers, dtype=float), list(names))
+
+
+def rung_decided_off(study: optuna.Study, rule: RungRule, epoch: int) -> str | None:
+    """Why rung ``epoch`` will stop no trial of this study from now on (its calibration over the
+    first finished trials said it does not predict final accuracy), or ``None`` while it may:
+    then a trial can leave out the work that only serves that rung (the data-fraction screen)."""
+    if rule.calibrate <= 0:
+        return None
+    key = f"rung_{epoch}"
+    finished = sorted((t.number, t.user_attrs[key], t.user_attrs["val_accuracy"]) for t in study.get_trials(deepcopy=False)
+                      if t.state == optuna.trial.TrialState.COMPLETE and key in t.user_attrs
+                      and isinstance(t.user_attrs.get("val_accuracy"), (int, float)))
+    if len(finished) < rule.calibrate:
+        return None
+    use, why = rule.calibration([(r, f) for _, r, f in finished])
+    return None if use else why
 
 
 def outcome(exc: BaseException) -> tuple[str, dict[str, Any]]:

@@ -36,7 +36,7 @@ from nas.backends.recovery import (  # noqa: F401 - finished_count, worker_id: r
     storage_key,
     worker_id,
 )
-from nas.trial import outcome, record_rung_and_judge, rung_names
+from nas.trial import outcome, record_rung_and_judge, rung_decided_off, rung_names
 
 __all__ = ["SAMPLERS", "make_sampler", "make_objective", "create_study", "run_optuna"]
 
@@ -108,6 +108,8 @@ def rung_hook(trial: Any, task: Task) -> Callable[[int, float, dict[str, Any]], 
         if reason:
             raise EarlyStopped(reason, epoch)
 
+    # read by the pipeline: a screen its calibration turned off is not trained (see evaluate)
+    at_rung.decided_off = lambda epoch: rung_decided_off(trial.study, rule, epoch)  # type: ignore[attr-defined]
     return at_rung
 
 
