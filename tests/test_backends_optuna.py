@@ -213,7 +213,7 @@ def test_jobs_run_concurrent_trials_up_to_the_total(tmp_path):
     backend.run_optuna(space, task, study_name="t", storage=storage, sampler="random", n_trials=3, jobs=2)
     trials = study.get_trials()
     assert len(trials) == 3 and all(t.state.name == "COMPLETE" for t in trials)
-    assert not backend._RUNNING_HERE
+    assert not backend.RUNNING_HERE
 
 
 def test_a_running_trial_with_this_process_id_but_not_run_here_is_stale(tmp_path):
