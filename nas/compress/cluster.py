@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -17,6 +18,10 @@ from torch import nn
 from nas.compress.quantize import quantizable_layers, unique_layers
 from nas.compress.registry import Method, register_method
 from nas.methods import ClusterConfig
+
+if TYPE_CHECKING:
+    from nas.methods import CompressionConfig
+    from nas.compress.pack import WeightPlan
 
 __all__ = ["kmeans_1d", "cluster_", "Cluster"]
 
@@ -61,19 +66,19 @@ class Cluster(Method):
     config, phase = ClusterConfig, "snap"
     example, effect = {"cluster_bits": 4}, ("bytes",)
 
-    def apply(self, model, cfg, ctx):  # noqa: ANN001, ANN201
+    def apply(self, model: Any, cfg: CompressionConfig, ctx: Any) -> Any:
         cluster_([m for _, m in quantizable_layers(model)], cfg.cluster_bits)
         return model
 
-    def plan(self, plan, layer, model, cfg):  # noqa: ANN001, ANN201
+    def plan(self, plan: WeightPlan, layer: str, model: Any, cfg: CompressionConfig) -> WeightPlan:
         return dataclasses.replace(plan, codebook_bits=cfg.cluster_bits)
 
-    def float_rest(self, cfg) -> bool:  # noqa: ANN001
+    def float_rest(self, cfg: CompressionConfig) -> bool:
         return True
 
-    def float_deploy(self, cfg) -> str | None:  # noqa: ANN001
+    def float_deploy(self, cfg: CompressionConfig) -> str | None:
         # codebook values are not an int8 grid: the exact values deploy as fp32
         return "fp32 (clustered weights)"
 
-    def value_dependent(self, cfg) -> bool:  # noqa: ANN001
+    def value_dependent(self, cfg: CompressionConfig) -> bool:
         return True  # how many codebook entries are used depends on the trained weights

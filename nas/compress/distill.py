@@ -14,6 +14,7 @@ import hashlib
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,9 @@ from nas.data import Dataset
 from nas.methods import DistillConfig
 from nas.measure import file_lock
 from nas.train import accuracy, seed_everything, train
+
+if TYPE_CHECKING:
+    from nas.methods import CompressionConfig
 
 __all__ = ["kd_loss", "teacher_arch", "get_teachers", "distill_loss_fn", "Distill"]
 
@@ -115,7 +119,7 @@ class Distill(Method):
     config = DistillConfig
     example, effect = {"distill_alpha": 0.5}, ("loss",)
 
-    def loss(self, cfg, task, data):  # noqa: ANN001, ANN201
+    def loss(self, cfg: CompressionConfig, task: Any, data: Any) -> Callable[..., Any] | None:
         # the study's own folder (never a shared temp folder other users could write into)
         folder = Path(task.artifacts_dir) / "teachers" if task.artifacts_dir else None
         return distill_loss_fn(get_teachers(folder, data, task.teachers, task.teacher_budget()), cfg.distill_alpha,

@@ -11,11 +11,16 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import itertools
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from nas.compress.registry import Method, register_method
 from nas.methods import HuffmanConfig
+
+if TYPE_CHECKING:
+    from nas.methods import CompressionConfig
+    from nas.compress.pack import WeightPlan
 
 __all__ = ["code_lengths", "encode", "decode", "Huffman"]
 
@@ -86,8 +91,8 @@ class Huffman(Method):
     config = HuffmanConfig
     example, effect = {"huffman": True, "quant": "int4"}, ("bytes",)
 
-    def plan(self, plan, layer, model, cfg):  # noqa: ANN001, ANN201
+    def plan(self, plan: WeightPlan, layer: str, model: Any, cfg: CompressionConfig) -> WeightPlan:
         return dataclasses.replace(plan, entropy=True)
 
-    def value_dependent(self, cfg) -> bool:  # noqa: ANN001
+    def value_dependent(self, cfg: CompressionConfig) -> bool:
         return True  # code lengths follow the trained symbol frequencies

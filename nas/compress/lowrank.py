@@ -8,12 +8,16 @@ The rank depends only on shapes, so the factorized shape is known before trainin
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from nas.compress.registry import Method, register_method
 from nas.methods import LowRankConfig
+
+if TYPE_CHECKING:
+    from nas.methods import CompressionConfig
 
 __all__ = ["lowrank_", "LowRank"]
 
@@ -88,10 +92,10 @@ class LowRank(Method):
     config, phase = LowRankConfig, "structural"
     example, effect = {"lowrank": 0.25}, ("params",)
 
-    def restructure(self, model, cfg) -> None:  # noqa: ANN001
+    def restructure(self, model: Any, cfg: CompressionConfig) -> None:
         lowrank_(model, cfg.lowrank, use_weights=False)
 
-    def apply(self, model, cfg, ctx):  # noqa: ANN001, ANN201
+    def apply(self, model: Any, cfg: CompressionConfig, ctx: Any) -> Any:
         if lowrank_(model, cfg.lowrank):
             ctx.finetune(model, 101)
         return model

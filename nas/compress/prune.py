@@ -14,7 +14,8 @@ and ratios, never on weight values, so the final shape is known before training.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -24,6 +25,9 @@ from nas.builder import Net, build, output_size, shared_with
 from nas.compress.registry import Method, register_method
 from nas.config import ArchConfig
 from nas.methods import IMPORTANCE, PruneConfig
+
+if TYPE_CHECKING:
+    from nas.methods import CompressionConfig
 
 __all__ = ["channel_groups", "target_widths", "pruned_arch", "prune_structured", "slimming_penalty", "Prune"]
 
@@ -208,13 +212,13 @@ class Prune(Method):
     config, phase = PruneConfig, "structural"
     example, effect = {"prune": "l1", "prune_ratio": 0.5}, ("params", "bytes")
 
-    def _ratios(self, arch: ArchConfig, cfg) -> list[float]:  # noqa: ANN001
+    def _ratios(self, arch: ArchConfig, cfg: CompressionConfig) -> list[float]:
         return [cfg.stage_ratio(s) for s in range(max(b.stage for b in arch.blocks) + 1)]
 
-    def arch(self, arch, cfg):  # noqa: ANN001, ANN201
+    def arch(self, arch: ArchConfig, cfg: CompressionConfig) -> ArchConfig:
         return pruned_arch(arch, target_widths(arch, self._ratios(arch, cfg)))
 
-    def apply(self, model, cfg, ctx):  # noqa: ANN001, ANN201
+    def apply(self, model: Any, cfg: CompressionConfig, ctx: Any) -> Any:
         original, ratios = model.arch, self._ratios(model.arch, cfg)
         rounds = cfg.prune_rounds if ctx.training else 1
         for j in range(1, rounds + 1):
@@ -223,7 +227,7 @@ class Prune(Method):
             ctx.finetune(model, j)
         return model
 
-    def penalty(self, cfg):  # noqa: ANN001, ANN201
+    def penalty(self, cfg: CompressionConfig) -> Callable[[Any], Any] | None:
         if cfg.prune == "bn" and cfg.slimming_l1 > 0:
             return lambda m: slimming_penalty(m, cfg.slimming_l1)
         return None

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterable, Iterator
-from typing import TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import nn
@@ -28,6 +28,10 @@ from nas.compress.registry import (
 )
 from nas.genes import PRECISIONS
 from nas.methods import QuantConfig
+
+if TYPE_CHECKING:
+    from nas.methods import CompressionConfig
+    from nas.compress.pack import WeightPlan
 
 T = TypeVar("T")
 
@@ -171,7 +175,7 @@ def bake_(model: nn.Module) -> None:
                     layer.weight.copy_(snap(layer.weight, mode))
 
 
-def _layer_modes(model: nn.Module, cfg) -> dict[str, str]:  # noqa: ANN001
+def _layer_modes(model: nn.Module, cfg: CompressionConfig) -> dict[str, str]:
     return {n: cfg.stage_precision(model.arch.stage_of(n)) for n, _ in quantizable_layers(model)}
 
 
@@ -183,20 +187,20 @@ class Quantize(Method):
     config, phase = QuantConfig, "parametrize"
     example, effect = {"quant": "int4"}, ("bytes",)
 
-    def apply(self, model, cfg, ctx):  # noqa: ANN001, ANN201
+    def apply(self, model: Any, cfg: CompressionConfig, ctx: Any) -> Any:
         apply_fake_quant_(model, _layer_modes(model, cfg))
         return model
 
-    def wants_finetune(self, cfg) -> bool:  # noqa: ANN001
+    def wants_finetune(self, cfg: CompressionConfig) -> bool:
         return self.active(cfg)
 
-    def plan(self, plan, layer, model, cfg):  # noqa: ANN001, ANN201
+    def plan(self, plan: WeightPlan, layer: str, model: Any, cfg: CompressionConfig) -> WeightPlan:
         return dataclasses.replace(plan, codec=cfg.stage_precision(model.arch.stage_of(layer)))
 
-    def float_rest(self, cfg) -> bool:  # noqa: ANN001
+    def float_rest(self, cfg: CompressionConfig) -> bool:
         return any(CODECS[p].bits < 32 for p in cfg.precisions)
 
-    def card_notes(self, cfg) -> list[str]:  # noqa: ANN001
+    def card_notes(self, cfg: CompressionConfig) -> list[str]:
         low = [p for p in cfg.precisions if CODECS[p].kind == "int" and CODECS[p].bits < 8]
         if low and not cfg.cluster_bits and not getattr(cfg, "weight_only", False):
             return [f"- Weights below 8 bits ({', '.join(low)}) are stored packed and run as int8 in ONNX Runtime "

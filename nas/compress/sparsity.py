@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -15,6 +16,10 @@ from torch.nn.utils import parametrize
 from nas.compress.quantize import quantizable_layers, unique_layers
 from nas.compress.registry import CODECS, Method, register_method
 from nas.methods import SparsityConfig
+
+if TYPE_CHECKING:
+    from nas.methods import CompressionConfig
+    from nas.compress.pack import WeightPlan
 
 __all__ = ["apply_sparsity_", "sparse_layers", "Sparsity"]
 
@@ -52,19 +57,19 @@ class Sparsity(Method):
     config, phase = SparsityConfig, "parametrize"
     example, effect = {"sparsity": 0.7}, ("bytes",)
 
-    def apply(self, model, cfg, ctx):  # noqa: ANN001, ANN201
+    def apply(self, model: Any, cfg: CompressionConfig, ctx: Any) -> Any:
         apply_sparsity_(list(sparse_layers(model).values()), cfg.sparsity)
         return model
 
-    def wants_finetune(self, cfg) -> bool:  # noqa: ANN001
+    def wants_finetune(self, cfg: CompressionConfig) -> bool:
         return True
 
-    def plan(self, plan, layer, model, cfg):  # noqa: ANN001, ANN201
+    def plan(self, plan: WeightPlan, layer: str, model: Any, cfg: CompressionConfig) -> WeightPlan:
         return dataclasses.replace(plan, sparse=layer in sparse_layers(model))
 
-    def value_dependent(self, cfg) -> bool:  # noqa: ANN001
+    def value_dependent(self, cfg: CompressionConfig) -> bool:
         # how many low-bit codes round to zero behind the mask depends on the trained values
         return cfg.cluster_bits > 0 or any(CODECS[p].kind == "int" for p in cfg.precisions)
 
-    def card_notes(self, cfg) -> list[str]:  # noqa: ANN001
+    def card_notes(self, cfg: CompressionConfig) -> list[str]:
         return ["- Unstructured sparsity shrinks the file only; dense kernels run at full cost."]
