@@ -9,7 +9,8 @@ Layouts: the bundled ``default`` space as it is (five block types per stage, a s
 be left out, a searchable stem), and the same stages with one block type each (``conv``,
 ``mbconv``): elastic depth, width, kernel and expansion only.
 
-    python experiments/supernet_probe.py            # ~4 min on 2 cores
+    python experiments/supernet_probe.py            # ~2 min on 2 cores
+    python experiments/supernet_probe.py --epochs 200 --layouts default --name supernet_probe_200  # ~5 min
 
 Writes experiments/results/supernet_probe.json.
 """
@@ -72,17 +73,21 @@ def main() -> None:
     ap.add_argument("--candidates", type=int, default=12)
     ap.add_argument("--standalone-epochs", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--layouts", default="default,conv,mbconv", help="default (the space as it is) and/or block types")
+    ap.add_argument("--name", default="supernet_probe", help="results file name")
     args = ap.parse_args()
     torch.set_num_threads(2)
     data = get_dataset("digits", args.seed)
     space = load_space("default")
-    results = [probe(s, data, args.epochs, args.candidates, args.standalone_epochs, args.seed)
-               for s in (space, _one_type(space, "conv"), _one_type(space, "mbconv"))]
+    layouts = [space if name == "default" else _one_type(space, name) for name in args.layouts.split(",")]
+    results = [probe(s, data, args.epochs, args.candidates, args.standalone_epochs, args.seed) for s in layouts]
     for r in results:
         print(f"{r['space']:16s} supernet {r['supernet_train_s']:5.0f} s  largest {r['largest_val']:.3f} smallest "
               f"{r['smallest_val']:.3f}  inherited mean {r['inherited_val_mean']:.3f} vs stand-alone "
               f"{r['standalone_val_mean']:.3f}  tau {r['kendall_tau']:.2f} rho {r['spearman']:.2f}")
-    write_json("supernet_probe", {"command": "python experiments/supernet_probe.py", "dataset": "digits",
+    command = "python experiments/supernet_probe.py" + ("" if args.name == "supernet_probe" else
+                                                         f" --epochs {args.epochs} --layouts {args.layouts} --name {args.name}")
+    write_json(args.name, {"command": command, "dataset": "digits",
                                        "args": vars(args), "results": results})
 
 
