@@ -1,4 +1,5 @@
-"""How well do candidates inherit from a supernet? A first probe on 8x8 digits (issue 25).
+"""How well do candidates inherit from a supernet? A first probe (issue 25): 8x8 digits by
+default, any dataset and space with ``--dataset`` and ``--space``.
 
 For each supernet layout below: train it (nas.supernet.train_supernet: sandwich rule, in-place
 distillation), then extract random candidates, recalibrate their BatchNorms on 1,000 training
@@ -11,6 +12,8 @@ be left out, a searchable stem), and the same stages with one block type each (`
 
     python experiments/supernet_probe.py            # ~2 min on 2 cores
     python experiments/supernet_probe.py --epochs 200 --layouts default --name supernet_probe_200  # ~5 min
+    python experiments/supernet_probe.py --dataset fashion-mnist --space default28 --epochs 4 --candidates 8 \
+        --standalone-epochs 4 --layouts default --name supernet_probe_fashion
 
 Writes experiments/results/supernet_probe.json.
 """
@@ -54,7 +57,7 @@ def probe(space, data, epochs: int, candidates: int, standalone_epochs: int, see
         score_s = time.perf_counter() - t0
         seed_everything(seed)
         alone = build(arch)
-        train(alone, data.x_train, data.y_train, Recipe(epochs=standalone_epochs, lr=0.01, batch_size=64), seed)
+        train(alone, data.x_train, data.y_train, Recipe(epochs=standalone_epochs, lr=0.01, batch_size=64 if len(data.y_train) < 10_000 else 128), seed)
         rows.append({"arch": arch.summary(), "inherited_val": inherited, "standalone_val": accuracy(alone, data.x_val, data.y_val),
                      "score_s": score_s})
     inh, alone = [r["inherited_val"] for r in rows], [r["standalone_val"] for r in rows]
@@ -74,11 +77,13 @@ def main() -> None:
     ap.add_argument("--standalone-epochs", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--layouts", default="default,conv,mbconv", help="default (the space as it is) and/or block types")
+    ap.add_argument("--dataset", default="digits")
+    ap.add_argument("--space", default="default")
     ap.add_argument("--name", default="supernet_probe", help="results file name")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    data = get_dataset("digits", args.seed)
-    space = load_space("default")
+    data = get_dataset(args.dataset, args.seed)
+    space = load_space(args.space)
     layouts = [space if name == "default" else _one_type(space, name) for name in args.layouts.split(",")]
     results = [probe(s, data, args.epochs, args.candidates, args.standalone_epochs, args.seed) for s in layouts]
     for r in results:
@@ -86,8 +91,10 @@ def main() -> None:
               f"{r['smallest_val']:.3f}  inherited mean {r['inherited_val_mean']:.3f} vs stand-alone "
               f"{r['standalone_val_mean']:.3f}  tau {r['kendall_tau']:.2f} rho {r['spearman']:.2f}")
     command = "python experiments/supernet_probe.py" + ("" if args.name == "supernet_probe" else
-                                                         f" --epochs {args.epochs} --layouts {args.layouts} --name {args.name}")
-    write_json(args.name, {"command": command, "dataset": "digits",
+                                                         f" --dataset {args.dataset} --space {args.space} --epochs {args.epochs} --candidates "
+                                                         f"{args.candidates} --standalone-epochs {args.standalone_epochs} "
+                                                         f"--layouts {args.layouts} --name {args.name}")
+    write_json(args.name, {"command": command, "dataset": args.dataset,
                                        "args": vars(args), "results": results})
 
 
