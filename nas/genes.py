@@ -118,7 +118,7 @@ class MethodConfig:
 
 
 # attributes of nas.methods.CompressionConfig: a gene of that name could not be read by name
-RESERVED = frozenset({"summary", "replace", "parts", "precisions", "to_dict", "from_dict", "of", "per_stage",
+RESERVED = frozenset({"summary", "replace", "parts", "precisions", "to_dict", "from_dict", "per_stage",
                       "check_gene", "stage_ratio", "stage_precision"})
 
 CONFIGS: dict[str, type[MethodConfig]] = {}

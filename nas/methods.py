@@ -42,14 +42,6 @@ class CompressionConfig:
             split[owner_of(k)][k] = v  # type: ignore[index]
         object.__setattr__(self, "_parts", {name: CONFIGS[name](**split[name]) for name in CONFIGS})
 
-    @classmethod
-    def of(cls, *parts: MethodConfig) -> CompressionConfig:
-        """From method configs (the others at their defaults)."""
-        values: dict[str, Any] = {}
-        for p in parts:
-            values.update({f.name: getattr(p, f.name) for f in dataclasses.fields(p)})  # type: ignore[arg-type]
-        return cls(**values)
-
     def _part(self, method: str) -> MethodConfig:
         part = self._parts.get(method)
         if part is None:  # a method registered after this config was made: its defaults
