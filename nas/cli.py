@@ -115,6 +115,14 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     progress = SearchProgress(objectives, objective_directions(objectives), args.trials, log_format=args.log_format,
                               quiet=args.quiet, timeout=args.timeout)
+    from nas.finalists import auto_finalists, choose_finalists, finalist_cost_s, finalist_epochs
+
+    k = auto_finalists(len(data.y_train)) if args.finalists is None else args.finalists
+    epochs = args.finalist_epochs or finalist_epochs(space.recipe["epochs"].options(), args.epochs)
+
+    def reserve_s(st: Any) -> float:  # --timeout keeps the finalists' estimated time
+        return sum(finalist_cost_s(t, epochs) for t in choose_finalists(st, k)) if k else 0.0
+
     if args.backend == "ray":
         from nas.backends.ray import run_ray
 
@@ -127,10 +135,12 @@ def cmd_search(args: argparse.Namespace) -> int:
         study = run_optuna(
             space, task, study_name=study_name, storage=storage, sampler=args.sampler,
             n_trials=args.trials, jobs=args.jobs, timeout=args.timeout,
-            callbacks=[_progress_callback(progress, objectives)], on_progress=progress.trial_progress,
+            callbacks=[_progress_callback(progress, objectives)], on_progress=progress.trial_progress, reserve_s=reserve_s,
             extra_meta={"backend": "optuna", "config": {k: redact_url(v) if k == "storage" else v
                                                         for k, v in vars(args).items() if k != "func"}},
         )
+    if k:
+        _run_finalists(study, space, task, k, epochs, progress, objectives, args, err)
     progress.finished(study.get_trials(deepcopy=False))
     done = finished_count(study)
     _print_front(study, front_frame(study), objectives, "table", f"Pareto front of {study_name} ({done} trials)", args.baseline)
@@ -139,6 +149,31 @@ def cmd_search(args: argparse.Namespace) -> int:
 
         err.print(f"see it again: nas front {shlex.quote(study_name)} --storage {shlex.quote(redact_url(args.storage))}")
     return 0
+
+
+def _run_finalists(study: Any, space: Any, task: Any, k: int, epochs: int, progress: Any, objectives: Sequence[str],
+                   args: argparse.Namespace, err: Any) -> None:
+    """Retrain the chosen front members for ``epochs`` (:mod:`nas.finalists`), one at a time with
+    all of the host's cores, through the same objective as every trial."""
+    import dataclasses
+
+    from nas.backends.optuna import make_objective, with_study_floor
+    from nas.finalists import run_finalists
+    from nas.task import default_train_threads
+
+    task = with_study_floor(dataclasses.replace(task, train_threads=args.train_threads or default_train_threads(1)), study)
+
+    def announce(chosen: list) -> None:
+        if args.quiet or not chosen:
+            return
+        nums = [t.number for t in chosen]
+        if args.log_format == "json":
+            print(json.dumps({"event": "finalists", "trials": nums, "epochs": epochs}), file=sys.stderr, flush=True)
+        else:
+            err.print(f"finalists: retraining trials {', '.join(map(str, nums))} for {epochs} epochs")
+
+    run_finalists(study, make_objective(space, task, on_progress=progress.trial_progress), k, epochs,
+                  callbacks=[_progress_callback(progress, objectives)], on_chosen=announce)
 
 
 def cmd_front(args: argparse.Namespace) -> int:

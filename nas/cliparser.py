@@ -42,6 +42,9 @@ _calibration_trials = _number(int, lambda v: v == 0 or v >= 5, "0 (trust every r
 _positive_int = _number(int, lambda v: v >= 1, ">= 1")
 
 
+_count = _number(int, lambda v: 0 <= v <= 1000, "in 0..1000")
+
+
 _seed = _number(int, lambda v: 0 <= v < 2**32, "in 0..4294967295")
 
 
@@ -115,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--screen-fraction", type=_fraction, default=None, metavar="F",
                    help="with early stopping on, first train each trial on this fraction of the training data and "
                         "stop it there like at any rung (default 1/8 for 20,000+ training samples, else 0 = off)")
+    s.add_argument("--finalists", type=_count, default=None, metavar="K",
+                   help="after the search, retrain the K front members nearest the knee with --finalist-epochs and "
+                        "record them as trials (default 5 for 20,000+ training samples, else 0; --timeout keeps "
+                        "their estimated time)")
+    s.add_argument("--finalist-epochs", type=_positive_int, default=None, metavar="E",
+                   help="epochs a finalist trains (default 3x the space's longest recipe, or 3x --epochs)")
     s.add_argument("--backend", choices=("optuna", "ray"), default="optuna", help="optuna (default, in-process) or ray (Ray Tune)")
     s.add_argument("--workers", type=_positive_int, default=2, help="Ray: concurrent trials (default 2)")
     s.add_argument("--ray-address", default=None, help="Ray: connect to a cluster ('auto' or host:port); default a local instance")

@@ -36,6 +36,7 @@ from nas.measure import (
 )
 from nas.pipeline import PACKED_NAME, Task, artifact_name, evaluate, get_dataset
 from nas.preprocess import with_normalization
+from nas.pareto import knee_order
 from nas.study import front_frame, study_meta, trials_frame
 from nas.trust import (
     redact_url,
@@ -93,13 +94,8 @@ def pick_trial(study: optuna.Study, rule: str) -> int:
     if front.empty:
         raise NasError(f"study {study.study_name!r} has no completed trials to pick from")
     if rule.strip() == "knee":
-        names, dirs = meta["objectives"], meta["directions"]
-        v = front[names].to_numpy(dtype=float)
-        lo, hi = v.min(0), v.max(0)
-        span = np.where(hi > lo, hi - lo, 1.0)
-        norm = (v - lo) / span
-        ideal = np.array([1.0 if d == "maximize" else 0.0 for d in dirs])
-        return int(front["trial"].iloc[int(np.argmin(np.linalg.norm(norm - ideal, axis=1)))])
+        return int(front["trial"].iloc[int(knee_order(front[meta["objectives"]].to_numpy(dtype=float),
+                                                       meta["directions"])[0])])
     m = _PICK.match(rule)
     if not m:
         raise NasError(f"pick rule {rule!r} not understood (allowed: 'knee', or 'max|min NAME [with NAME <= VALUE [and ...]]')")

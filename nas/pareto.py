@@ -198,3 +198,13 @@ def normalized_hypervolume(values: np.ndarray, names: Sequence[str], dirs: Seque
     ref, lower = reference_point(frame, list(names), list(dirs)), log_floor(frame, list(names), list(dirs))
     norm, norm_ref = normalize_objectives(front, list(names), list(dirs), ref, lower)
     return int(len(front)), float(hypervolume(norm, dirs, norm_ref))
+
+
+def knee_order(values: np.ndarray, directions: Sequence[str]) -> np.ndarray:
+    """Row indices of ``values`` (one row per front member) nearest the ideal point first, each
+    objective scaled to [0, 1] over the rows: the first is the front's knee (``--pick knee``)."""
+    v = np.asarray(values, dtype=float)
+    lo, hi = v.min(0), v.max(0)
+    norm = (v - lo) / np.where(hi > lo, hi - lo, 1.0)
+    ideal = np.array([1.0 if d == "maximize" else 0.0 for d in directions])
+    return np.argsort(np.linalg.norm(norm - ideal, axis=1), kind="stable")

@@ -41,6 +41,8 @@ def front_stats(trials: Sequence[Any], objectives: Sequence[str], directions: Se
 def trial_line(trial: Any, objectives: Sequence[str]) -> str:
     """One finished trial as a person reads it."""
     head = f"trial {trial.number} {trial.state.name.lower()}"
+    if trial.user_attrs.get("finalist_of") is not None:
+        head += f" (finalist: trial {trial.user_attrs['finalist_of']} for {trial.user_attrs.get('finalist_epochs')} epochs)"
     if trial.values:
         from nas.table import human
 
@@ -56,8 +58,11 @@ def _counts(trials: Sequence[Any]) -> dict[str, int]:
     agrees with the total the search stops at."""
     from nas.trial import counts_toward_total
 
-    c = {"complete": 0, "pruned": 0, "failed": 0, "running": 0, "retried": 0}
+    c = {"complete": 0, "pruned": 0, "failed": 0, "running": 0, "retried": 0, "finalists": 0}
     for t in trials:
+        if t.user_attrs.get("finalist_of") is not None:  # retrained after the search: not one of --trials
+            c["finalists"] += t.state.name in ("COMPLETE", "FAIL")
+            continue
         key = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running"}.get(t.state.name)
         if key == "failed" and not counts_toward_total(t):
             key = "retried"
@@ -102,6 +107,7 @@ class SearchProgress:
     def _summary(self, s: dict[str, Any]) -> str:
         hv = "-" if s["hypervolume"] is None else f"{s['hypervolume']:.4f}"
         retried = f", {s['retried']} retried" if s["retried"] else ""
+        retried += f", {s['finalists']} finalists" if s.get("finalists") else ""
         return (f"{s['running']} running, {s['pruned']} stopped early, {s['failed']} failed{retried}; "
                 f"front {s['front_size']}, HV {hv}")
 

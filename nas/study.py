@@ -26,6 +26,7 @@ from nas.pareto import pareto_mask
 from nas.trust import redact_text, redact_url
 
 __all__ = [
+    "drop_retrained",
     "DEFAULT_STORAGE",
     "META_KEY",
     "open_storage",
@@ -225,6 +226,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
         row["compression"] = ua["compression_summary"] if "compression_summary" in ua else _compression_summary(cand)
         row["candidate"] = json.dumps(cand, sort_keys=True) if cand else ""
         row["fail_reason"] = ua.get("fail_reason", "")
+        row["finalist_of"] = ua.get("finalist_of", np.nan)  # the trial this one retrains (nas.finalists)
         host = [ua.get(k) for k in ("latency_cpu", "latency_cores", "latency_onnxruntime")]
         row["timing_host"] = (f"{host[0]} x{host[1]}, onnxruntime {host[2]}" if all(h is not None for h in host) else "")
         row["duration_s"] = t.duration.total_seconds() if t.duration else np.nan
@@ -238,13 +240,22 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     return df
 
 
+def drop_retrained(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` (a :func:`trials_frame`) without the trials a completed finalist retrained: the
+    finalist supersedes its original, so a front holds models trained as they ship."""
+    retrained = set(df.loc[(df["state"] == "COMPLETE") & df["finalist_of"].notna(), "finalist_of"].astype(int))
+    return df[~df["trial"].isin(retrained)]
+
+
 def front_frame(study: optuna.Study) -> pd.DataFrame:
-    """The Pareto-optimal completed trials, sorted by the first objective (best first)."""
+    """The Pareto-optimal completed trials, sorted by the first objective (best first). A trial
+    that a completed finalist retrained (``finalist_of``) is left out: the finalist replaces it."""
     meta = study_meta(study)
     names, dirs = meta["objectives"], meta["directions"]
     df = trials_frame(study)
     if df.empty:
         return df
+    df = drop_retrained(df)
     if "latency_ms" in names and df.loc[df["state"] == "COMPLETE", "timing_host"].nunique() > 1:
         # latencies timed on different kinds of machine are never compared: one front per host
         fronts = [g[pareto_mask(g[names].to_numpy(dtype=float), dirs)] for _, g in df.groupby("timing_host", sort=True)]

@@ -21,6 +21,7 @@ import optuna
 from nas.config import Candidate
 from nas.early_stop import EarlyStopped
 from nas.errors import ConfigError
+from nas.finalists import FINALIST_EPOCHS, finalist_candidate
 from nas.objectives import directions as objective_directions
 from nas.pipeline import Task, artifact_name, evaluate, get_dataset, reference_floor
 from nas.space import Space
@@ -141,9 +142,13 @@ def _evaluate_trial(trial: optuna.Trial, space: Space, task: Task,
                     on_progress: Callable[[int, str], None] | None = None) -> tuple[float, ...]:
     cand = suggest_candidate(trial, space, task)
     progress = None if on_progress is None else (lambda text: on_progress(trial.number, text))
+    final = trial.user_attrs.get(FINALIST_EPOCHS)
+    if final:  # a finalist (nas.finalists): the long recipe, no screen and no early stopping
+        cand, task = finalist_candidate(cand, final), dataclasses.replace(task, epochs=int(final))
+        trial.set_user_attr("candidate", cand.to_dict())
     try:
-        result = evaluate(cand, task, trial_id=artifact_name(trial.number), at_rung=rung_hook(trial, task),
-                          progress=progress)
+        result = evaluate(cand, task, trial_id=artifact_name(trial.number),
+                          at_rung=None if final else rung_hook(trial, task), progress=progress)
     except Exception as exc:
         state, attrs = outcome(exc)
         for k, v in attrs.items():
@@ -315,6 +320,7 @@ def run_optuna(
     extra_meta: dict[str, Any] | None = None,
     timeout: float | None = None,
     on_progress: Callable[[int, str], None] | None = None,
+    reserve_s: Callable[[optuna.Study], float] | None = None,
 ) -> optuna.Study:
     """Run (or resume) a search until the study holds ``n_trials`` finished trials, or until
     ``timeout`` seconds have passed (no trial starts after it).
@@ -323,7 +329,8 @@ def run_optuna(
     trials running in live workers (this process's, other processes') are fewer than
     ``n_trials``, checked under a host-wide lock held until the new trial is claimed, so the
     total holds across processes and resumes. Ctrl-C fails this process's running trials as
-    "interrupted" (not counted) and enqueues each to run again, then raises KeyboardInterrupt."""
+    "interrupted" (not counted) and enqueues each to run again, then raises KeyboardInterrupt.
+    ``reserve_s(study)``: seconds of ``timeout`` kept for what runs after the search (finalists)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     logging.getLogger("optuna").setLevel(logging.ERROR)  # failed trials are reported by our callback
     study = create_study(study_name, storage, task, space, make_sampler(sampler, task.seed, n_trials, space, task), extra_meta)
@@ -355,7 +362,8 @@ def run_optuna(
             lock = local.lock = _StartLock(lock_path)
             lock.acquire()
             try:
-                if timeout is not None and started and time.monotonic() - started_at >= timeout:
+                left = None if timeout is None else timeout - (reserve_s(study) if reserve_s else 0.0)
+                if left is not None and started and time.monotonic() - started_at >= left:
                     break  # (the first trial of a run always starts)
                 recover_dead_trials(study)  # a peer that died meanwhile: its trial is failed, its retry queued
                 if committed_count(study) >= n_trials:

@@ -84,7 +84,9 @@ def fail_for_retry(study: optuna.Study, t: optuna.trial.FrozenTrial, reason: str
     if retry and t.params:
         study.add_trial(optuna.trial.create_trial(
             state=optuna.trial.TrialState.WAITING, params=t.params, distributions=t.distributions,
-            system_attrs={"retry_of": t.system_attrs.get("retry_of", t.number)}))
+            system_attrs={"retry_of": t.system_attrs.get("retry_of", t.number)},
+            # a finalist's retry is a finalist too
+            user_attrs={k: t.user_attrs[k] for k in ("finalist_of", "finalist_epochs") if k in t.user_attrs}))
     return True
 
 

@@ -1,0 +1,114 @@
+"""Finalists: after a search, the front members that matter most are trained again with the long
+recipe a shipped model gets, and recorded as ordinary trials (``--finalists K``).
+
+At real size a search trains each candidate briefly (Fashion-MNIST: 6-12 epochs, screened on an
+eighth of the data first) so that it sees more of them; the models a user exports should be
+trained the way they ship. A finalist is the same candidate (the same parameters, enqueued into
+the study) trained for ``--finalist-epochs``, with no screen and no early stopping, then
+compressed, deployed, measured and scored by the same pipeline as every trial. It is an ordinary
+trial of the study (``finalist_of`` names the trial it retrains), so the front, ``export`` and
+``verify`` treat it like any other, and its shorter-trained original drops off the front once it is
+dominated. Finalists do not count towards ``--trials``.
+
+Which members: the K nearest the ideal point of the validation front, each objective scaled to
+[0, 1] over the front: the knee, which ``nas export --pick knee`` exports, and its neighbours.
+Ranking by validation accuracy alone, as a first reading of "the best K" would, retrains only
+the largest models, which gain least from it and are not what a compression search is for; the
+exclusive hypervolume contribution (costs on the reports' log scale) was tried on the 87-minute
+Fashion-MNIST study and picked the three smallest members (84-92% accurate, 1.7-10 KB), the
+extreme a user exports least. Selection reads validation figures only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import optuna
+
+from nas.config import Candidate
+from nas.pareto import knee_order
+
+__all__ = ["FINALIST_OF", "FINALIST_EPOCHS", "auto_finalists", "finalist_epochs", "is_finalist", "choose_finalists",
+           "finalist_candidate", "finalist_cost_s", "run_finalists"]
+
+FINALIST_OF = "finalist_of"  # user attribute: the trial a finalist retrains
+FINALIST_EPOCHS = "finalist_epochs"  # user attribute: the epochs it trains for
+EPOCH_FACTOR = 3  # default finalist epochs: this many times the space's longest recipe
+
+
+def auto_finalists(n_train: int) -> int:
+    """The default number of finalists: 5 where trials train short recipes to see more
+    candidates (training splits of 20,000 samples or more, as the screen's default), none below,
+    where a trial trains its whole recipe in seconds."""
+    return 5 if n_train >= 20_000 else 0
+
+
+def finalist_epochs(recipe_epochs: Sequence[int], override: int | None = None) -> int:
+    """Epochs a finalist trains: ``EPOCH_FACTOR`` x the longest recipe a trial trains
+    (``recipe_epochs``: the space's epoch choices, or ``--epochs`` where that overrides them)."""
+    if override is not None:
+        return EPOCH_FACTOR * int(override)
+    return EPOCH_FACTOR * int(max(recipe_epochs))
+
+
+def is_finalist(trial: Any) -> bool:
+    return trial.user_attrs.get(FINALIST_OF) is not None
+
+
+def finalist_candidate(cand: Candidate, epochs: int) -> Candidate:
+    """The candidate trained for ``epochs`` (the rest of its recipe as the search found it)."""
+    return dataclasses.replace(cand, recipe=dataclasses.replace(cand.recipe, epochs=int(epochs)))
+
+
+def choose_finalists(study: optuna.Study, k: int) -> list[optuna.trial.FrozenTrial]:
+    """The ``k`` front members (completed, not finalists, not yet retrained) nearest the ideal
+    point, nearest first: the knee (what ``nas export --pick knee`` exports) and its neighbours."""
+    from nas.study import front_frame, study_meta
+
+    if k <= 0:
+        return []
+    front = front_frame(study)
+    if front.empty:
+        return []
+    meta = study_meta(study)
+    trials = study.get_trials(deepcopy=False)
+    done = {t.user_attrs[FINALIST_OF] for t in trials if is_finalist(t) and t.state != optuna.trial.TrialState.FAIL}
+    by_number = {t.number: t for t in trials}
+    order = knee_order(front[meta["objectives"]].to_numpy(dtype=float), meta["directions"])
+    chosen = []
+    for i in order:
+        t = by_number[int(front["trial"].iloc[int(i)])]
+        if not is_finalist(t) and t.number not in done:
+            chosen.append(t)
+        if len(chosen) == k:
+            break
+    return chosen
+
+
+def finalist_cost_s(trial: optuna.trial.FrozenTrial, epochs: int) -> float:
+    """Estimated seconds to retrain ``trial`` for ``epochs``: its measured seconds per epoch
+    (full-data training only) times ``epochs``, plus its pre-flight, compression and scoring."""
+    ua = trial.user_attrs
+    trained = max(1, int(ua.get("epochs") or 1))
+    train_s = float(ua.get("train_s") or 0.0)
+    rest = float(ua.get("total_s") or train_s) - train_s - float(ua.get("screen_s") or 0.0)
+    return train_s / trained * epochs + max(0.0, rest)
+
+
+def run_finalists(study: optuna.Study, objective: Callable[[optuna.Trial], Any], k: int, epochs: int,
+                  callbacks: list | None = None,
+                  on_chosen: Callable[[list[optuna.trial.FrozenTrial]], None] | None = None) -> list[int]:
+    """Enqueue the ``k`` chosen front members with their parameters (each marked with
+    ``finalist_of`` and ``finalist_epochs``) and run them through ``objective``, the backends'
+    (which trains a marked trial as a finalist: see :func:`finalist_candidate`). Returns the
+    numbers of the retrained trials."""
+    chosen = choose_finalists(study, k)
+    if on_chosen is not None:
+        on_chosen(chosen)
+    for t in chosen:
+        study.enqueue_trial(dict(t.params), user_attrs={FINALIST_OF: t.number, FINALIST_EPOCHS: int(epochs)})
+    if chosen:
+        study.optimize(objective, n_trials=len(chosen), catch=(Exception,), callbacks=callbacks, gc_after_trial=False)
+    return [t.number for t in chosen]
