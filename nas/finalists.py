@@ -63,8 +63,9 @@ def finalist_candidate(cand: Candidate, epochs: int) -> Candidate:
 
 
 def choose_finalists(study: optuna.Study, k: int) -> list[optuna.trial.FrozenTrial]:
-    """The ``k`` front members (completed, not finalists, not yet retrained) nearest the ideal
-    point, nearest first: the knee (what ``nas export --pick knee`` exports) and its neighbours."""
+    """Of the ``k`` front members nearest the ideal point (the knee, which ``nas export --pick
+    knee`` exports, and its neighbours), those not yet finalists, nearest first. A study whose
+    ``k`` knee members are all finalists gets none: running the same search again adds nothing."""
     from nas.study import front_frame, study_meta
 
     if k <= 0:
@@ -77,14 +78,8 @@ def choose_finalists(study: optuna.Study, k: int) -> list[optuna.trial.FrozenTri
     done = {t.user_attrs[FINALIST_OF] for t in trials if is_finalist(t) and t.state != optuna.trial.TrialState.FAIL}
     by_number = {t.number: t for t in trials}
     order = knee_order(front[meta["objectives"]].to_numpy(dtype=float), meta["directions"])
-    chosen = []
-    for i in order:
-        t = by_number[int(front["trial"].iloc[int(i)])]
-        if not is_finalist(t) and t.number not in done:
-            chosen.append(t)
-        if len(chosen) == k:
-            break
-    return chosen
+    members = [by_number[int(front["trial"].iloc[int(i)])] for i in order[:k]]
+    return [t for t in members if not is_finalist(t) and t.number not in done]
 
 
 def finalist_cost_s(trial: optuna.trial.FrozenTrial, epochs: int) -> float:
