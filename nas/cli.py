@@ -40,6 +40,10 @@ def cmd_search(args: argparse.Namespace) -> int:
     from nas.space import default_space_name, load_space
     from nas.study import front_frame, open_storage, study_folder
 
+    if args.backend == "ray" and args.ray_address:
+        from nas.backends.ray import check_ray_address
+
+        check_ray_address(args.ray_address)  # within seconds, before anything is stored
     objectives = parse_objectives(args.objectives)
     reward = None
     if args.reward:
@@ -211,6 +215,28 @@ def _print_front(study: Any, df: Any, objectives: Sequence[str], fmt: str, title
             sys.stdout.write(line + "\n")
 
 
+def _out_folder(path: Path) -> Path:
+    """``--out``: a folder that is new or empty, under folders (not files); one line otherwise."""
+    if path.exists() and not path.is_dir():
+        raise NasError(f"--out {path} is a file; give a folder path (new, or empty)")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise NasError(f"--out {path}: {parent} is a file, not a folder")
+            break
+    return path
+
+
+def _writing(path: Path, write: Any) -> Any:
+    try:
+        return write()
+    except OSError as exc:  # a read-only or virtual filesystem (/proc), no permission, disk full
+        where = Path(exc.filename or path).absolute()
+        if where != path.absolute() and path.absolute().parent not in (where, *where.parents):
+            raise  # not about writing --out
+        raise NasError(f"--out {path}: cannot write there ({exc.strerror or type(exc).__name__})") from None
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from nas.report import build_report, write_report
     from nas.study import load_study, path_component
@@ -226,8 +252,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         rep = build_report(studies)
     except ValueError as exc:
         raise NasError(str(exc)) from exc
-    out = Path(args.out or Path("runs") / "reports" / "+".join(map(path_component, args.studies)))
-    for path in write_report(rep, out):
+    out = _out_folder(Path(args.out or Path("runs") / "reports" / "+".join(map(path_component, args.studies))))
+    for path in _writing(out, lambda: write_report(rep, out)):
         print(path)
     return 0
 
@@ -250,8 +276,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     study = load_study(args.study, args.storage)
     number = args.trial if args.trial is not None else pick_trial(study, args.pick)
-    out = Path(args.out or Path("runs") / "bundles" / f"{path_component(args.study)}-trial{number}")
-    export_bundle(study, number, out, storage_url=args.storage, retrain_epochs=args.retrain)
+    out = _out_folder(Path(args.out or Path("runs") / "bundles" / f"{path_component(args.study)}-trial{number}"))
+    _writing(out, lambda: export_bundle(study, number, out, storage_url=args.storage, retrain_epochs=args.retrain))
     manifest = json.loads((out / "manifest.json").read_text())
     m = manifest["metrics"]
     print(f"trial {number} -> {out}: test accuracy {m['test_accuracy']:.4f}, latency {m['latency_ms']:.4f} ms, "

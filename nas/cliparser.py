@@ -4,6 +4,8 @@ that refuse a bad value in one line (argparse then exits with status 2)."""
 from __future__ import annotations
 
 import argparse
+import math
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -59,9 +61,37 @@ def _positive_float(text: str) -> float:
         v = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"{text} must be > 0")
+    if not (v > 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number > 0")
     return v
+
+
+def host_cores() -> int:
+    """The cores this process may run on (its CPU affinity), as training's default threads count them."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _per_core(what: str) -> Callable[[str], int]:
+    """A count of threads or concurrent trials: 1 .. this host's cores. More only oversubscribes
+    the cores (every trial is CPU-bound), and ONNX Runtime dies by SIGSEGV at 100,000 threads."""
+
+    def parse(text: str) -> int:
+        v = _positive_int(text)
+        if v > host_cores():
+            raise argparse.ArgumentTypeError(f"{text} must be in 1..{host_cores()} (this host's cores; more {what} "
+                                             f"only share the same cores)")
+        return v
+
+    return parse
+
+
+_port = _number(int, lambda v: 1 <= v <= 65535, "a port in 1..65535")
+
+
+_epochs = _number(int, lambda v: 1 <= v <= 10_000, "in 1..10000")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,10 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--objectives", default=",".join(DEFAULT_OBJECTIVES),
                    help="comma list of accuracy, latency_ms, size_bytes, flops, params")
     s.add_argument("--seed", type=_seed, default=0, help="seeds the data splits, the sampler and training (default 0)")
-    s.add_argument("--epochs", type=_positive_int, default=None, help="override the space's training epochs")
-    s.add_argument("--jobs", type=_positive_int, default=1, help="concurrent trials in this process")
-    s.add_argument("--latency-threads", type=_positive_int, default=1, help="ONNX Runtime threads when timing")
-    s.add_argument("--train-threads", type=_positive_int, default=None,
+    s.add_argument("--epochs", type=_epochs, default=None, help="override the space's training epochs")
+    s.add_argument("--jobs", type=_per_core("trials"), default=1,
+                   help="concurrent trials in this process (at most the host's cores; each trains with cores/jobs threads)")
+    s.add_argument("--latency-threads", type=_per_core("threads"), default=1, help="ONNX Runtime threads when timing")
+    s.add_argument("--train-threads", type=_per_core("threads"), default=None,
                    help="torch threads per trial (default: the host's cores divided by the concurrent trials, "
                         "--jobs or Ray --workers; two searches on one host: give each its share)")
     s.add_argument("--artifacts", default="runs/artifacts", help="folder for trial weights (default runs/artifacts)")
@@ -122,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after the search, retrain the K front members nearest the knee with --finalist-epochs and "
                         "record them as trials (default 5 for 20,000+ training samples, else 0; --timeout keeps "
                         "their estimated time)")
-    s.add_argument("--finalist-epochs", type=_positive_int, default=None, metavar="E",
+    s.add_argument("--finalist-epochs", type=_epochs, default=None, metavar="E",
                    help="epochs a finalist trains (default 3x the space's longest recipe, or 3x --epochs)")
     s.add_argument("--backend", choices=("optuna", "ray"), default="optuna", help="optuna (default, in-process) or ray (Ray Tune)")
     s.add_argument("--workers", type=_positive_int, default=2, help="Ray: concurrent trials (default 2)")
@@ -165,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--trial", type=int, help="trial number")
     which.add_argument("--pick", help="'knee', or e.g. 'max accuracy with latency_ms <= 0.02'")
     e.add_argument("--out", default=None, help="bundle folder (default runs/bundles/STUDY-trialN)")
-    e.add_argument("--retrain", type=_positive_int, default=None, metavar="EPOCHS",
+    e.add_argument("--retrain", type=_epochs, default=None, metavar="EPOCHS",
                    help="retrain the candidate for EPOCHS before export; both figures are reported")
 
     v = sub.add_parser("verify", help="re-check a bundle against its manifest (exit 1 on any mismatch)",
@@ -177,5 +208,5 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="examples:\n  nas dashboard digits-default --port 8080", formatter_class=argparse.RawDescriptionHelpFormatter)
     d.add_argument("study")
     d.add_argument("--storage", default=DEFAULT_STORAGE)
-    d.add_argument("--port", type=_positive_int, default=8080)
+    d.add_argument("--port", type=_port, default=8080)
     return p

@@ -236,6 +236,12 @@ def _mnist1d(seed: int) -> Dataset:
                    scale="mnist1d make_dataset() signals as generated, shaped (N, 1, 1, 40)")
 
 
+MAX_CHANNELS = 1024  # input channels of a sample (hyperspectral images have a few hundred)
+MIN_SIDE = 4  # the smallest side a candidate's stem and one strided stage can take
+MAX_CLASSES = 100_000  # labels 0..K-1; a label of 10^9 would ask for a 10^9-way classifier
+FLOAT32_SAFE = 1e18  # |x| beyond this: x^2 (the variance) overflows float32 (3.4e38)
+
+
 def _check_xy(path: Path, x: np.ndarray, y: np.ndarray, xk: str, yk: str) -> None:
     if x.ndim != 4:
         raise DataError(f"{path}: '{xk}' must have shape (N, C, H, W), got {x.shape}")
@@ -251,19 +257,41 @@ def _check_xy(path: Path, x: np.ndarray, y: np.ndarray, xk: str, yk: str) -> Non
         raise DataError(f"{path}: '{xk}' must be real numbers, got dtype {x.dtype}")
     if not np.all(np.isfinite(x)):
         raise DataError(f"{path}: '{xk}' contains NaN or infinite values")
+    if x.shape[1] > MAX_CHANNELS:
+        raise DataError(f"{path}: '{xk}' samples have {x.shape[1]:,} channels (at most {MAX_CHANNELS:,})")
+    h, w = x.shape[2], x.shape[3]
+    if w < MIN_SIDE or (h != 1 and h < MIN_SIDE):
+        raise DataError(f"{path}: '{xk}' samples are {h}x{w}; a 2-D sample needs at least {MIN_SIDE}x{MIN_SIDE} "
+                        f"and a 1-D one (H=1) at least {MIN_SIDE} values (W)")
+    big = max(abs(float(x.min())), abs(float(x.max())))
+    if big > FLOAT32_SAFE:
+        raise DataError(f"{path}: '{xk}' holds {big:.3g}; values must be within +-{FLOAT32_SAFE:.0e} "
+                        f"(training is float32: their mean and variance must not overflow)")
     if not np.issubdtype(y.dtype, np.integer):
         if not (np.issubdtype(y.dtype, np.floating) and np.all(np.isfinite(y)) and np.all(y == np.round(y))):
             raise DataError(f"{path}: '{yk}' must hold integer class labels, got dtype {y.dtype}")
     if y.min() < 0:
         raise DataError(f"{path}: '{yk}' has label {int(y.min())}; labels must be 0..K-1")
+    if y.max() >= MAX_CLASSES:
+        raise DataError(f"{path}: '{yk}' has label {y.max()}; labels must be "
+                        f"0..K-1 with K at most {MAX_CLASSES:,}")
 
 
 def _npz(path: Path, seed: int) -> Dataset:
+    import zipfile
+    import zlib
+
+    from nas.datasize import check_dataset_size, memory_budget
+
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: the file is empty (need a .npz with x (N,C,H,W) and y (N,))")
+    # declared shapes and dtypes (and each member's declared size) against a limit, before reading
+    check_dataset_size(str(path), memory_budget(), error=DataError, who="the dataset")
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: cannot read as .npz ({exc})") from exc
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError) as exc:
+        raise DataError(f"{path}: cannot read as .npz ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from exc
     missing = [k for k in ("x", "y") if k not in arrays]
     if missing:
         raise DataError(f"{path}: missing key(s) {', '.join(missing)} (need x (N,C,H,W) and y (N,))")
@@ -277,6 +305,12 @@ def _npz(path: Path, seed: int) -> Dataset:
         _check_xy(path, x_test, y_test, "x_test", "y_test")
         if x_test.shape[1:] != x.shape[1:]:
             raise DataError(f"{path}: x_test samples have shape {x_test.shape[1:]}, x has {x.shape[1:]}")
+    if y_test is not None:
+        unseen = np.setdiff1d(np.unique(y_test), np.unique(y))
+        if len(unseen):
+            raise DataError(f"{path}: y_test holds class(es) {', '.join(map(str, unseen[:5].astype(np.int64)))}"
+                            f"{' ...' if len(unseen) > 5 else ''} that y never has: test accuracy would count classes "
+                            f"the model is never trained on")
     labels = y if y_test is None else np.concatenate([y, y_test])
     num_classes = int(labels.max()) + 1
     if num_classes < 2:

@@ -35,9 +35,11 @@ def apply_config(args: argparse.Namespace, parser: argparse.ArgumentParser, argv
     """Fill flags from an experiment YAML (keys are flag names, '-' or '_'); explicit flags win."""
     import yaml
 
+    from nas.yamlfile import load_yaml
+
     path = Path(args.config)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = load_yaml(path.read_text())
     except OSError as exc:
         raise NasError(f"experiment config {path}: cannot read ({exc.strerror})") from exc
     except UnicodeDecodeError as exc:

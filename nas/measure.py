@@ -65,6 +65,7 @@ class Latency:
     threads: int
     attempts: int
     floor_ms: float = 0.0  # an Identity graph's median in the same windows: the runtime's floor now
+    lock_wait_s: float = 0.0  # waited for the host-wide timing lock (other trials timing): why a trial under load is slow
 
     @property
     def noisy(self) -> bool:
@@ -172,7 +173,9 @@ def onnx_latency(
     floor = ort_session(identity_graph(input_shape), threads)
     windows = max(1, min(WINDOWS, repeats // 8))
     best: Latency | None = None
+    asked = time.perf_counter()
     with measure_lock():
+        waited = time.perf_counter() - asked
         for attempt in range(1, max_attempts + 1):
             for _ in range(warmup):
                 sess.run(None, {name: x})
@@ -192,7 +195,7 @@ def onnx_latency(
             if not lat.noisy:
                 break
     assert best is not None
-    return Latency(best.median_ms, best.iqr_ms, best.repeats, best.threads, attempt, best.floor_ms)
+    return Latency(best.median_ms, best.iqr_ms, best.repeats, best.threads, attempt, best.floor_ms, waited)
 
 
 @dataclass(frozen=True)

@@ -193,7 +193,7 @@ def timed(path: Path, example: torch.Tensor, task: Task, inputs: torch.Tensor | 
     return {"latency_ms": lat.median_ms * scale, "latency_iqr_ms": lat.iqr_ms * scale,
             "latency_raw_ms": lat.median_ms, "latency_floor_now_ms": lat.floor_ms,
             "latency_floor_ms": ref or lat.floor_ms, "latency_noisy": lat.noisy, "latency_attempts": lat.attempts,
-            "latency_threads": lat.threads}
+            "latency_threads": lat.threads, "latency_lock_wait_s": lat.lock_wait_s}
 
 
 def _costs(model: nn.Module, cand: Candidate, blob: bytes, example: torch.Tensor, calibration: torch.Tensor,

@@ -34,6 +34,7 @@ from nas.config import BLOCK_TYPES, ArchConfig, BlockConfig, Candidate, Compress
 from nas.errors import SpaceError
 from nas.genes import genes as _compression_genes
 from nas.genes import per_stage_genes, sampling_order
+from nas.yamlfile import load_yaml
 
 __all__ = ["Param", "StageSpace", "Space", "load_space", "resolve_space_path", "per_stage_genes", "SPACES_DIR"]
 
@@ -221,6 +222,14 @@ def _param(where: str, raw: Any, elem: str, check: Any = None) -> Param:
     return Param("fixed", (raw,))
 
 
+# Bounds a stage's values must keep: a depth of 5,000 on 8x8 digits ran past a 5-minute limit in
+# its first trial, and a kernel far wider than any feature map only adds padding.
+MAX_DEPTH = 32
+MAX_WIDTH = 4096
+MAX_KERNEL = 15
+MAX_EXPANSION = 16
+
+
 def _positive(v: Any) -> str | None:
     return None if v > 0 else "must be > 0"
 
@@ -268,18 +277,27 @@ def _stage(where: str, raw: Any, spatial: str) -> StageSpace:
         return None
 
     def odd(v: int) -> str | None:
-        return None if v >= 1 and v % 2 == 1 else "must be an odd kernel size >= 1"
+        return None if 1 <= v <= MAX_KERNEL and v % 2 == 1 else f"must be an odd kernel size in 1..{MAX_KERNEL}"
+
+    def depth_ok(v: int) -> str | None:
+        return None if 1 <= v <= MAX_DEPTH else f"must be in 1..{MAX_DEPTH} (blocks in one stage)"
+
+    def width_ok(v: int) -> str | None:
+        return None if 1 <= v <= MAX_WIDTH else f"must be in 1..{MAX_WIDTH} (channels)"
+
+    def expansion_ok(v: int) -> str | None:
+        return None if 1 <= v <= MAX_EXPANSION else f"must be in 1..{MAX_EXPANSION}"
 
     def stride_ok(v: int) -> str | None:
         return None if v in (1, 2, 3) else "must be 1, 2 or 3"
 
     return StageSpace(
         block=_param(f"{where}.block", raw["block"], "str", block_ok),
-        depth=_param(f"{where}.depth", raw.get("depth", 1), "int", _positive),
-        width=_param(f"{where}.width", raw["width"], "int", _positive),
+        depth=_param(f"{where}.depth", raw.get("depth", 1), "int", depth_ok),
+        width=_param(f"{where}.width", raw["width"], "int", width_ok),
         kernel=_param(f"{where}.kernel", raw.get("kernel", 3), "int", odd),
         stride=_param(f"{where}.stride", raw.get("stride", 1), "int", stride_ok),
-        expansion=_param(f"{where}.expansion", raw.get("expansion", 1), "int", _positive),
+        expansion=_param(f"{where}.expansion", raw.get("expansion", 1), "int", expansion_ok),
     )
 
 
@@ -314,9 +332,11 @@ def parse_space(raw: Any, source: str = "<space>") -> Space:
     return Space(
         name=name,
         spatial=spatial,
-        stem_channels=_param(f"{source}: stem_channels", raw.get("stem_channels", 16), "int", _positive),
+        stem_channels=_param(f"{source}: stem_channels", raw.get("stem_channels", 16), "int",
+                             lambda v: None if 1 <= v <= MAX_WIDTH else f"must be in 1..{MAX_WIDTH} (channels)"),
         stem_kernel=_param(f"{source}: stem_kernel", raw.get("stem_kernel", 3), "int",
-                           lambda v: None if v >= 1 and v % 2 == 1 else "must be an odd kernel size >= 1"),
+                           lambda v: None if 1 <= v <= MAX_KERNEL and v % 2 == 1
+                           else f"must be an odd kernel size in 1..{MAX_KERNEL}"),
         stem_stride=_param(f"{source}: stem_stride", raw.get("stem_stride", 1), "int",
                            lambda v: None if v in (1, 2, 3) else "must be 1, 2 or 3"),
         head=_param(f"{source}: head", raw.get("head", "gap"), "str",
@@ -387,7 +407,7 @@ def load_space(name_or_path: str) -> Space:
     """Load and validate a space file; any problem raises :class:`SpaceError` naming the field."""
     path = resolve_space_path(name_or_path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = load_yaml(path.read_text())
     except yaml.YAMLError as exc:
         first = str(exc).splitlines()[0] if str(exc) else "syntax error"
         raise SpaceError(f"{path}: not valid YAML ({first})") from exc

@@ -187,7 +187,7 @@ def test_groups_that_cannot_make_sensible_splits_are_refused(tmp_path, sizes, wi
 def test_a_large_group_is_never_held_out_when_smaller_ones_fit(tmp_path):
     # 800 / 100 / 100: the test and validation splits take a 100 each, whatever the seed
     groups = np.repeat([7, 8, 9], [800, 100, 100])
-    np.savez(tmp_path / "g.npz", x=groups.reshape(-1, 1, 1, 1) * np.ones((1, 1, 2, 2)), y=np.arange(1000) % 2,
+    np.savez(tmp_path / "g.npz", x=groups.reshape(-1, 1, 1, 1) * np.ones((1, 1, 4, 4)), y=np.arange(1000) % 2,
              groups=groups)
     for seed in range(8):
         d = load_dataset(str(tmp_path / "g.npz"), seed)

@@ -111,3 +111,30 @@ def test_two_timings_never_overlap(tmp_path, monkeypatch):
         t.join()
     (a0, a1), (b0, b1) = [(min(s for s, _ in spans[k]), max(e for _, e in spans[k])) for k in (0, 1)]
     assert spans[0] and spans[1] and (a1 <= b0 or b1 <= a0)  # one thread's timing ends before the other's starts
+
+
+def test_the_wait_for_the_timing_lock_is_recorded(tmp_path, monkeypatch):
+    """Under load a trial may spend its time waiting for other trials' timings: it says so."""
+    import threading
+    import time
+
+    from nas import measure
+    from nas.builder import build
+
+    monkeypatch.setenv("NAS_MEASURE_LOCK", str(tmp_path / "lock"))
+    arch = ArchConfig(1, 10, (8, 8), "2d", 8, (BlockConfig("conv", 16, 3, 2, stage=0),))
+    path = measure.export_onnx(build(arch).eval(), torch.zeros(1, 1, 8, 8), tmp_path / "m.onnx")
+    assert measure.onnx_latency(path, (1, 1, 8, 8), warmup=2, repeats=64, max_attempts=1).lock_wait_s < 0.2
+    held = threading.Event()
+
+    def hold() -> None:
+        with measure.measure_lock():
+            held.set()
+            time.sleep(0.5)
+
+    th = threading.Thread(target=hold)
+    th.start()
+    held.wait()
+    lat = measure.onnx_latency(path, (1, 1, 8, 8), warmup=2, repeats=64, max_attempts=1)
+    th.join()
+    assert lat.lock_wait_s >= 0.3

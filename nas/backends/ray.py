@@ -35,7 +35,7 @@ from nas.space import Space
 from nas.study import open_storage
 from nas.trial import outcome, record_rung_and_judge, rung_names
 
-__all__ = ["run_ray", "experiment_dir"]
+__all__ = ["run_ray", "experiment_dir", "check_ray_address"]
 
 for _k, _v in {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AIR_NEW_OUTPUT": "0", "RAY_AUTH_MODE": "token",
                "TUNE_GLOBAL_CHECKPOINT_S": "2", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
@@ -261,6 +261,27 @@ def experiment_dir(runs_dir: str | Path, study_name: str) -> Path:
     return Path(runs_dir).resolve() / "ray" / path_component(study_name)  # inside runs/ray, whatever the name
 
 
+def check_ray_address(address: str, timeout_s: float = 3.0) -> None:
+    """Refuse, in one line within ``timeout_s``, a ``host:port`` (or ``ray://host:port``) where
+    nothing listens: ``ray.init`` would retry for minutes, then raise a long traceback. ``auto``
+    is left to Ray (it reads the running cluster's address from this host's files)."""
+    import socket
+
+    if address in ("auto", "local"):
+        return
+    hostport = address.removeprefix("ray://")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535 or not host:
+        raise ConfigError(f"--ray-address {address!r} is not allowed (allowed: 'auto', HOST:PORT or ray://HOST:PORT)")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        why = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or type(exc).__name__)
+        raise ConfigError(f"--ray-address {address}: no Ray cluster answers there ({why}); start one with "
+                          f"'ray start --head', or leave --ray-address out for a local instance") from None
+
+
 def run_ray(
     space: Space,
     task: Task,
@@ -287,6 +308,8 @@ def run_ray(
     # Workers may run in other folders (or machines): give them absolute paths.
     if task.artifacts_dir:
         task = dataclasses.replace(task, artifacts_dir=str(Path(task.artifacts_dir).resolve()))
+    if ray_address is not None and not ray.is_initialized():
+        check_ray_address(ray_address)  # before the study is made: nothing is stored for a cluster not there
     if task.dataset.endswith(".npz"):
         task = dataclasses.replace(task, dataset=str(Path(task.dataset).resolve()))
     task = dataclasses.replace(task, train_threads=task.train_threads or 1)
@@ -300,8 +323,12 @@ def run_ray(
     started = False
     if not ray.is_initialized():
         # "local": a new instance of our own, never silently a cluster someone else started
-        ray.init(address=ray_address or "local", num_cpus=None if ray_address else workers, include_dashboard=False,
-                 log_to_driver=False, logging_level="warning")
+        try:
+            ray.init(address=ray_address or "local", num_cpus=None if ray_address else workers,
+                     include_dashboard=False, log_to_driver=False, logging_level="warning")
+        except ConnectionError as exc:  # 'auto' with no cluster running, or one that went away
+            raise ConfigError(f"--ray-address {ray_address}: no Ray cluster answers there "
+                              f"({str(exc).splitlines()[0][:200]})") from exc
         started = True
     logging.getLogger("ray.tune").setLevel(logging.ERROR)
     try:
