@@ -119,13 +119,16 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     progress = SearchProgress(objectives, objective_directions(objectives), args.trials, log_format=args.log_format,
                               quiet=args.quiet, timeout=args.timeout)
-    from nas.finalists import auto_finalists, choose_finalists, finalist_cost_s, finalist_epochs
+    import time
+
+    from nas.finalists import TIMEOUT_SHARE, auto_finalists, finalist_epochs
 
     k = auto_finalists(len(data.y_train)) if args.finalists is None else args.finalists
     epochs = args.finalist_epochs or finalist_epochs(space.recipe["epochs"].options(), args.epochs)
+    deadline = None if args.timeout is None else time.monotonic() + args.timeout
 
-    def reserve_s(st: Any) -> float:  # --timeout keeps the finalists' estimated time
-        return sum(finalist_cost_s(t, epochs) for t in choose_finalists(st, k)) if k else 0.0
+    def reserve_s(_st: Any) -> float:  # --timeout keeps a share for the finalists
+        return TIMEOUT_SHARE * args.timeout if k and args.timeout else 0.0
 
     if args.backend == "ray":
         from nas.backends.ray import run_ray
@@ -144,7 +147,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                                                         for k, v in vars(args).items() if k != "func"}},
         )
     if k:
-        _run_finalists(study, space, task, k, epochs, progress, objectives, args, err)
+        _run_finalists(study, space, task, k, epochs, deadline, progress, objectives, args, err)
     progress.finished(study.get_trials(deepcopy=False))
     done = finished_count(study)
     _print_front(study, front_frame(study), objectives, "table", f"Pareto front of {study_name} ({done} trials)", args.baseline)
@@ -155,8 +158,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_finalists(study: Any, space: Any, task: Any, k: int, epochs: int, progress: Any, objectives: Sequence[str],
-                   args: argparse.Namespace, err: Any) -> None:
+def _run_finalists(study: Any, space: Any, task: Any, k: int, epochs: int, deadline: float | None, progress: Any,
+                   objectives: Sequence[str], args: argparse.Namespace, err: Any) -> None:
     """Retrain the chosen front members for ``epochs`` (:mod:`nas.finalists`), one at a time with
     all of the host's cores, through the same objective as every trial."""
     import dataclasses
@@ -167,17 +170,25 @@ def _run_finalists(study: Any, space: Any, task: Any, k: int, epochs: int, progr
 
     task = with_study_floor(dataclasses.replace(task, train_threads=args.train_threads or default_train_threads(1)), study)
 
-    def announce(chosen: list) -> None:
-        if args.quiet or not chosen:
+    def say(event: dict[str, Any], text: str) -> None:
+        if args.quiet:
             return
-        nums = [t.number for t in chosen]
         if args.log_format == "json":
-            print(json.dumps({"event": "finalists", "trials": nums, "epochs": epochs}), file=sys.stderr, flush=True)
+            print(json.dumps(event), file=sys.stderr, flush=True)
         else:
-            err.print(f"finalists: retraining trials {', '.join(map(str, nums))} for {epochs} epochs")
+            err.print(text)
+
+    def chosen(t: Any, cost: float) -> None:
+        say({"event": "finalist", "trial": t.number, "epochs": epochs, "estimate_s": round(cost, 1)},
+            f"finalist: retraining trial {t.number} for {epochs} epochs (~{cost:.0f} s)")
+
+    def skipped(t: Any, cost: float, left: float) -> None:
+        say({"event": "finalist_skipped", "trial": t.number, "estimate_s": round(cost, 1), "left_s": round(left, 1)},
+            f"finalist: trial {t.number} skipped: ~{cost:.0f} s to retrain, {max(0.0, left):.0f} s of --timeout left")
 
     run_finalists(study, make_objective(space, task, on_progress=progress.trial_progress), k, epochs,
-                  callbacks=[_progress_callback(progress, objectives)], on_chosen=announce)
+                  callbacks=[_progress_callback(progress, objectives)], deadline=deadline, on_chosen=chosen,
+                  on_skipped=skipped)
 
 
 def cmd_front(args: argparse.Namespace) -> int:

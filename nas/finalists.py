@@ -30,12 +30,16 @@ import optuna
 from nas.config import Candidate
 from nas.pareto import knee_order
 
-__all__ = ["FINALIST_OF", "FINALIST_EPOCHS", "auto_finalists", "finalist_epochs", "is_finalist", "choose_finalists",
+__all__ = ["FINALIST_OF", "FINALIST_EPOCHS", "TIMEOUT_SHARE", "auto_finalists", "finalist_epochs", "is_finalist", "choose_finalists",
            "finalist_candidate", "finalist_cost_s", "run_finalists"]
 
 FINALIST_OF = "finalist_of"  # user attribute: the trial a finalist retrains
 FINALIST_EPOCHS = "finalist_epochs"  # user attribute: the epochs it trains for
 EPOCH_FACTOR = 3  # default finalist epochs: this many times the space's longest recipe
+# With --timeout, the search starts no trial after (1 - this) of it; the finalists get the rest,
+# each only if its estimated cost fits what is left. (A reserve estimated from the current front
+# stopped an 85-minute search after 34 minutes: early fronts hold large, slow models.)
+TIMEOUT_SHARE = 0.25
 
 
 def auto_finalists(n_train: int) -> int:
@@ -93,17 +97,28 @@ def finalist_cost_s(trial: optuna.trial.FrozenTrial, epochs: int) -> float:
 
 
 def run_finalists(study: optuna.Study, objective: Callable[[optuna.Trial], Any], k: int, epochs: int,
-                  callbacks: list | None = None,
-                  on_chosen: Callable[[list[optuna.trial.FrozenTrial]], None] | None = None) -> list[int]:
-    """Enqueue the ``k`` chosen front members with their parameters (each marked with
-    ``finalist_of`` and ``finalist_epochs``) and run them through ``objective``, the backends'
-    (which trains a marked trial as a finalist: see :func:`finalist_candidate`). Returns the
-    numbers of the retrained trials."""
-    chosen = choose_finalists(study, k)
-    if on_chosen is not None:
-        on_chosen(chosen)
-    for t in chosen:
+                  callbacks: list | None = None, deadline: float | None = None,
+                  on_chosen: Callable[[optuna.trial.FrozenTrial, float], None] | None = None,
+                  on_skipped: Callable[[optuna.trial.FrozenTrial, float, float], None] | None = None) -> list[int]:
+    """Retrain the chosen front members one at a time, nearest the knee first: each is enqueued
+    with its parameters (marked ``finalist_of`` and ``finalist_epochs``) and run through
+    ``objective``, the backends' (which trains a marked trial as a finalist: see
+    :func:`finalist_candidate`). With a ``deadline`` (``time.monotonic()``), a member whose
+    estimated cost (:func:`finalist_cost_s`) does not fit the time left is skipped
+    (``on_skipped(trial, estimate, left)``). Returns the numbers of the retrained trials."""
+    import time
+
+    done = []
+    for t in choose_finalists(study, k):
+        cost = finalist_cost_s(t, epochs)
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and cost > left:
+            if on_skipped is not None:
+                on_skipped(t, cost, left)
+            continue
+        if on_chosen is not None:
+            on_chosen(t, cost)
         study.enqueue_trial(dict(t.params), user_attrs={FINALIST_OF: t.number, FINALIST_EPOCHS: int(epochs)})
-    if chosen:
-        study.optimize(objective, n_trials=len(chosen), catch=(Exception,), callbacks=callbacks, gc_after_trial=False)
-    return [t.number for t in chosen]
+        study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=callbacks, gc_after_trial=False)
+        done.append(t.number)
+    return done

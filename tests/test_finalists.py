@@ -17,6 +17,7 @@ from nas.finalists import (
     choose_finalists,
     finalist_cost_s,
     finalist_epochs,
+    run_finalists,
 )
 from nas.pipeline import Task
 from nas.space import parse_space
@@ -105,7 +106,8 @@ def test_search_retrains_finalists_with_the_long_recipe_and_rerunning_adds_nothi
     assert final.state.name == "COMPLETE" and final.params == original.params
     assert final.user_attrs["epochs"] == 3 == final.user_attrs["candidate"]["recipe"]["epochs"]  # 3 x --epochs 1
     assert original.user_attrs["epochs"] == 1
-    assert {"event": "finalists", "trials": [original.number], "epochs": 3} in events
+    chosen = [e for e in events if e.get("event") == "finalist"]
+    assert [(e["trial"], e["epochs"]) for e in chosen] == [(original.number, 3)] and chosen[0]["estimate_s"] > 0
     assert original.number not in set(front_frame(study)["trial"])
     assert main(argv) == 0  # the same command again: no search trial (3 counted), no member retrained twice
     trials = optuna.load_study(study_name="f", storage=db).get_trials()
@@ -120,3 +122,17 @@ def test_bad_finalist_flags_are_one_line_and_exit_2(capsys, flag, value):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert flag in err[-1] and value in err[-1]
+
+
+def test_with_a_deadline_a_member_that_does_not_fit_is_skipped(tmp_path):
+    import time
+
+    study, *_ = _study(tmp_path, [])
+    study.add_trial(optuna.trial.create_trial(values=[0.9, 0.1, 10.0],
+                                              user_attrs={"epochs": 2, "train_s": 100.0, "total_s": 110.0}))
+    ran, skipped = [], []
+    out = run_finalists(study, lambda trial: ran.append(trial.number) or (0.9, 0.1, 10.0), 1, 6,
+                        deadline=time.monotonic() + 200, on_skipped=lambda t, cost, left: skipped.append((t.number, cost)))
+    assert out == [] and ran == [] and skipped == [(0, 310.0)]  # 100 s / 2 epochs x 6 + 10 s > 200 s left
+    out = run_finalists(study, lambda trial: (0.9, 0.1, 10.0), 1, 6, deadline=time.monotonic() + 400)
+    assert out == [0] and study.get_trials()[-1].user_attrs[FINALIST_OF] == 0
