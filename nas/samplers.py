@@ -30,7 +30,9 @@ whose genes equal an existing trial's is never proposed twice.
 from __future__ import annotations
 
 import math
+import os
 import threading
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -44,7 +46,9 @@ from optuna.distributions import (
 )
 from optuna.trial import FrozenTrial, TrialState
 
-__all__ = ["SurrogateSampler", "RecordingTrial"]
+__all__ = ["SurrogateSampler", "RecordingTrial", "PLAN_ATTR"]
+
+PLAN_ATTR = "nas:plan"  # a trial's planned parameters, stored before its objective runs
 
 
 class RecordingTrial:
@@ -57,8 +61,8 @@ class RecordingTrial:
         self.distributions: dict[str, BaseDistribution] = {}
 
     def _take(self, name: str, dist: BaseDistribution, draw: Callable[[], Any]) -> Any:
-        v = self.plan.get(name)
-        if v is None or not _valid(dist, v):
+        v = self.plan.get(name, _MISSING)  # (None is a value a categorical may take)
+        if v is _MISSING or not _valid(dist, v):
             v = draw()
         self.params[name], self.distributions[name] = v, dist
         return v
@@ -69,8 +73,9 @@ class RecordingTrial:
 
     def suggest_int(self, name: str, low: int, high: int, step: int = 1, log: bool = False) -> int:
         def draw() -> int:
-            if log:
-                return int(min(high, max(low, round(math.exp(self.rng.uniform(math.log(low), math.log(high + 1)) - 0.5)))))
+            if log:  # as Optuna's RandomSampler: uniform in log space over [low - 0.5, high + 0.5], rounded
+                v = round(math.exp(self.rng.uniform(math.log(low - 0.5), math.log(high + 0.5))))
+                return int(min(high, max(low, v)))
             return int(low + step * self.rng.integers((high - low) // step + 1))
 
         return self._take(name, IntDistribution(low, high, log=log, step=step), draw)
@@ -79,8 +84,8 @@ class RecordingTrial:
         def draw() -> float:
             if log:
                 return float(math.exp(self.rng.uniform(math.log(low), math.log(high))))
-            if step:
-                return float(low + step * self.rng.integers(round((high - low) / step) + 1))
+            if step:  # the grid's last point is at or below high (floor, not round)
+                return float(min(high, low + step * self.rng.integers(math.floor((high - low) / step + 1e-9) + 1)))
             return float(self.rng.uniform(low, high))
 
         return self._take(name, FloatDistribution(low, high, log=log, step=step), draw)
@@ -93,34 +98,44 @@ def _valid(dist: BaseDistribution, v: Any) -> bool:
         return False
 
 
+_MISSING = object()
+
+
 def _key(params: dict[str, Any]) -> tuple:
     return tuple(sorted((k, repr(v)) for k, v in params.items()))
 
 
 class SurrogateSampler(optuna.samplers.BaseSampler):
     """See the module docstring. ``propose(trial_like)`` asks a space's genes through the given
-    object (``lambda t: space.suggest(t, ...)``); ``directions``: one per objective."""
+    object (``lambda t: space.suggest(t, ...)``); without it, candidates range over the
+    parameters finished trials asked (any Optuna objective). ``directions``: one per objective
+    (default: the study's); ``objectives``: their names, so that pruned trials' rung accuracy and
+    costs are read from their user attributes; ``seed=None``: a random seed."""
 
-    def __init__(self, propose: Callable[[Any], Any], directions: Sequence[str], *, seed: int = 0,
-                 n_startup: int = 10, n_candidates: int = 256, objectives: Sequence[str] | None = None) -> None:
+    def __init__(self, propose: Callable[[Any], Any] | None = None, directions: Sequence[str] | None = None, *,
+                 seed: int | None = 0, n_startup: int = 10, n_candidates: int = 256,
+                 objectives: Sequence[str] | None = None) -> None:
         self._propose = propose
-        self._directions = list(directions)
+        self._directions = list(directions or [])
         self._objectives = list(objectives or [])
-        self._seed = seed
+        self._seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed
         self._n_startup = n_startup
         self._n_candidates = n_candidates
-        self._random = optuna.samplers.RandomSampler(seed=seed)
+        self._random = optuna.samplers.RandomSampler(seed=self._seed)
         self._plans: dict[int, dict[str, Any]] = {}
         self._lock = threading.Lock()
+        self._plan_lock = threading.Lock()
+        self._warned: set[str] = set()
 
     def __getstate__(self) -> dict[str, Any]:  # Ray pickles the search algorithm and its sampler
         state = self.__dict__.copy()
-        state["_lock"], state["_plans"] = None, {}
+        state["_lock"], state["_plan_lock"], state["_plans"] = None, None, {}
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._lock = threading.Lock()
+        self._lock, self._plan_lock = threading.Lock(), threading.Lock()
+        self.__dict__.setdefault("_warned", set())
 
     # -- Optuna's sampler interface: everything is decided in before_trial
     def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
@@ -129,21 +144,46 @@ class SurrogateSampler(optuna.samplers.BaseSampler):
     def sample_relative(self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
         return {}
 
+    def reseed_rng(self) -> None:
+        """A new seed for the plans and the fallback random sampler (Optuna calls this for each
+        worker of ``optimize(n_jobs=...)``, and its generic sampler tests check it)."""
+        self._seed = int.from_bytes(os.urandom(4), "little")
+        self._random.reseed_rng()
+
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        trials = study.get_trials(deepcopy=False)
-        rng = np.random.default_rng([self._seed, trial.number])
-        plan = self._plan(trials, rng)
-        with self._lock:
-            self._plans[trial._trial_id] = plan
-        if plan:
-            study._storage.set_trial_system_attr(trial._trial_id, "nas:surrogate", True)
+        # One plan at a time in this process, and each plan stored with its trial at once: a trial
+        # still being planned (here, or in another worker) is never proposed twice (with n_jobs=2
+        # unstored plans gave 4-8 duplicates in 3 x 40 trials).
+        with self._plan_lock:
+            trials = study.get_trials(deepcopy=False)
+            rng = np.random.default_rng([self._seed, trial.number])
+            dirs = self._directions or ["maximize" if d == optuna.study.StudyDirection.MAXIMIZE else "minimize"
+                                        for d in study.directions]
+            try:
+                plan = self._plan(trials, rng, dirs)
+            except Exception as exc:  # noqa: BLE001 - the trial must not be left RUNNING: random, said once
+                self._warn(f"surrogate planning failed ({type(exc).__name__}: {exc}); such trials are sampled at random")
+                plan = {}
+            with self._lock:
+                self._plans[trial._trial_id] = plan
+            if plan:
+                study._storage.set_trial_system_attr(trial._trial_id, "nas:surrogate", True)
+                try:
+                    study._storage.set_trial_system_attr(trial._trial_id, PLAN_ATTR, plan)
+                except (TypeError, ValueError):  # a value the storage cannot hold as JSON
+                    pass
+
+    def _warn(self, message: str) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            warnings.warn(message, stacklevel=3)
 
     def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
                            param_distribution: BaseDistribution) -> Any:
         with self._lock:
             plan = self._plans.get(trial._trial_id, {})
-        v = plan.get(param_name)
-        if v is not None and _valid(param_distribution, v):
+        v = plan.get(param_name, _MISSING)
+        if v is not _MISSING and _valid(param_distribution, v):
             return v
         return self._random.sample_independent(study, trial, param_name, param_distribution)
 
@@ -152,12 +192,14 @@ class SurrogateSampler(optuna.samplers.BaseSampler):
             self._plans.pop(trial._trial_id, None)
 
     # -- the screening
-    def _targets(self, t: FrozenTrial) -> list[float | None]:
-        """Per objective, what trial ``t`` tells about it (None: nothing)."""
+    def _targets(self, t: FrozenTrial, n: int | None = None) -> list[float | None]:
+        """Per objective (``n`` of them), what trial ``t`` tells about it (None: nothing); a
+        pruned trial tells only where ``objectives`` names what its user attributes hold."""
+        n = len(self._directions) if n is None else n
         if t.state == TrialState.COMPLETE and t.values is not None:
             return list(t.values)
-        if t.state != TrialState.PRUNED:
-            return [None] * len(self._directions)
+        if t.state != TrialState.PRUNED or len(self._objectives) != n:
+            return [None] * n
         out: list[float | None] = []
         for name in self._objectives:
             if name == "accuracy":
@@ -169,19 +211,24 @@ class SurrogateSampler(optuna.samplers.BaseSampler):
                 out.append(float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None)
         return out
 
-    def _plan(self, trials: list[FrozenTrial], rng: np.random.Generator) -> dict[str, Any]:
+    def _plan(self, trials: list[FrozenTrial], rng: np.random.Generator, dirs: list[str]) -> dict[str, Any]:
         done = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
         complete = [t for t in done if t.state == TrialState.COMPLETE and t.values is not None]
         seen = {_key(t.params) for t in trials if t.params}
-        startup = len(complete) < self._n_startup or not self._objectives
-        front = [] if startup else _front(complete, self._directions)
+        # trials still running were planned by a worker that stored its plan: not proposed again
+        seen |= {_key(t.system_attrs[PLAN_ATTR]) for t in trials
+                 if t.state == TrialState.RUNNING and isinstance(t.system_attrs.get(PLAN_ATTR), dict)}
+        startup = len(complete) < max(1, self._n_startup)
+        front = [] if startup else _front(complete, dirs)
+        propose = self._propose or _history_proposer(trials)
         want = 1 if startup else self._n_candidates  # at the start: random, but never a repeat
         cands: list[RecordingTrial] = []
+        failures: list[Exception] = []
         for i in range(want * 3 + 20):
             if len(cands) >= want:
                 break
-            if i % 2 and front:  # mutate a front member: each gene redrawn with probability 1/n (at least one)
-                parent = front[int(rng.integers(len(front)))].params
+            parent = front[int(rng.integers(len(front)))].params if i % 2 and front else {}
+            if parent:  # mutate a front member: each gene redrawn with probability 1/n (at least one)
                 names = list(parent)
                 drop = {n for n in names if rng.random() < 1.0 / len(names)} or {names[int(rng.integers(len(names)))]}
                 plan = {k: v for k, v in parent.items() if k not in drop}
@@ -189,8 +236,9 @@ class SurrogateSampler(optuna.samplers.BaseSampler):
                 plan = {}
             rec = RecordingTrial(plan, rng)
             try:
-                self._propose(rec)
-            except Exception:  # noqa: BLE001 - a candidate the space refuses is just not proposed
+                propose(rec)
+            except Exception as exc:  # noqa: BLE001 - a candidate the space refuses is just not proposed
+                failures.append(exc)
                 continue
             k = _key(rec.params)
             if k in seen:
@@ -198,16 +246,21 @@ class SurrogateSampler(optuna.samplers.BaseSampler):
             seen.add(k)
             cands.append(rec)
         if not cands:
+            if failures:  # every proposal failed: say why, once, rather than turn silently random
+                self._warn(f"the space refused every candidate proposed ({len(failures)}; first: "
+                           f"{type(failures[0]).__name__}: {failures[0]}); trials are sampled at random")
             return {}
         if startup:
             return dict(cands[0].params)
-        scores = self._score(done, cands)
+        scores = self._score(done, cands, dirs)
         return dict(cands[int(np.argmax(scores))].params)
 
-    def _score(self, done: list[FrozenTrial], cands: list[RecordingTrial]) -> np.ndarray:
+    def _score(self, done: list[FrozenTrial], cands: list[RecordingTrial], dirs: list[str]) -> np.ndarray:
         from sklearn.ensemble import ExtraTreesRegressor
 
         names = sorted({n for t in done for n in t.params} | {n for c in cands for n in c.params})
+        if not names:  # an objective without parameters: nothing to tell candidates apart by
+            return np.zeros(len(cands))
         dists: dict[str, BaseDistribution] = {}
         for t in done:
             dists.update(t.distributions)
@@ -215,10 +268,11 @@ class SurrogateSampler(optuna.samplers.BaseSampler):
             dists.update(c.distributions)
         x_hist = _encode([t.params for t in done], names, dists)
         x_cand = _encode([c.params for c in cands], names, dists)
-        sign = np.array([-1.0 if d == "maximize" else 1.0 for d in self._directions])
-        targets = np.array([[np.nan if v is None else v for v in self._targets(t)] for t in done], dtype=float)
+        sign = np.array([-1.0 if d == "maximize" else 1.0 for d in dirs])
+        targets = np.array([[np.nan if v is None else v for v in self._targets(t, len(dirs))] for t in done], dtype=float)
+        targets[~np.isfinite(targets)] = np.nan  # an objective of +-inf or NaN tells the models nothing
         log_scale = np.array([d == "minimize" and np.nanmin(targets[:, j], initial=np.inf) > 0
-                              for j, d in enumerate(self._directions)])
+                              for j, d in enumerate(dirs)])
         # minimization form, costs in log (they span orders of magnitude)
         y = np.where(log_scale, np.log(np.where(targets > 0, targets, np.nan)), targets) * sign
         mu = np.zeros((len(cands), y.shape[1]))
@@ -235,6 +289,28 @@ class SurrogateSampler(optuna.samplers.BaseSampler):
         front_y = y[complete]
         front_y = front_y[~np.isnan(front_y).any(1)]
         return _hv_improvement(front_y, mu - sd, np.random.default_rng(self._seed))
+
+
+def _history_proposer(trials: list[FrozenTrial]) -> Callable[[Any], None]:
+    """Without a space's ``suggest`` (a plain Optuna objective): candidates over every parameter
+    the finished trials asked for, with its latest distribution (a parameter only some trials
+    ask is proposed anyway: the objective ignores what it does not ask)."""
+    dists: dict[str, BaseDistribution] = {}
+    for t in trials:
+        if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
+            dists.update(t.distributions)
+
+    def propose(rec: RecordingTrial) -> None:
+        for name in sorted(dists):
+            d = dists[name]
+            if isinstance(d, CategoricalDistribution):
+                rec.suggest_categorical(name, d.choices)
+            elif isinstance(d, IntDistribution):
+                rec.suggest_int(name, d.low, d.high, step=d.step, log=d.log)
+            elif isinstance(d, FloatDistribution):
+                rec.suggest_float(name, d.low, d.high, step=d.step, log=d.log)
+
+    return propose
 
 
 def _front(trials: list[FrozenTrial], directions: Sequence[str]) -> list[FrozenTrial]:

@@ -25,7 +25,6 @@ distillation); gradients of the four are summed ("sandwich rule").
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from collections.abc import Callable
