@@ -38,7 +38,10 @@ from nas.yamlfile import load_yaml
 
 __all__ = ["Param", "StageSpace", "Space", "load_space", "resolve_space_path", "per_stage_genes", "SPACES_DIR"]
 
-SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+# The bundled spaces: inside the package when installed from a wheel (nas/search_spaces), the
+# checkout's top-level search_spaces/ folder otherwise (a source tree or an editable install).
+_HERE = Path(__file__).resolve().parent
+SPACES_DIR = _HERE / "search_spaces" if (_HERE / "search_spaces").is_dir() else _HERE.parent / "search_spaces"
 
 _TOP_KEYS = {"name", "spatial", "stem_channels", "stem_kernel", "stem_stride", "head", "dropout", "stages", "recipe",
              "compression", "early_stop", "input_size"}
@@ -395,10 +398,19 @@ def resolve_space_path(name_or_path: str) -> Path:
         if not p.is_file():
             raise SpaceError(f"space file {name_or_path!r} does not exist")
         return p
-    for base in (Path("search_spaces"), SPACES_DIR):
-        cand = base / f"{name_or_path}.yaml"
-        if cand.is_file():
-            return cand
+    bundled = SPACES_DIR / f"{name_or_path}.yaml"
+    local = Path("search_spaces") / f"{name_or_path}.yaml"
+    if bundled.is_file():
+        # a bundled name always means the bundled space; a local file of that name is used only
+        # by its path, and one that differs is pointed out (it used to shadow the bundled one)
+        if local.is_file() and local.resolve() != bundled.resolve() and local.read_bytes() != bundled.read_bytes():
+            import sys
+
+            print(f"nas: note: space {name_or_path!r} is the bundled one; {local} differs from it "
+                  f"(give --space {local} to use that file)", file=sys.stderr)
+        return bundled
+    if local.is_file():  # a space of the user's own in ./search_spaces, by name
+        return local
     known = sorted(q.stem for q in SPACES_DIR.glob("*.yaml"))
     raise SpaceError(f"unknown space {name_or_path!r} (allowed: {', '.join(known)}, or a path to a .yaml file)")
 
