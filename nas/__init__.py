@@ -14,6 +14,7 @@ _LAZY = {
     "CompressionConfig": "nas.config", "Recipe": "nas.config", "NasError": "nas.errors",
     "Task": "nas.task", "TrialResult": "nas.pipeline", "evaluate": "nas.pipeline",
     "Space": "nas.space", "load_space": "nas.space", "load_bundle": "nas.verify",
+    "search": "nas.api", "open_study": "nas.api", "SearchResult": "nas.api",
 }
 
 
@@ -30,11 +31,14 @@ __all__ = [
     "CompressionConfig",
     "NasError",
     "Recipe",
+    "SearchResult",
     "Space",
     "Task",
     "TrialResult",
     "evaluate",
     "load_bundle",
     "load_space",
+    "open_study",
+    "search",
 ]
 __version__ = "0.1.0"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from nas.errors import NasError
 
-__all__ = ["apply_config"]
+__all__ = ["apply_config", "coerce", "search_actions", "SKIP"]
 
 
 def given_dests(sub: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
@@ -29,6 +29,12 @@ def given_dests(sub: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
         a.required = False
     ns, _ = quiet.parse_known_args(list(argv))
     return set(vars(ns))
+
+
+def search_actions(parser: argparse.ArgumentParser) -> tuple[argparse.ArgumentParser, dict[str, argparse.Action]]:
+    """The ``search`` subcommand's parser and its options by destination (not help, config)."""
+    sub = next(a for a in parser._subparsers._group_actions[0].choices.values() if a.prog.endswith(" search"))
+    return sub, {a.dest: a for a in sub._actions if a.dest not in ("help", "config")}
 
 
 def apply_config(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> None:
@@ -48,8 +54,7 @@ def apply_config(args: argparse.Namespace, parser: argparse.ArgumentParser, argv
         raise NasError(f"experiment config {path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
     if not isinstance(raw, dict):
         raise NasError(f"experiment config {path}: must be a mapping of flag -> value")
-    sub = next(a for a in parser._subparsers._group_actions[0].choices.values() if a.prog.endswith(" search"))
-    actions = {a.dest: a for a in sub._actions if a.dest not in ("help", "config")}
+    sub, actions = search_actions(parser)
     argv = list(argv or [])
     given = given_dests(sub, argv[argv.index("search") + 1 :] if "search" in argv else argv)
     for key, value in raw.items():
@@ -58,49 +63,58 @@ def apply_config(args: argparse.Namespace, parser: argparse.ArgumentParser, argv
             raise NasError(f"experiment config {path}: unknown key {key!r} (allowed: {', '.join(sorted(actions))})")
         if dest in given:
             continue
-        action = actions[dest]
-        if isinstance(value, list) and dest == "objectives" and all(isinstance(v, str) for v in value):
-            value = ",".join(value)
-        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
-            if not isinstance(value, bool):
-                raise NasError(f"experiment config {path}: {key}: {value!r} is not allowed (allowed: true, false)")
+        value = coerce(f"experiment config {path}", key, value, actions[dest])
+        if value is not SKIP:
             setattr(args, dest, value)
-            continue
-        if value is None:
-            continue
-        if isinstance(action, argparse._AppendAction):  # a repeatable flag (--baseline): a list of values
-            setattr(args, dest, _repeated(path, key, value, action))
-            continue
-        if isinstance(value, (bool, list, dict)) or not isinstance(value, (str, int, float)):
-            raise NasError(f"experiment config {path}: {key}: {value!r} is not allowed "
-                           f"(give a single {'number' if action.type not in (None, str) else 'string'})")
-        if action.type is not None:
-            try:
-                value = action.type(str(value))
-            except (argparse.ArgumentTypeError, ValueError) as exc:
-                raise NasError(f"experiment config {path}: {key}: {exc}") from exc
-        else:
-            value = str(value)
-        if action.choices is not None and value not in action.choices:
-            raise NasError(f"experiment config {path}: {key}: {value!r} is not allowed (allowed: {', '.join(map(str, action.choices))})")
-        setattr(args, dest, value)
 
 
-def _repeated(path: Path, key: str, value: object, action: argparse.Action) -> list:
+SKIP = object()  # coerce(): a None value (the option keeps its default)
+
+
+def coerce(where: str, key: object, value: object, action: argparse.Action) -> object:
+    """``value`` for flag ``action`` from a config file or the Python API, validated as the flag
+    itself is (its type function, its choices); ``where`` starts the one-line error."""
+    if isinstance(value, list) and action.dest == "objectives" and all(isinstance(v, str) for v in value):
+        value = ",".join(value)
+    if isinstance(value, tuple) and action.dest == "objectives" and all(isinstance(v, str) for v in value):
+        value = ",".join(value)
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if not isinstance(value, bool):
+            raise NasError(f"{where}: {key}: {value!r} is not allowed (allowed: true, false)")
+        return value
+    if value is None:
+        return SKIP
+    if isinstance(action, argparse._AppendAction):  # a repeatable flag (--baseline): a list of values
+        return _repeated(where, key, value, action)
+    if isinstance(value, (bool, list, dict)) or not isinstance(value, (str, int, float)):
+        raise NasError(f"{where}: {key}: {value!r} is not allowed "
+                       f"(give a single {'number' if action.type not in (None, str) else 'string'})")
+    if action.type is not None:
+        try:
+            value = action.type(str(value))
+        except (argparse.ArgumentTypeError, ValueError) as exc:
+            raise NasError(f"{where}: {key}: {exc}") from exc
+    else:
+        value = str(value)
+    if action.choices is not None and value not in action.choices:
+        raise NasError(f"{where}: {key}: {value!r} is not allowed (allowed: {', '.join(map(str, action.choices))})")
+    return value
+
+
+def _repeated(where: str, key: object, value: object, action: argparse.Action) -> list:
     """A repeatable flag's value: one string (or number) is a one-element list; a list must hold
     strings or numbers only."""
     items = value if isinstance(value, list) else [value]
     for item in items:
         if isinstance(item, bool) or not isinstance(item, (str, int, float)):
-            raise NasError(f"experiment config {path}: {key}: {value!r} is not allowed "
-                           f"(give a string, or a list of strings)")
+            raise NasError(f"{where}: {key}: {value!r} is not allowed (give a string, or a list of strings)")
     out = []
     for item in items:
         if action.type is not None:
             try:
                 item = action.type(str(item))
             except (argparse.ArgumentTypeError, ValueError) as exc:
-                raise NasError(f"experiment config {path}: {key}: {exc}") from exc
+                raise NasError(f"{where}: {key}: {exc}") from exc
         out.append(item if action.type is not None else str(item))
     return out
 
