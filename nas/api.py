@@ -107,10 +107,20 @@ def run_search(args: argparse.Namespace) -> Any:
     from nas.space import default_space_name, load_space
     from nas.study import open_storage, study_folder
 
+    from nas.device import resolve_device
+
+    resolve_device(args.device)  # a device this host lacks: one line now (each trial resolves it where it runs)
+    if args.gpus_per_trial and args.backend != "ray":
+        raise NasError("--gpus-per-trial is for --backend ray (Tune's GPU resources); the optuna backend trains "
+                       "on --device")
     if args.backend == "ray" and args.ray_address:
         from nas.backends.ray import check_ray_address
 
         check_ray_address(args.ray_address)  # within seconds, before anything is stored
+    elif args.backend == "ray" and args.gpus_per_trial:
+        from nas.backends.ray import check_local_gpus
+
+        check_local_gpus(args.gpus_per_trial)
     objectives = parse_objectives(args.objectives)
     reward = None
     if args.reward:
@@ -160,6 +170,8 @@ def run_search(args: argparse.Namespace) -> Any:
         early_stop={"eta": args.eta or 3.0, "calibrate": args.calibrate_rungs} if args.early_stop and (space.early_stop or args.eta) else None,
         screen=screen,
         max_memory_mb=args.max_memory_mb,
+        device=args.device,
+        amp=args.amp,
     )
     from rich.console import Console
 
@@ -202,7 +214,7 @@ def run_search(args: argparse.Namespace) -> Any:
 
         study = run_ray(space, task, study_name=study_name, storage_url=args.storage, sampler=args.sampler,
                         n_trials=args.trials, workers=args.workers, ray_address=args.ray_address, resume=args.resume,
-                        quiet=args.quiet, timeout=args.timeout, progress=progress)
+                        quiet=args.quiet, timeout=args.timeout, progress=progress, gpus_per_trial=args.gpus_per_trial)
     else:
         if args.resume or args.ray_address:
             raise NasError("--resume and --ray-address are for --backend ray (the optuna backend resumes by rerunning)")

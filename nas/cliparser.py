@@ -88,6 +88,9 @@ def _per_core(what: str) -> Callable[[str], int]:
     return parse
 
 
+_gpus = _number(float, lambda v: 0 <= v <= 64 and math.isfinite(v), "a number of GPUs in 0..64 (fractions allowed)")
+
+
 _port = _number(int, lambda v: 1 <= v <= 65535, "a port in 1..65535")
 
 
@@ -155,6 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "their estimated time)")
     s.add_argument("--finalist-epochs", type=_epochs, default=None, metavar="E",
                    help="epochs a finalist trains (default 3x the space's longest recipe, or 3x --epochs)")
+    s.add_argument("--device", default="auto",
+                   help="where trials train: auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N, mps (latency is "
+                        "always timed in ONNX Runtime on the CPU)")
+    s.add_argument("--amp", action="store_true",
+                   help="train with autocast: bfloat16 where the device has it, else float16 with a gradient scaler")
+    s.add_argument("--gpus-per-trial", type=_gpus, default=0.0, metavar="F",
+                   help="Ray: GPUs each trial reserves (fractions share one GPU; default 0)")
     s.add_argument("--backend", choices=("optuna", "ray"), default="optuna", help="optuna (default, in-process) or ray (Ray Tune)")
     s.add_argument("--workers", type=_positive_int, default=2, help="Ray: concurrent trials (default 2)")
     s.add_argument("--ray-address", default=None, help="Ray: connect to a cluster ('auto' or host:port); default a local instance")

@@ -38,6 +38,7 @@ from nas.compress.passes import (
 )
 from nas.config import ArchConfig, Candidate, Recipe, augments_for
 from nas.data import Dataset, load_dataset
+from nas.device import on_device
 from nas.task import Task, auto_screen, default_train_threads  # noqa: F401 - re-exported
 from nas.errors import TrialFailure
 from nas.measure import (
@@ -50,8 +51,8 @@ from nas.measure import (
 from nas.objectives import check_constraints, mnasnet_reward
 from nas.train import accuracy, seed_everything, train
 
-__all__ = ["Task", "TrialResult", "ConstraintViolation", "evaluate", "get_dataset", "reference_floor", "timed", "PACKED_NAME",
-           "artifact_name"]
+__all__ = ["Task", "TrialResult", "ConstraintViolation", "evaluate", "get_dataset", "reference_floor", "timed",
+           "PACKED_NAME", "artifact_name"]
 
 PACKED_NAME = "weights.nasp"
 CALIBRATION_SAMPLES = 64
@@ -384,7 +385,13 @@ def evaluate(
     t = _Trial(candidate, task, data, torch.zeros(1, data.in_channels, *data.input_size),
                data.x_train[:CALIBRATION_SAMPLES])
     out = Path(task.artifacts_dir) / trial_id if task.artifacts_dir and trial_id is not None else None
+    with on_device(task.device, task.amp):  # where everything of this trial that trains runs (nas.device)
+        return _run(t, candidate, task, out, at_rung, progress, t0)
 
+
+def _run(t: _Trial, candidate: Candidate, task: Task, out: Path | None, at_rung: Callable | None,
+         progress: Callable[[str], None] | None, t0: float) -> TrialResult:
+    clock, data = time.perf_counter, t.data
     costs = _preflight(t)  # 1. every cost, on the final shape; reject over a limit
     t.timings["preflight_s"] = (t1 := clock()) - t0
     model, stats, loss_fn = _train(t, costs, at_rung, progress)  # 2. train (rungs may stop it)

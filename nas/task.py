@@ -61,6 +61,10 @@ class Task:
     # 0 like any rung (calibrated, Pareto successive halving); 0 turns it off (see auto_screen).
     # Fixed: rung 0's accuracies are comparable only on one subset of one size.
     screen: float = _fixed(0.0, "--screen-fraction")
+    # where trials train (nas.device): auto | cpu | cuda | cuda:N | mps, and bf16/fp16 autocast.
+    # Not fixed: a resumed study may move to another device (latency is timed on the CPU runtime)
+    device: str = "cpu"
+    amp: bool = False
 
     def __post_init__(self) -> None:
         # the parts may be given as their records (dicts: JSON, YAML configs, the API)

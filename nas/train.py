@@ -62,7 +62,9 @@ def augment(x: torch.Tensor, kind: str, gen: torch.Generator) -> torch.Tensor:
     # [[c, -s*H/W], [s*W/H, c]] there, or non-square inputs would be sheared
     w = x.shape[3]
     theta = torch.stack([torch.stack([cos, -sin * h / w, tx], 1), torch.stack([sin * w / h, cos, ty], 1)], 1)
-    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    # (the draws come from the CPU generator, one seeded stream whatever the device; the
+    # transform runs where the batch is)
+    grid = F.affine_grid(theta.to(device=x.device, dtype=x.dtype), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
@@ -88,6 +90,15 @@ def train(
     ``on_epoch(epoch, model)`` runs after each epoch and may raise to stop training early.
     A non-finite loss raises :class:`TrialFailure`.
     """
+    from nas.device import autocast_dtype, placement
+
+    where = placement()  # the trial's device (nas.device.on_device); the CPU by default
+    device = torch.device(where.device)
+    amp_dtype = autocast_dtype(where.device) if where.amp else None
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    if device.type != "cpu":  # the data moves once per training run; batches are cut on the device
+        model.to(device)
+        x, y = x.to(device), y.to(device)
     n_epochs = recipe.epochs if epochs is None else epochs
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -105,22 +116,28 @@ def train(
     model.to(memory_format=layout)
     model.train()
     for epoch in range(n_epochs):
-        perm = torch.randperm(len(y), generator=gen)
+        perm = torch.randperm(len(y), generator=gen).to(device)
         for i in range(steps_per_epoch):
             idx = perm[i * recipe.batch_size : (i + 1) * recipe.batch_size]
             xb, yb = augment(x[idx], recipe.augment, gen).contiguous(memory_format=layout), y[idx]
-            logits = model(xb)
-            loss = loss_fn(logits, yb, xb) if loss_fn is not None else F.cross_entropy(logits, yb)
-            if penalty is not None:
-                loss = loss + penalty(model)
-            aux = getattr(model, "auxiliary_loss", None)  # deep supervision: heads inside the network
-            if aux is not None:
-                loss = loss + aux(yb)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                logits = model(xb)
+                loss = loss_fn(logits, yb, xb) if loss_fn is not None else F.cross_entropy(logits, yb)
+                if penalty is not None:
+                    loss = loss + penalty(model)
+                aux = getattr(model, "auxiliary_loss", None)  # deep supervision: heads inside the network
+                if aux is not None:
+                    loss = loss + aux(yb)
             if not torch.isfinite(loss):
                 raise TrialFailure(f"non-finite loss ({loss.item()}) at epoch {start_epoch + epoch + 1}, step {i + 1}")
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            if scaler is not None:  # float16: scaled gradients, steps skipped on overflow
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                opt.step()
             sched.step()
             loss_val = loss.item()
         if on_epoch is not None:
@@ -128,14 +145,20 @@ def train(
             on_epoch(start_epoch + epoch + 1, model)
             model.train()
     model.to(memory_format=torch.contiguous_format)
+    if device.type != "cpu":
+        model.to("cpu")  # packing, export and measurement read CPU weights
     model.eval()
     return TrainStats(n_epochs, loss_val, time.perf_counter() - t0)
 
 
+
 @torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor, batch: int = 1024) -> torch.Tensor:
+    """Logits of ``x`` in batches, computed where the model is (its first parameter's device), returned on the CPU."""
     model.eval()
-    return torch.cat([model(x[i : i + batch]) for i in range(0, len(x), batch)])
+    p = next(model.parameters(), None)
+    dev = p.device if p is not None else x.device
+    return torch.cat([model(x[i : i + batch].to(dev)).cpu() for i in range(0, len(x), batch)])
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:

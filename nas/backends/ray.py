@@ -35,7 +35,7 @@ from nas.space import Space
 from nas.study import open_storage
 from nas.trial import outcome, record_rung_and_judge, rung_names
 
-__all__ = ["run_ray", "experiment_dir", "check_ray_address"]
+__all__ = ["run_ray", "experiment_dir", "check_ray_address", "check_local_gpus"]
 
 for _k, _v in {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AIR_NEW_OUTPUT": "0", "RAY_AUTH_MODE": "token",
                "TUNE_GLOBAL_CHECKPOINT_S": "2", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
@@ -282,6 +282,15 @@ def check_ray_address(address: str, timeout_s: float = 3.0) -> None:
                           f"'ray start --head', or leave --ray-address out for a local instance") from None
 
 
+def check_local_gpus(gpus_per_trial: float) -> None:
+    """A local Ray instance has this host's GPUs only: with none, Tune would wait for ever."""
+    import torch
+
+    if gpus_per_trial and not torch.cuda.is_available():
+        raise ConfigError(f"--gpus-per-trial {gpus_per_trial:g}: this host has no CUDA device for the local "
+                          f"Ray instance (give --ray-address for a cluster with GPUs)")
+
+
 def run_ray(
     space: Space,
     task: Task,
@@ -297,6 +306,7 @@ def run_ray(
     quiet: bool = False,
     timeout: float | None = None,
     progress: Any = None,
+    gpus_per_trial: float = 0.0,
 ) -> optuna.Study:
     """Run (or, with ``resume``, restore) a Ray Tune search into the Optuna study; ``timeout``:
     seconds after which no new trial starts (Tune's ``time_budget_s``)."""
@@ -310,6 +320,8 @@ def run_ray(
         task = dataclasses.replace(task, artifacts_dir=str(Path(task.artifacts_dir).resolve()))
     if ray_address is not None and not ray.is_initialized():
         check_ray_address(ray_address)  # before the study is made: nothing is stored for a cluster not there
+    if gpus_per_trial and ray_address is None:
+        check_local_gpus(gpus_per_trial)
     if task.dataset.endswith(".npz"):
         task = dataclasses.replace(task, dataset=str(Path(task.dataset).resolve()))
     task = dataclasses.replace(task, train_threads=task.train_threads or 1)
@@ -332,7 +344,7 @@ def run_ray(
         started = True
     logging.getLogger("ray.tune").setLevel(logging.ERROR)
     try:
-        trainable = tune.with_resources(_trainable, {"cpu": 1})
+        trainable = tune.with_resources(_trainable, {"cpu": 1, **({"gpu": gpus_per_trial} if gpus_per_trial else {})})
         if resume:
             if not tune.Tuner.can_restore(str(exp)):
                 raise ConfigError(f"nothing to resume for study {study_name!r}: no Ray experiment in {exp}")

@@ -105,8 +105,8 @@ def get_teachers(folder: str | Path | None, data: Dataset, n: int = 1, epochs: i
 
 def distill_loss_fn(teachers: Sequence[nn.Module], alpha: float, T: float) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
     def loss(logits: torch.Tensor, targets: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            probs = torch.stack([F.softmax(t(inputs) / T, dim=1) for t in teachers]).mean(0)
+        with torch.no_grad():  # the teachers run where the student trains (nas.device)
+            probs = torch.stack([F.softmax(t.to(inputs.device)(inputs) / T, dim=1) for t in teachers]).mean(0)
         return kd_loss(logits, targets, probs, alpha, T)
 
     return loss
