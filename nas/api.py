@@ -190,7 +190,7 @@ def run_search(args: argparse.Namespace) -> Any:
                               "dataset": data.name, "input_shape": data.describe()["input_shape"], "space": space.name,
                               "sampler": args.sampler, "objectives": list(objectives), "total": args.trials}),
                   file=sys.stderr, flush=True)
-    else:
+    elif not args.quiet:
         err.print(f"study {study_name!r} in {redact_url(args.storage)}: dataset {data.name} {data.describe()['input_shape']}, "
                   f"space {space.name}, sampler {args.sampler}, objectives {','.join(objectives)}")
     from nas.objectives import directions as objective_directions
