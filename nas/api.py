@@ -113,6 +113,11 @@ def run_search(args: argparse.Namespace) -> Any:
     if args.gpus_per_trial and args.backend != "ray":
         raise NasError("--gpus-per-trial is for --backend ray (Tune's GPU resources); the optuna backend trains "
                        "on --device")
+    if args.backend == "ray":
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            raise NasError("--backend ray needs Ray Tune: pip install 'nas[ray]'")
     if args.backend == "ray" and args.ray_address:
         from nas.backends.ray import check_ray_address
 

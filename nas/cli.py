@@ -129,7 +129,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
-    from optuna_dashboard import run_server
+    try:
+        from optuna_dashboard import run_server
+    except ImportError:
+        raise NasError("nas dashboard needs optuna-dashboard: pip install 'nas[dashboard]'") from None
 
     from nas.study import load_study
 

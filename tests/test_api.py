@@ -36,3 +36,19 @@ def test_bad_options_raise_the_clis_one_line(in_tmp, options, message):
     with pytest.raises(nas.NasError, match=re.escape(message)):
         nas.search(**options)
     assert not (in_tmp / "runs").exists()
+
+
+def test_an_optional_part_that_is_missing_names_its_extra(in_tmp, capsys, monkeypatch):
+    import sys
+
+    from nas.cli import main
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "ray" else object())
+    assert main(["search", "--backend", "ray", "--trials", "1"]) == 2
+    assert capsys.readouterr().err == "nas: error: --backend ray needs Ray Tune: pip install 'nas[ray]'\n"
+    monkeypatch.setitem(sys.modules, "optuna_dashboard", None)
+    assert main(["search", "--trials", "1", "--epochs", "1", "--study", "d", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["dashboard", "d"]) == 2
+    assert capsys.readouterr().err == "nas: error: nas dashboard needs optuna-dashboard: pip install 'nas[dashboard]'\n"
