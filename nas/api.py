@@ -110,6 +110,8 @@ def run_search(args: argparse.Namespace) -> Any:
     from nas.device import resolve_device
 
     resolve_device(args.device)  # a device this host lacks: one line now (each trial resolves it where it runs)
+    if args.strategy == "supernet" and args.backend == "ray":
+        raise NasError("--strategy supernet runs on the optuna backend for now (--backend optuna)")
     if args.gpus_per_trial and args.backend != "ray":
         raise NasError("--gpus-per-trial is for --backend ray (Tune's GPU resources); the optuna backend trains "
                        "on --device")
@@ -172,11 +174,15 @@ def run_search(args: argparse.Namespace) -> Any:
         # inside --artifacts, and never a folder another study's trials live in
         artifacts_dir=str(study_folder(Path(args.artifacts).resolve(), study_name, args.storage)),
         reward=reward,
-        early_stop={"eta": args.eta or 3.0, "calibrate": args.calibrate_rungs} if args.early_stop and (space.early_stop or args.eta) else None,
-        screen=screen,
+        # (a supernet trial trains nothing: no rungs, no screen)
+        early_stop={"eta": args.eta or 3.0, "calibrate": args.calibrate_rungs}
+        if args.early_stop and (space.early_stop or args.eta) and args.strategy == "scratch" else None,
+        screen=screen if args.strategy == "scratch" else 0.0,
         max_memory_mb=args.max_memory_mb,
         device=args.device,
         amp=args.amp,
+        strategy=args.strategy,
+        supernet_epochs=args.supernet_epochs,
     )
     from rich.console import Console
 
@@ -189,6 +195,14 @@ def run_search(args: argparse.Namespace) -> Any:
         for b in args.baseline:  # refused now, not after the search
             check_baseline(b, data, args.latency_threads)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
+    if task.strategy == "supernet":  # trained (or loaded, or refused) before any trial starts
+        from nas.strategy import load_or_train_supernet
+
+        def epoch_line(epoch: int, loss: float) -> None:
+            if not args.quiet and args.log_format != "json":
+                err.print(f"supernet: epoch {epoch}/{task.supernet_epochs}, loss {loss:.3f}")
+
+        load_or_train_supernet(space, data, task, on_epoch=epoch_line)
     if args.log_format == "json":  # stderr holds JSON lines only
         if not args.quiet:
             print(json.dumps({"event": "start", "study": study_name, "storage": redact_url(args.storage),

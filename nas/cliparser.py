@@ -158,6 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "their estimated time)")
     s.add_argument("--finalist-epochs", type=_epochs, default=None, metavar="E",
                    help="epochs a finalist trains (default 3x the space's longest recipe, or 3x --epochs)")
+    s.add_argument("--strategy", choices=("scratch", "supernet"), default="scratch",
+                   help="scratch (default): every trial trains its candidate; supernet: trials inherit weights "
+                        "from one weight-sharing supernet trained once per study (optuna backend)")
+    s.add_argument("--supernet-epochs", type=_epochs, default=10, metavar="E",
+                   help="epochs the study's supernet trains (--strategy supernet; default 10)")
     s.add_argument("--device", default="auto",
                    help="where trials train: auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N, mps (latency is "
                         "always timed in ONNX Runtime on the CPU)")

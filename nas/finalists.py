@@ -90,9 +90,11 @@ def finalist_cost_s(trial: optuna.trial.FrozenTrial, epochs: int) -> float:
     """Estimated seconds to retrain ``trial`` for ``epochs``: its measured seconds per epoch
     (full-data training only) times ``epochs``, plus its pre-flight, compression and scoring."""
     ua = trial.user_attrs
-    trained = max(1, int(ua.get("epochs") or 1))
     train_s = float(ua.get("train_s") or 0.0)
     rest = float(ua.get("total_s") or train_s) - train_s - float(ua.get("screen_s") or 0.0)
+    if not ua.get("epochs") and "epoch_s_estimate" in ua:  # inherited from a supernet: it trained nothing
+        return float(ua["epoch_s_estimate"]) * epochs + max(0.0, rest)
+    trained = max(1, int(ua.get("epochs") or 1))
     return train_s / trained * epochs + max(0.0, rest)
 
 

@@ -32,6 +32,7 @@ from nas.compress.passes import (
     load_packed,
     method_metrics,
     pack_model,
+    trained_arch,
     trained_model,
     training_terms,
     value_dependent_size,
@@ -49,7 +50,7 @@ from nas.measure import (
     onnx_latency_over,
 )
 from nas.objectives import check_constraints, mnasnet_reward
-from nas.train import accuracy, seed_everything, train
+from nas.train import TrainStats, accuracy, seed_everything, train
 
 __all__ = ["Task", "TrialResult", "ConstraintViolation", "evaluate", "get_dataset", "reference_floor", "timed",
            "PACKED_NAME", "artifact_name"]
@@ -226,6 +227,7 @@ class _Trial:
     example: torch.Tensor
     calibration: torch.Tensor
     timings: dict[str, float] = field(default_factory=dict)
+    inherit: Callable | None = None  # (arch, data) -> a network with inherited weights (nas.strategy)
 
 
 def _preflight(t: _Trial) -> dict[str, Any]:
@@ -271,6 +273,13 @@ def _train(t: _Trial, costs: dict[str, Any], at_rung: Callable | None,
     fraction, a model trained on that fraction of the data is judged at rung 0 first."""
     seed_everything(t.task.seed)
     model = trained_model(t.candidate)
+    if t.inherit is not None:  # --strategy supernet: the weights come from the study's supernet
+        t0 = time.perf_counter()
+        # modules the methods add for training (exit heads) keep their initial weights
+        model.load_state_dict(t.inherit(trained_arch(t.candidate), t.data).state_dict(), strict=False)
+        t.timings.update(supernet_s=getattr(t.inherit, "supernet_s", 0.0), epoch_s_estimate=getattr(t.inherit, "epoch_s", 0.0))
+        loss_fn, _ = training_terms(t.candidate.compression, t.task, t.data)
+        return model.eval(), TrainStats(0, float("nan"), time.perf_counter() - t0), loss_fn
     mem = training_memory_mb(model, t.example, t.candidate.recipe.batch_size)
     if mem > t.task.max_memory_mb:
         raise TrialFailure(f"over the memory limit: training needs ~{mem:.0f} MB > max {t.task.max_memory_mb:.0f} MB")
@@ -366,8 +375,10 @@ def evaluate(
     trial_id: str | None = None,
     at_rung: Callable[[int, float, dict[str, Any]], None] | None = None,
     progress: Callable[[str], None] | None = None,
+    inherit: Callable | None = None,
 ) -> TrialResult:
     """Pre-flight costs, constraints, training, compression, accuracy of the shipped artifact.
+    ``inherit(arch, data)``: weights from a supernet instead of training (``--strategy supernet``).
 
     ``at_rung(epoch, val_accuracy, costs)`` is called at the early-stopping rungs of
     ``task.early_stop`` and may raise :class:`~nas.early_stop.EarlyStopped` (rung 0: the
@@ -383,7 +394,7 @@ def evaluate(
     _check_shapes(candidate.arch, data, candidate.recipe)
     _check_downsampling(candidate.arch)
     t = _Trial(candidate, task, data, torch.zeros(1, data.in_channels, *data.input_size),
-               data.x_train[:CALIBRATION_SAMPLES])
+               data.x_train[:CALIBRATION_SAMPLES], inherit=inherit)
     out = Path(task.artifacts_dir) / trial_id if task.artifacts_dir and trial_id is not None else None
     with on_device(task.device, task.amp):  # where everything of this trial that trains runs (nas.device)
         return _run(t, candidate, task, out, at_rung, progress, t0)

@@ -61,6 +61,10 @@ class Task:
     # 0 like any rung (calibrated, Pareto successive halving); 0 turns it off (see auto_screen).
     # Fixed: rung 0's accuracies are comparable only on one subset of one size.
     screen: float = _fixed(0.0, "--screen-fraction")
+    # scratch: every trial trains its candidate; supernet: trials inherit weights from one
+    # weight-sharing supernet trained once per study for supernet_epochs (nas.strategy)
+    strategy: str = _fixed("scratch", "--strategy")
+    supernet_epochs: int = _fixed(10, "--supernet-epochs")
     # where trials train (nas.device): auto | cpu | cuda | cuda:N | mps, and bf16/fp16 autocast.
     # Not fixed: a resumed study may move to another device (latency is timed on the CPU runtime)
     device: str = "cpu"

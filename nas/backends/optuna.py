@@ -138,6 +138,12 @@ def make_objective(space: Space, task: Task,
     return objective
 
 
+def inherit_for(space: Space, task: Task) -> Callable:
+    from nas.strategy import inheritor
+
+    return inheritor(space, task)
+
+
 def _evaluate_trial(trial: optuna.Trial, space: Space, task: Task,
                     on_progress: Callable[[int, str], None] | None = None) -> tuple[float, ...]:
     cand = suggest_candidate(trial, space, task)
@@ -148,7 +154,9 @@ def _evaluate_trial(trial: optuna.Trial, space: Space, task: Task,
         trial.set_user_attr("candidate", cand.to_dict())
     try:
         result = evaluate(cand, task, trial_id=artifact_name(trial.number),
-                          at_rung=None if final else rung_hook(trial, task), progress=progress)
+                          at_rung=None if final or task.strategy == "supernet" else rung_hook(trial, task),
+                          progress=progress, inherit=inherit_for(space, task) if task.strategy == "supernet" and not final
+                          else None)
     except Exception as exc:
         state, attrs = outcome(exc)
         for k, v in attrs.items():

@@ -1,0 +1,68 @@
+"""--strategy supernet (issue 25, in progress): one supernet per study, trained before the first
+trial, stored with a key, reused by a resumed search, refused when it was trained for something
+else; trials inherit weights and go through the same compression, deploy and scoring."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import optuna
+
+from nas.cli import main
+
+
+def _study_folder(root):
+    (meta,) = root.rglob("supernet.json")
+    return meta.parent
+
+
+def test_trials_inherit_from_one_stored_supernet_reused_on_resume(in_tmp, capsys):
+    db = f"sqlite:///{in_tmp}/s.db"
+    base = ["search", "--strategy", "supernet", "--supernet-epochs", "1", "--epochs", "1", "--finalists", "0",
+            "--study", "s", "--storage", db]
+    assert main([*base, "--trials", "3"]) == 0
+    assert "supernet: epoch 1/1" in capsys.readouterr().err
+    folder = _study_folder(in_tmp / "runs")
+    weights = folder / "supernet.safetensors"
+    meta = json.loads((folder / "supernet.json").read_text())
+    assert weights.is_file() and meta["recipe"]["epochs"] == 1 and len(meta["key"]) == 24
+    trials = optuna.load_study(study_name="s", storage=db).trials
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 3
+    assert all(t.user_attrs["epochs"] == 0 and t.user_attrs["epoch_s_estimate"] > 0 for t in trials)  # nothing trained
+    assert all(0 <= t.values[0] <= 1 and t.user_attrs["size_bytes"] > 0 for t in trials)
+    stamp = weights.stat().st_mtime_ns
+    # a resumed search in another process loads it: not trained again
+    again = subprocess.run([sys.executable, "-m", "nas.cli", *base, "--trials", "5"], cwd=in_tmp,
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert "supernet: epoch" not in again.stderr and weights.stat().st_mtime_ns == stamp
+    trials = optuna.load_study(study_name="s", storage=db).trials
+    assert len(trials) == 5 and all(t.user_attrs.get("supernet_s", 0) == 0 for t in trials[3:])
+
+
+def test_a_supernet_trained_for_something_else_is_refused_in_one_line(in_tmp, capsys):
+    db = f"sqlite:///{in_tmp}/r.db"
+    base = ["search", "--strategy", "supernet", "--supernet-epochs", "1", "--epochs", "1", "--finalists", "0",
+            "--study", "r", "--storage", db, "--trials", "1"]
+    assert main(base) == 0
+    folder = _study_folder(in_tmp / "runs")
+    meta = json.loads((folder / "supernet.json").read_text())
+    (folder / "supernet.json").write_text(json.dumps({**meta, "key": "0" * 24, "space": "other"}))
+    capsys.readouterr()
+    assert main([*base[:-1], "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds a supernet for space 'other'" in err and meta["key"] in err
+    assert len(optuna.load_study(study_name="r", storage=db).trials) == 1  # nothing ran
+
+
+def test_the_supernet_strategy_is_fixed_on_resume_and_optuna_only(in_tmp, capsys):
+    db = f"sqlite:///{in_tmp}/f.db"
+    assert main(["search", "--trials", "1", "--epochs", "1", "--study", "f", "--storage", db, "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["search", "--trials", "2", "--epochs", "1", "--study", "f", "--storage", db,
+                 "--strategy", "supernet"]) == 2
+    assert "--strategy" in capsys.readouterr().err
+    assert main(["search", "--strategy", "supernet", "--backend", "ray"]) == 2
+    assert "runs on the optuna backend for now" in capsys.readouterr().err
