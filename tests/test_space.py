@@ -100,7 +100,7 @@ def _mutate(path, value):
 BAD = [
     (("stages", 0, "block"), ["conv", "transformer"], r"stages\[0\]\.block: 'transformer' is not a block type \(allowed: conv, dsconv"),
     (("stages", 0, "width"), [], r"stages\[0\]\.width: the list of choices is empty"),
-    (("stages", 0, "width"), [-8], r"stages\[0\]\.width: -8 must be > 0"),
+    (("stages", 0, "width"), [-8], r"stages\[0\]\.width: -8 must be in 1..4096 \(channels\)"),
     (("stages", 0, "kernel"), [4], r"stages\[0\]\.kernel: 4 must be an odd kernel size"),
     (("stages", 0, "depth"), "two", r"stages\[0\]\.depth: 'two' is not an int"),
     (("stages", 0, "widht"), [8], r"stages\[0\]: unknown key\(s\) \['widht'\]"),
