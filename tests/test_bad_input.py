@@ -249,3 +249,16 @@ def test_nothing_stored_changes_when_a_run_is_refused(one_trial_study, capsys):
     assert after == before
     capsys.readouterr()
 
+
+
+@pytest.mark.parametrize("command", [["front", "s"], ["search", "--trials", "1"]])
+@pytest.mark.parametrize("name,content,message", [
+    ("g.log", b"garbage{\n", "is not an Optuna journal file (line 1 is not a journal record)"),
+    ("n.db", bytes(range(100)), "cannot be opened: file is not a database"),
+])
+def test_a_storage_that_is_not_one_is_exit_2_and_left_as_it_was(in_tmp, capsys, command, name, content, message):
+    (in_tmp / name).write_bytes(content)
+    url = name if name.endswith(".log") else f"sqlite:///{name}"
+    assert main([*command, "--storage", url]) == 2
+    _one_line(capsys, message)
+    assert (in_tmp / name).read_bytes() == content
