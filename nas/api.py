@@ -222,7 +222,10 @@ def run_search(args: argparse.Namespace) -> Any:
     from nas.finalists import TIMEOUT_SHARE, auto_finalists, finalist_epochs
 
     k = auto_finalists(len(data.y_train)) if args.finalists is None else args.finalists
-    epochs = args.finalist_epochs or finalist_epochs(space.recipe["epochs"].options(), args.epochs)
+    from nas.config import Recipe
+
+    recipe_epochs = space.recipe["epochs"].options() if "epochs" in space.recipe else [Recipe().epochs]
+    epochs = args.finalist_epochs or finalist_epochs(recipe_epochs, args.epochs)
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
 
     def reserve_s(_st: Any) -> float:  # --timeout keeps a share for the finalists
