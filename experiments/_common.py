@@ -53,14 +53,14 @@ def front_within(study, within_s: float | None = None):  # noqa: ANN201
     import pandas as pd
 
     from nas.pareto import pareto_mask
-    from nas.study import drop_retrained, front_frame, study_meta, trials_frame
+    from nas.study import front_frame, study_meta, trials_frame
 
     if within_s is None:
         return front_frame(study)
     meta = study_meta(study)
     df = trials_frame(study)
     t0 = pd.to_datetime(df["datetime_start"]).min()
-    df = drop_retrained(df[(pd.to_datetime(df["datetime_complete"]) - t0).dt.total_seconds() <= within_s])
+    df = df[(pd.to_datetime(df["datetime_complete"]) - t0).dt.total_seconds() <= within_s]
     front = df[pareto_mask(df[meta["objectives"]].to_numpy(dtype=float), meta["directions"])]
     return front.sort_values(meta["objectives"][0], ascending=False).reset_index(drop=True)
 

@@ -30,13 +30,11 @@ LOG_FORMATS = ("text", "json")
 
 
 def front_stats(trials: Sequence[Any], objectives: Sequence[str], directions: Sequence[str]) -> tuple[int, float | None]:
-    """(size of the Pareto front, its hypervolume) over the COMPLETE trials, less those a
-    completed finalist retrained (as the front the study reports: ``nas.study.drop_retrained``)."""
+    """(size of the Pareto front, its hypervolume) over the COMPLETE trials."""
     from nas.pareto import normalized_hypervolume
 
-    retrained = {t.user_attrs.get("finalist_of") for t in trials if t.state.name == "COMPLETE"}
     vals = np.array([t.values for t in trials if t.state.name == "COMPLETE" and t.values
-                     and len(t.values) == len(objectives) and t.number not in retrained], dtype=float)
+                     and len(t.values) == len(objectives)], dtype=float)
     return normalized_hypervolume(vals, objectives, directions)
 
 

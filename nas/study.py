@@ -26,7 +26,6 @@ from nas.pareto import pareto_mask
 from nas.trust import redact_text, redact_url
 
 __all__ = [
-    "drop_retrained",
     "DEFAULT_STORAGE",
     "META_KEY",
     "open_storage",
@@ -240,22 +239,14 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     return df
 
 
-def drop_retrained(df: pd.DataFrame) -> pd.DataFrame:
-    """``df`` (a :func:`trials_frame`) without the trials a completed finalist retrained: the
-    finalist supersedes its original, so a front holds models trained as they ship."""
-    retrained = set(df.loc[(df["state"] == "COMPLETE") & df["finalist_of"].notna(), "finalist_of"].astype(int))
-    return df[~df["trial"].isin(retrained)]
-
-
 def front_frame(study: optuna.Study) -> pd.DataFrame:
-    """The Pareto-optimal completed trials, sorted by the first objective (best first). A trial
-    that a completed finalist retrained (``finalist_of``) is left out: the finalist replaces it."""
+    """The Pareto-optimal completed trials, sorted by the first objective (best first). A finalist
+    and the trial it retrained are both trials: validation decides which is on the front."""
     meta = study_meta(study)
     names, dirs = meta["objectives"], meta["directions"]
     df = trials_frame(study)
     if df.empty:
         return df
-    df = drop_retrained(df)
     if "latency_ms" in names and df.loc[df["state"] == "COMPLETE", "timing_host"].nunique() > 1:
         # latencies timed on different kinds of machine are never compared: one front per host
         fronts = [g[pareto_mask(g[names].to_numpy(dtype=float), dirs)] for _, g in df.groupby("timing_host", sort=True)]
