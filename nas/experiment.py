@@ -74,9 +74,7 @@ SKIP = object()  # coerce(): a None value (the option keeps its default)
 def coerce(where: str, key: object, value: object, action: argparse.Action) -> object:
     """``value`` for flag ``action`` from a config file or the Python API, validated as the flag
     itself is (its type function, its choices); ``where`` starts the one-line error."""
-    if isinstance(value, list) and action.dest == "objectives" and all(isinstance(v, str) for v in value):
-        value = ",".join(value)
-    if isinstance(value, tuple) and action.dest == "objectives" and all(isinstance(v, str) for v in value):
+    if isinstance(value, (list, tuple)) and action.dest == "objectives" and all(isinstance(v, str) for v in value):
         value = ",".join(value)
     if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
         if not isinstance(value, bool):

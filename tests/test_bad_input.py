@@ -262,3 +262,19 @@ def test_a_storage_that_is_not_one_is_exit_2_and_left_as_it_was(in_tmp, capsys, 
     assert main([*command, "--storage", url]) == 2
     _one_line(capsys, message)
     assert (in_tmp / name).read_bytes() == content
+
+
+@pytest.mark.parametrize("kind", ["space", "config"])
+def test_a_yaml_file_with_a_python_tag_runs_nothing(in_tmp, capsys, kind):
+    """The YAML loader is a SafeLoader subclass: a crafted tag that would run a command under
+    yaml.load's full loader is a one-line error, and the command never runs."""
+    evil = "!!python/object/apply:os.system ['touch pwned']"
+    if kind == "space":
+        (in_tmp / "s.yaml").write_text(f"name: {evil}\nstem_channels: 8\nstages:\n  - block: conv\n    width: 8\n")
+        argv = ["search", "--space", "s.yaml", "--trials", "1"]
+    else:
+        (in_tmp / "c.yaml").write_text(f"study: {evil}\n")
+        argv = ["search", "--config", "c.yaml"]
+    assert main(argv) == 2
+    _one_line(capsys, "not valid YAML")
+    assert not (in_tmp / "pwned").exists() and not (in_tmp / "runs").exists()

@@ -138,8 +138,8 @@ def make_objective(space: Space, task: Task,
     return objective
 
 
-def inherit_for(space: Space, task: Task) -> Callable:
-    from nas.strategy import inheritor
+def _inheritor(space: Space, task: Task) -> Callable:
+    from nas.strategy import inheritor  # (torch-heavy supernet code: only under --strategy supernet)
 
     return inheritor(space, task)
 
@@ -155,7 +155,7 @@ def _evaluate_trial(trial: optuna.Trial, space: Space, task: Task,
     try:
         result = evaluate(cand, task, trial_id=artifact_name(trial.number),
                           at_rung=None if final or task.strategy == "supernet" else rung_hook(trial, task),
-                          progress=progress, inherit=inherit_for(space, task) if task.strategy == "supernet" and not final
+                          progress=progress, inherit=_inheritor(space, task) if task.strategy == "supernet" and not final
                           else None)
     except Exception as exc:
         state, attrs = outcome(exc)
