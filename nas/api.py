@@ -128,6 +128,16 @@ def run_search(args: argparse.Namespace) -> Any:
         from nas.backends.ray import check_local_gpus
 
         check_local_gpus(args.gpus_per_trial)
+    probe_token_file = ""
+    if args.latency_on:
+        from nas.probe import ProbeClient, read_token
+
+        if not args.probe_token_file:
+            raise NasError("--latency-on needs --probe-token-file (the token file the probe was started with)")
+        probe_token_file = str(Path(args.probe_token_file).resolve())
+        ProbeClient(args.latency_on, read_token(probe_token_file), retries=1, backoff_s=1.0).device()  # answers now, or one line
+    elif args.probe_token_file:
+        raise NasError("--probe-token-file is for --latency-on URL (a probe on the target device)")
     objectives = parse_objectives(args.objectives)
     reward = None
     if args.reward:
@@ -183,6 +193,8 @@ def run_search(args: argparse.Namespace) -> Any:
         amp=args.amp,
         strategy=args.strategy,
         supernet_epochs=args.supernet_epochs,
+        latency_on=args.latency_on or "",
+        probe_token_file=probe_token_file,
     )
     from rich.console import Console
 

@@ -171,8 +171,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
+def cmd_probe(args: argparse.Namespace) -> int:
+    from nas.probe import serve
+
+    return serve(args.host, args.port, args.token_file, args.threads)
+
+
 COMMANDS = {"search": cmd_search, "front": cmd_front, "report": cmd_report, "export": cmd_export,
-            "verify": cmd_verify, "dashboard": cmd_dashboard}
+            "verify": cmd_verify, "dashboard": cmd_dashboard, "probe": cmd_probe}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

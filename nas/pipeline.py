@@ -179,7 +179,13 @@ def timed(path: Path, example: torch.Tensor, task: Task, inputs: torch.Tensor | 
     trials timed at different moments stay comparable. The raw median and both floors are kept.
 
     ``inputs``: a graph whose work depends on its input (early exits) is timed over these
-    (the validation split) at batch 1: ``latency_ms`` is their mean, ``latency_p95_ms`` beside."""
+    (the validation split) at batch 1: ``latency_ms`` is their mean, ``latency_p95_ms`` beside.
+
+    With ``task.latency_on`` the model is timed on that probe (the target device) with the same
+    protocol; the figure is the device's own (no host scaling) and the device's identity is
+    returned with it (``latency_cpu``, ``latency_cores``, ``latency_onnxruntime``, ``latency_device``)."""
+    if task.latency_on:
+        return _timed_on_probe(path, task, inputs)
     if inputs is not None:  # work depends on the input: mean over the inputs at batch 1, p95 beside
         over = onnx_latency_over(path, inputs.numpy(), threads=task.latency_threads)
         ref = task.latency_floor_ms if task.latency_floor_ms and over.floor_ms > 0 else None
@@ -198,6 +204,35 @@ def timed(path: Path, example: torch.Tensor, task: Task, inputs: torch.Tensor | 
             "latency_threads": lat.threads, "latency_lock_wait_s": lat.lock_wait_s}
 
 
+_PROBES: dict[tuple[str, str], Any] = {}
+
+
+def _timed_on_probe(path: Path, task: Task, inputs: torch.Tensor | None) -> dict[str, Any]:
+    from nas.errors import NasError
+    from nas.probe import ProbeClient, read_token
+
+    if inputs is not None:
+        raise TrialFailure("input-dependent latency (early exits) is timed on this host only; --latency-on "
+                           "times single-input figures")
+    key = (task.latency_on, task.probe_token_file)
+    try:
+        if key not in _PROBES:
+            _PROBES[key] = ProbeClient(task.latency_on, read_token(task.probe_token_file))
+        answer = _PROBES[key].time(path)  # retried with backoff while the probe is down, then one line
+        lat, dev = answer["latency"], answer["device"]
+        median, iqr, floor = (float(lat[k]) for k in ("median_ms", "iqr_ms", "floor_ms"))
+        out = {"latency_ms": median, "latency_iqr_ms": iqr, "latency_raw_ms": median, "latency_floor_now_ms": floor,
+               "latency_floor_ms": floor, "latency_noisy": bool(lat["noisy"]), "latency_attempts": int(lat["attempts"]),
+               "latency_threads": int(lat["threads"]), "latency_lock_wait_s": float(lat.get("lock_wait_s", 0.0)),
+               "latency_device": ProbeClient.redacted(task.latency_on)}
+        out.update({k: dev[k] for k in ("latency_cpu", "latency_cores", "latency_onnxruntime")})
+    except NasError as exc:  # the trial fails with the reason; the search goes on, resume retries it
+        raise TrialFailure(str(exc)) from None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise TrialFailure(f"probe {task.latency_on}: a malformed answer ({type(exc).__name__}: {exc})") from None
+    return out
+
+
 def _costs(model: nn.Module, cand: Candidate, blob: bytes, example: torch.Tensor, calibration: torch.Tensor,
            workdir: Path, task: Task, normalize: tuple[float, float]) -> dict[str, Any]:
     """Every cost of the shipped form: deployable ONNX latency (the graph normalises its raw
@@ -207,8 +242,8 @@ def _costs(model: nn.Module, cand: Candidate, blob: bytes, example: torch.Tensor
     lat = timed(onnx_path, example, task)
     size = write_file(workdir / PACKED_NAME, blob)
     return {
-        **lat,
         **latency_host(),
+        **lat,  # a probe's device identity replaces this host's
         "size_bytes": size,
         "onnx_bytes": onnx_path.stat().st_size,
         "deploy_precision": precision,
