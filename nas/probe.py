@@ -32,6 +32,7 @@ import hmac
 import json
 import os
 import platform
+import re
 import socket
 import sys
 import tempfile
@@ -50,10 +51,13 @@ __all__ = ["ProbeServer", "ProbeClient", "ProbeError", "read_token", "device_ide
 
 PROTOCOL = 1
 MAX_BODY_BYTES = 64 * 1024 * 1024  # an int8 model of 60M parameters; ours are KB to MB
-MAX_CLIENTS = 8
-READ_DEADLINE_S = 60.0  # headers and body must arrive within this, or the request is dropped
-TIME_BUDGET_S = 120.0  # one timing's bound: the repeats shrink for a slow model (never below MIN_REPEATS)
+MAX_CLIENTS = 16
+HEADER_DEADLINE_S = 10.0  # the request line and headers must arrive within this (no token yet)
+READ_DEADLINE_S = 60.0  # the whole request, body included, within this, or the connection is closed
+TIME_BUDGET_S = 120.0  # one timing's bound: the repeats shrink for a slow model, and past it the timing is killed
+KILL_GRACE_S = 30.0  # past the budget by this much, the timing process is killed
 MIN_REPEATS = 24
+MAX_MEMORY_MB = 4096  # the timing process's address-space limit
 MIN_TOKEN_CHARS = 16
 MAX_TOKEN_BYTES = 4096
 
@@ -78,10 +82,15 @@ def read_token(path: str | os.PathLike[str]) -> str:
     except UnicodeDecodeError:
         raise ProbeError(f"--token-file {p}: not UTF-8 text") from None
     token = lines[0].strip() if lines else ""
-    if len(token) < MIN_TOKEN_CHARS or any(c.isspace() or not c.isprintable() for c in token):
+    if not _token_ok(token):
         raise ProbeError(f"--token-file {p}: the token must be one line of at least {MIN_TOKEN_CHARS} printable "
                          "characters without spaces (e.g. `python -c 'import secrets; print(secrets.token_hex(16))'`)")
     return token
+
+
+def _token_ok(token: str) -> bool:
+    """At least 16 printable ASCII characters, no spaces (it travels in an HTTP header)."""
+    return len(token) >= MIN_TOKEN_CHARS and all(33 <= ord(c) <= 126 for c in token)
 
 
 def device_identity(threads: int) -> dict[str, Any]:
@@ -123,9 +132,11 @@ class ProbeServer(ThreadingHTTPServer):
     allow_reuse_address = True
 
     def __init__(self, address: tuple[str, int], token: str, *, threads: int = 1, warmup: int = 50,
-                 repeats: int = 500, max_body: int = MAX_BODY_BYTES, verbose: bool = False) -> None:
+                 repeats: int = 500, max_body: int = MAX_BODY_BYTES, max_memory_mb: int = MAX_MEMORY_MB,
+                 verbose: bool = False) -> None:
         self.token = token.encode()
         self.threads, self.warmup, self.repeats, self.max_body, self.verbose = threads, warmup, repeats, max_body, verbose
+        self.max_memory_mb = max_memory_mb
         self.slots = threading.BoundedSemaphore(MAX_CLIENTS)
         self.timing = threading.Lock()
         self.identity = device_identity(threads)
@@ -138,34 +149,80 @@ class ProbeServer(ThreadingHTTPServer):
         return f"http://{host}:{port}"
 
     def time_model(self, path: Path) -> dict[str, Any]:
-        from nas.timing import onnx_latency, ort_session
+        """Check the model (as bundles are), then time it in a child process that has an
+        address-space limit and is killed past :data:`TIME_BUDGET_S`: a model that loops or
+        allocates without end costs one refused request, not the probe."""
+        import subprocess
+
         from nas.trust import check_onnx
 
         check_onnx(path)
+        job = json.dumps({"path": str(path), "threads": self.threads, "warmup": self.warmup, "repeats": self.repeats,
+                          "budget_s": TIME_BUDGET_S})
+
+        def limit() -> None:  # in the child, before it runs anything of the model
+            import resource
+
+            cap = self.max_memory_mb * 1024 * 1024
+            resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+
+        with self.timing:  # one timing at a time (session load included: it disturbs a timing too)
+            try:
+                out = subprocess.run([sys.executable, "-c", "from nas.probe import _time_child; _time_child()"],
+                                     input=job, capture_output=True, text=True, timeout=TIME_BUDGET_S + KILL_GRACE_S,
+                                     preexec_fn=limit)  # noqa: PLW1509 - no threads touched between fork and exec
+            except subprocess.TimeoutExpired:
+                raise BundleError(f"the model did not finish timing within {TIME_BUDGET_S + KILL_GRACE_S:.0f} s; "
+                                  "refused") from None
+            self.timed += 1
+        lines = out.stdout.strip().splitlines()
         try:
-            sess = ort_session(path, self.threads)
+            answer = json.loads(lines[-1]) if lines else {}
+        except ValueError:
+            answer = {}
+        if out.returncode != 0 or "error" in answer or "latency" not in answer:
+            why = answer.get("error") or (f"the timing process died (exit {out.returncode}"
+                                          f"{', out of memory?' if out.returncode in (-9, 1) else ''})")
+            raise BundleError(why)
+        return {"protocol": PROTOCOL, "latency": answer["latency"], "device": self.identity,
+                "input_shape": answer["input_shape"]}
+
+
+def _time_child() -> None:
+    """The timing process (``ProbeServer.time_model``): a JSON job on stdin, one JSON line out."""
+    import numpy as np
+
+    from nas.timing import onnx_latency, ort_session
+
+    job = json.loads(sys.stdin.read())
+    path = Path(job["path"])
+    try:
+        try:
+            sess = ort_session(path, job["threads"])
         except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own types for a bad graph
             raise BundleError(f"ONNX Runtime cannot load the model ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
         shape = input_shape(sess)
-        import numpy as np
-
-        x = np.zeros(shape, dtype=np.float32)
+        x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)  # what onnx_latency feeds
         name = sess.get_inputs()[0].name
-        with self.timing:
-            t0 = time.perf_counter()
-            try:
-                sess.run(None, {name: x})
-            except Exception as exc:  # noqa: BLE001
-                raise BundleError(f"the model does not run on input {list(shape)} ({type(exc).__name__})") from None
-            one = max(time.perf_counter() - t0, 1e-6)
-            # a slow model gets fewer repeats, so that one timing stays within TIME_BUDGET_S
-            fits = int(TIME_BUDGET_S / one / 1.3)
-            repeats = max(MIN_REPEATS, min(self.repeats, fits))
-            warmup = max(2, min(self.warmup, fits // 10))
-            lat = onnx_latency(path, shape, threads=self.threads, warmup=warmup, repeats=repeats)
-            self.timed += 1
-        return {"protocol": PROTOCOL, "latency": lat.to_dict(), "device": self.identity, "input_shape": list(shape)}
+        t0 = time.perf_counter()
+        try:
+            sess.run(None, {name: x})
+        except Exception as exc:  # noqa: BLE001
+            raise BundleError(f"the model does not run on input {list(shape)} ({type(exc).__name__})") from None
+        one = max(time.perf_counter() - t0, 1e-6)
+        # a slow model gets fewer repeats and one attempt, so that the timing fits the budget
+        fits = int(job["budget_s"] / one / 1.5)
+        if fits < MIN_REPEATS + 2:
+            raise BundleError(f"one run takes {one:.1f} s; {MIN_REPEATS} timed runs would exceed the probe's "
+                              f"{job['budget_s']:.0f} s budget")
+        repeats = max(MIN_REPEATS, min(job["repeats"], fits // 3))
+        warmup = max(2, min(job["warmup"], fits // 30))
+        attempts = 3 if repeats * 3 + warmup * 3 <= fits else 1
+        lat = onnx_latency(path, shape, threads=job["threads"], warmup=warmup, repeats=repeats, max_attempts=attempts)
+        print(json.dumps({"latency": lat.to_dict(), "input_shape": list(shape)}))
+    except NasError as exc:
+        print(json.dumps({"error": str(exc).splitlines()[0]}))
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -176,6 +233,9 @@ class _Handler(BaseHTTPRequestHandler):
     timeout = READ_DEADLINE_S  # each socket read; the whole body is also bounded below
 
     def handle(self) -> None:
+        """One request per connection, within deadlines a watchdog enforces: the headers within
+        :data:`HEADER_DEADLINE_S` (a client with no token holds a slot no longer than that),
+        the whole request within :data:`READ_DEADLINE_S`; past them the socket is shut."""
         if not self.server.slots.acquire(blocking=False):
             try:
                 self.connection.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
@@ -183,11 +243,27 @@ class _Handler(BaseHTTPRequestHandler):
             except OSError:
                 pass
             return
+        self.headers_done = self.body_done = False
+
+        def expire(phase: str) -> None:
+            if not self.body_done and (phase == "body" or not self.headers_done):
+                try:
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+        timers = [threading.Timer(HEADER_DEADLINE_S, expire, ("headers",)), threading.Timer(READ_DEADLINE_S, expire, ("body",))]
+        for t in timers:
+            t.daemon = True
+            t.start()
         try:
-            super().handle()
-        except (OSError, TimeoutError):
+            self.close_connection = True
+            self.handle_one_request()
+        except (OSError, TimeoutError, ValueError):
             pass  # a client that went away or stalled: nothing to answer
         finally:
+            for t in timers:
+                t.cancel()
             self.server.slots.release()
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
@@ -199,35 +275,46 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
-        if status >= 400:
-            self.send_header("Connection", "close")
-            self.close_connection = True
+        self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(data)
+
+    def _drain(self, limit: int = 1 << 20) -> None:
+        """Read (and drop) up to ``limit`` bytes of a refused request's body, so that a client
+        still sending it reads the refusal instead of a broken pipe."""
+        length = self.headers.get("Content-Length", "")
+        if re.fullmatch(r"[0-9]{1,15}", length) and 0 < int(length) <= limit:
+            try:
+                self.rfile.read(int(length))
+            except OSError:
+                pass
 
     def _authorized(self) -> bool:
         given = self.headers.get("Authorization", "")
         scheme, _, token = given.partition(" ")
-        ok = hmac.compare_digest(token.strip().encode(), self.server.token) and scheme.lower() == "bearer"
+        ok = hmac.compare_digest(token.strip().encode("utf-8", "replace"), self.server.token) and scheme.lower() == "bearer"
         if not ok:
+            self._drain()
             self._send(401, {"error": "missing or wrong token (Authorization: Bearer <token>)"})
         return ok
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        self.headers_done = self.body_done = True
         if urllib.parse.urlsplit(self.path).path != "/v1/device":
             self._send(404, {"error": "unknown path; this probe answers GET /v1/device and POST /v1/time"})
             return
         if self._authorized():
-            self._send(200, {"protocol": PROTOCOL, "device": self.server.identity})
+            self._send(200, {"protocol": PROTOCOL, "device": self.server.identity, "max_body": self.server.max_body})
 
     def do_POST(self) -> None:  # noqa: N802
+        self.headers_done = True
         if urllib.parse.urlsplit(self.path).path != "/v1/time":
             self._send(404, {"error": "unknown path; this probe answers GET /v1/device and POST /v1/time"})
             return
         if not self._authorized():
             return
         length = self.headers.get("Content-Length")
-        if self.headers.get("Transfer-Encoding") or length is None or not length.isdigit():
+        if self.headers.get("Transfer-Encoding") or length is None or not re.fullmatch(r"[0-9]{1,15}", length):
             self._send(411, {"error": "a body with a Content-Length is required (the ONNX file)"})
             return
         n = int(length)
@@ -237,20 +324,17 @@ class _Handler(BaseHTTPRequestHandler):
         if n == 0:
             self._send(400, {"error": "the body is empty; send the ONNX file"})
             return
-        deadline = time.monotonic() + READ_DEADLINE_S
         with tempfile.TemporaryDirectory(prefix="nas-probe-") as tmp:
             path = Path(tmp) / "model.onnx"  # a name of ours: nothing the client sends names a path
             with open(path, "wb") as fh:
                 left = n
-                while left:
-                    if time.monotonic() > deadline:
-                        self._send(408, {"error": f"the body did not arrive within {READ_DEADLINE_S:.0f} s"})
-                        return
+                while left:  # (the watchdog shuts the socket if the body is not here in time)
                     chunk = self.rfile.read(min(left, 1 << 16))
                     if not chunk:
-                        return  # the client went away
+                        return  # the client went away, or the deadline passed
                     fh.write(chunk)
                     left -= len(chunk)
+            self.body_done = True
             try:
                 answer = self.server.time_model(path)
             except NasError as exc:
@@ -283,17 +367,33 @@ def serve(host: str, port: int, token_file: str, threads: int, *, verbose: bool 
 # --------------------------------------------------------------------------- client
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None  # a probe never redirects: a 3xx is an error, and the token goes nowhere else
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects)
+
+
 class ProbeClient:
-    """Times ONNX files on a probe. Connection failures, timeouts and 5xx/503 answers are
-    retried (``retries`` times, ``backoff_s`` apart, doubling); a 4xx answer is the probe's
-    verdict on the model and is raised at once."""
+    """Times ONNX files on a probe. ``GET`` requests are retried on connection failures,
+    timeouts and 5xx answers; the ``POST`` of a timing only where the probe refused the
+    connection or was busy (503), since a timing may still be running there (``retries``
+    times, ``backoff_s`` apart, doubling). A 4xx answer is the probe's verdict and is raised
+    at once, as is a malformed answer. Redirects are never followed."""
 
     def __init__(self, url: str, token: str, *, timeout_s: float = 300.0, retries: int = 4, backoff_s: float = 2.0) -> None:
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
-            raise ProbeError(f"--latency-on {url!r}: expected http://HOST:PORT (the probe's address)")
+        parts = urllib.parse.urlsplit(str(url))
+        if (parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/")
+                or parts.query or parts.fragment or "@" in parts.netloc):
+            raise ProbeError(f"--latency-on {ProbeClient.redacted(str(url))!r}: expected http://HOST:PORT (the probe's "
+                             "address, no user or path)")
+        if not _token_ok(token):
+            raise ProbeError(f"the probe token must be at least {MIN_TOKEN_CHARS} printable ASCII characters "
+                             "without spaces")
         self.url = f"{parts.scheme}://{parts.netloc}"
         self._token = token
+        self._max_body: int | None = None
         self.timeout_s, self.retries, self.backoff_s = timeout_s, retries, backoff_s
 
     def _request(self, method: str, path: str, body: bytes | None = None) -> dict[str, Any]:
@@ -306,20 +406,37 @@ class ProbeClient:
                                          headers={"Authorization": f"Bearer {self._token}",
                                                   "Content-Type": "application/octet-stream"})
             try:
-                with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:  # noqa: S310 - http(s) only, checked above
-                    return json.loads(resp.read(1 << 20))
+                with _OPENER.open(req, timeout=self.timeout_s) as resp:
+                    raw = resp.read(1 << 20)
             except urllib.error.HTTPError as exc:
                 try:
                     msg = json.loads(exc.read(1 << 16)).get("error", "")
                 except (ValueError, AttributeError, OSError):
                     msg = ""
+                msg = str(msg).splitlines()[0][:300] if msg else str(exc.reason)
+                if 300 <= exc.code < 400:
+                    raise ProbeError(f"probe {self.url} answered with a redirect ({exc.code}); not followed") from None
                 if exc.code < 500 and exc.code not in (408, 429):
-                    raise ProbeError(f"probe {self.url} refused it: {exc.code} {msg or exc.reason}") from None
-                last = f"{exc.code} {msg or exc.reason}"
-            except (urllib.error.URLError, OSError, TimeoutError, ValueError) as exc:
+                    raise ProbeError(f"probe {self.url} refused it: {exc.code} {msg}") from None
+                last = f"{exc.code} {msg}"
+                if method == "POST" and exc.code != 503:
+                    break
+                continue
+            except (urllib.error.URLError, OSError) as exc:
                 reason = getattr(exc, "reason", exc)
-                last = f"{type(reason).__name__}: {reason}" if not isinstance(reason, str) else reason
-        raise ProbeError(f"probe {self.url} did not answer after {self.retries + 1} tries ({last})")
+                last = reason if isinstance(reason, str) else f"{type(reason).__name__}: {reason}"
+                refused = isinstance(reason, ConnectionRefusedError)
+                if method == "POST" and not refused:  # it may be timing it still: sending it again doubles the load
+                    raise ProbeError(f"probe {self.url}: the timing failed ({last})") from None
+                continue
+            try:
+                answer = json.loads(raw)
+            except ValueError:
+                answer = None
+            if not isinstance(answer, dict):
+                raise ProbeError(f"probe {self.url}: a malformed answer (not a JSON object)")
+            return answer
+        raise ProbeError(f"probe {self.url} did not answer after {attempt + 1} tries ({last})")
 
     @staticmethod
     def redacted(url: str) -> str:
@@ -329,10 +446,24 @@ class ProbeClient:
         return redact_url(url)
 
     def device(self) -> dict[str, Any]:
-        return dict(self._request("GET", "/v1/device")["device"])
+        answer = self._request("GET", "/v1/device")
+        if not isinstance(answer.get("device"), dict):
+            raise ProbeError(f"probe {self.url}: a malformed answer (no device)")
+        max_body = answer.get("max_body")
+        self._max_body = max_body if isinstance(max_body, int) else None
+        return dict(answer["device"])
 
     def time(self, path: str | os.PathLike[str]) -> dict[str, Any]:
-        return self._request("POST", "/v1/time", Path(path).read_bytes())
+        if self._max_body is None:
+            self.device()  # a wrong token is a clear 401 here, and the probe's size limit is known
+        body = Path(path).read_bytes()
+        if self._max_body is not None and len(body) > self._max_body:
+            raise ProbeError(f"probe {self.url}: the model is {len(body):,} bytes; the probe takes at most "
+                             f"{self._max_body:,}")
+        answer = self._request("POST", "/v1/time", body)
+        if not isinstance(answer.get("latency"), dict) or not isinstance(answer.get("device"), dict):
+            raise ProbeError(f"probe {self.url}: a malformed answer (no latency)")
+        return answer
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -371,3 +371,149 @@ def test_probe_on_another_host_in_a_network_namespace(netns_device, tmp_path):
     assert answer["latency"]["median_ms"] > 0 and answer["device"]["threads"] == 1
     with pytest.raises(ProbeError, match="401"):
         ProbeClient(netns_device, "not-the-token-not-the-token").device()
+
+
+# --------------------------------------------------------------------------- what an attacker or a broken network tries
+
+
+class _Fake:
+    """A stand-in server answering every request with ``answer(handler)``; records requests."""
+
+    def __init__(self, answer):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        seen = self.seen = []
+
+        class H(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def _any(self):
+                n = int(self.headers.get("Content-Length") or 0)
+                if n:
+                    self.rfile.read(n)
+                seen.append((self.command, self.path, self.headers.get("Authorization")))
+                status, headers, body = answer(self)
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = _any
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_client_follows_no_redirect_and_the_token_goes_nowhere_else(tmp_path):
+    thief = _Fake(lambda h: (200, {}, b'{"device": {}, "latency": {}}'))
+    redirector = _Fake(lambda h: (302, {"Location": thief.url + "/steal"}, b""))
+    try:
+        for call in (lambda c: c.device(), lambda c: c._request("POST", "/v1/time", b"x")):
+            with pytest.raises(ProbeError, match="redirect"):
+                call(ProbeClient(redirector.url, TOKEN, retries=0))
+        assert thief.seen == []
+    finally:
+        thief.close()
+        redirector.close()
+
+
+def test_client_does_not_resend_a_timing_and_refuses_malformed_answers(tmp_path):
+    broken = _Fake(lambda h: (500, {}, b'{"error": "boom"}'))
+    odd = _Fake(lambda h: (200, {}, b"[1, 2]"))
+    try:
+        with pytest.raises(ProbeError, match="500 boom"):
+            ProbeClient(broken.url, TOKEN, retries=3, backoff_s=0.01)._request("POST", "/v1/time", b"x")
+        assert [m for m, *_ in broken.seen] == ["POST"]  # sent once: the probe may still be timing it
+        with pytest.raises(ProbeError, match="malformed answer"):
+            ProbeClient(odd.url, TOKEN, retries=3).device()
+        assert len(odd.seen) == 1
+    finally:
+        broken.close()
+        odd.close()
+
+
+def test_client_refuses_credentials_in_the_url_and_a_token_http_cannot_carry():
+    with pytest.raises(ProbeError, match="no user or path") as info:
+        ProbeClient("http://user:hunter2hunter2@127.0.0.1:1", TOKEN)
+    assert "hunter2" not in str(info.value)
+    for bad in (TOKEN + "\n", TOKEN + " x", "é" * 20, "short"):
+        with pytest.raises(ProbeError, match="printable ASCII"):
+            ProbeClient("http://127.0.0.1:1", bad)
+
+
+def test_a_wrong_token_is_a_401_even_while_sending_a_model(probe, tmp_path):
+    big = tmp_path / "big.onnx"
+    big.write_bytes(b"\0" * (4 << 20))
+    t0 = time.monotonic()
+    with pytest.raises(ProbeError, match="401"):
+        ProbeClient(probe.url, "wrong-token-0123456789", retries=2, backoff_s=1.0).time(big)
+    assert time.monotonic() - t0 < 3  # refused at once, not retried as an outage
+
+
+def test_idle_connections_cannot_lock_the_probe(probe, monkeypatch):
+    import nas.probe
+
+    monkeypatch.setattr(nas.probe, "HEADER_DEADLINE_S", 0.5)
+    idle = [socket.create_connection(probe.server_address[:2]) for _ in range(nas.probe.MAX_CLIENTS + 4)]
+    try:
+        t0 = time.monotonic()
+        assert ProbeClient(probe.url, TOKEN, retries=6, backoff_s=0.2).device()  # 503 at first, then served
+        assert time.monotonic() - t0 < 15
+    finally:
+        for s in idle:
+            s.close()
+
+
+def test_odd_content_length_is_refused(probe):
+    status, _ = _post(probe, b"", headers={"Content-Length": "\u00b2".encode().decode("latin-1")})
+    assert status in (400, 411)
+    assert ProbeClient(probe.url, TOKEN).device()
+
+
+def _loop_forever(path: Path) -> Path:
+    """A valid graph whose one run loops 10^12 times."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    body = helper.make_graph([helper.make_node("Identity", ["c_in"], ["c_out"]),
+                              helper.make_node("Identity", ["cond_in"], ["cond_out"])], "body",
+                             [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                              helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+                              helper.make_tensor_value_info("c_in", TensorProto.FLOAT, [1, 4])],
+                             [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+                              helper.make_tensor_value_info("c_out", TensorProto.FLOAT, [1, 4])])
+    inits = [helper.make_tensor("M", TensorProto.INT64, [], [10**12]), helper.make_tensor("T", TensorProto.BOOL, [], [True])]
+    g = helper.make_graph([helper.make_node("Loop", ["M", "T", "x"], ["y"], body=body)], "g", [x], [y], inits)
+    path.write_bytes(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString())
+    return path
+
+
+def _allocate_64gb(path: Path) -> Path:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    shape = helper.make_tensor("S", TensorProto.INT64, [1], [1 << 34])
+    nodes = [helper.make_node("ConstantOfShape", ["S"], ["big"]), helper.make_node("ReduceSum", ["big"], ["s"]),
+             helper.make_node("Add", ["x", "s"], ["y"])]
+    path.write_bytes(helper.make_model(helper.make_graph(nodes, "g", [x], [y], [shape]),
+                                       opset_imports=[helper.make_opsetid("", 17)]).SerializeToString())
+    return path
+
+
+def test_a_model_that_never_finishes_or_eats_memory_costs_one_refused_request(probe, tmp_path, monkeypatch):
+    import nas.probe
+
+    monkeypatch.setattr(nas.probe, "TIME_BUDGET_S", 1.0)
+    monkeypatch.setattr(nas.probe, "KILL_GRACE_S", 2.0)
+    t0 = time.monotonic()
+    status, answer = _post(probe, _loop_forever(tmp_path / "loop.onnx").read_bytes())
+    assert status == 422 and "did not finish" in answer["error"] and time.monotonic() - t0 < 20, answer
+    status, answer = _post(probe, _allocate_64gb(tmp_path / "mem.onnx").read_bytes())
+    assert status == 422, answer
+    assert ProbeClient(probe.url, TOKEN).time(_graph(tmp_path / "ok.onnx"))["latency"]["median_ms"] > 0
