@@ -138,6 +138,14 @@ def run_search(args: argparse.Namespace) -> Any:
         ProbeClient(args.latency_on, read_token(probe_token_file), retries=1, backoff_s=1.0).device()  # answers now, or one line
     elif args.probe_token_file:
         raise NasError("--probe-token-file is for --latency-on URL (a probe on the target device)")
+    latency_model = ""
+    if args.latency_model:
+        from nas.latency_model import load_latency_model
+
+        if args.latency_on:
+            raise NasError("--latency-model predicts latency, --latency-on measures it on a probe: give one of them")
+        latency_model = str(Path(args.latency_model).resolve())
+        load_latency_model(latency_model)  # read and fitted now: a malformed profile is one line before anything is stored
     objectives = parse_objectives(args.objectives)
     reward = None
     if args.reward:
@@ -195,6 +203,7 @@ def run_search(args: argparse.Namespace) -> Any:
         supernet_epochs=args.supernet_epochs,
         latency_on=args.latency_on or "",
         probe_token_file=probe_token_file,
+        latency_model=latency_model,
     )
     from rich.console import Console
 

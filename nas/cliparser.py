@@ -136,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "started there with 'nas probe serve'); the probe's --threads apply")
     s.add_argument("--probe-token-file", default=None, metavar="FILE",
                    help="the probe's token (with --latency-on; the same file the probe was started with)")
+    s.add_argument("--latency-model", default=None, metavar="DEVICE_JSON",
+                   help="predict every latency with a model of the device fitted on its profile (nas probe profile)")
     s.add_argument("--train-threads", type=_per_core("threads"), default=None,
                    help="torch threads per trial (default: the host's cores divided by the concurrent trials, "
                         "--jobs or Ray --workers; two searches on one host: give each its share)")
@@ -239,6 +241,21 @@ def build_parser() -> argparse.ArgumentParser:
                                   "  nas search --latency-on http://DEVICE:8765 --probe-token-file token   # on the search host",
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     add_probe_serve_arguments(serve)
+    prof = prs.add_parser("profile", help="time a sample of a space's deployable graphs: a latency model of the device",
+                          epilog="examples:\n  nas probe profile --dataset fashion-mnist --samples 300 -o device.json   # on the device\n"
+                                 "  nas probe profile --samples 300 -o device.json --latency-on http://DEVICE:8765 "
+                                 "--probe-token-file token\n"
+                                 "  nas search --dataset fashion-mnist --latency-model device.json   # then, offline",
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    prof.add_argument("--dataset", default="digits", help="whose input shape and classes the graphs take (default digits)")
+    prof.add_argument("--space", default=None, help="a bundled space or a YAML path (default: by input size, as search)")
+    prof.add_argument("--samples", type=_number(int, lambda v: 20 <= v <= 100_000, "in 20..100000"), default=300,
+                      help="graphs to time (default 300)")
+    prof.add_argument("-o", "--out", required=True, help="the device profile to write (JSON)")
+    prof.add_argument("--latency-on", default=None, metavar="URL", help="time on this probe instead of this host")
+    prof.add_argument("--probe-token-file", default=None, metavar="FILE")
+    prof.add_argument("--threads", type=_per_core("threads"), default=1, help="ONNX Runtime threads on this host (default 1)")
+    prof.add_argument("--seed", type=_seed, default=0)
     return p
 
 

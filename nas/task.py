@@ -74,6 +74,9 @@ class Task:
     # record the device they were timed on and fronts group by it, as they group by timing host.
     latency_on: str = ""
     probe_token_file: str = ""
+    # --latency-model: latency predicted from each deployable graph by a model of the device
+    # fitted on its profile (nas.latency_model); recorded with latency_source: predicted
+    latency_model: str = ""
 
     def __post_init__(self) -> None:
         # the parts may be given as their records (dicts: JSON, YAML configs, the API)
