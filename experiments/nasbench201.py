@@ -75,10 +75,13 @@ class Table:
 
 def make(name: str, seed: int, n_trials: int) -> optuna.samplers.BaseSampler:
     startup = max(4, min(10, n_trials // 3))
-    if name == "default":
+    if name.startswith("default"):  # variants for choosing the mechanism: default+onehot, default+c1024...
         from nas.samplers import SurrogateSampler
 
-        return SurrogateSampler(seed=seed, n_startup=max(4, min(10, n_trials // 5)))
+        opts = set(name.split("+")[1:])
+        cands = next((int(o[1:]) for o in opts if o.startswith("c") and o[1:].isdigit()), 256)
+        return SurrogateSampler(seed=seed, n_startup=max(4, min(10, n_trials // 5)), onehot="onehot" in opts,
+                                n_candidates=cands)
     if name == "tpe":
         return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=startup)
     if name == "gp":
