@@ -73,12 +73,68 @@ def probe_overhead(space, dataset: str, n: int) -> dict[str, float]:
             "overhead_s": float(np.median(np.array(remote) - np.array(local)))}
 
 
+def two_devices(trials: int, tmp: Path) -> dict:
+    """Two emulated devices (probes with ONNX Runtime at 1 and 2 threads, on loopback): one
+    default search on 8x8 digits per device; every front member of each is timed on the other
+    too, and each device's pick (the knee of its front, validation accuracy x latency x size)
+    is checked for optimality on the other device."""
+    import optuna
+
+    from nas.cli import main as nas_main
+    from nas.pareto import knee_order, pareto_mask
+    from nas.probe import ProbeClient, ProbeServer
+
+    token = "two-devices-token-0123456789abcd"
+    (tmp / "token").write_text(token)
+    servers = {t: ProbeServer(("127.0.0.1", 0), token, threads=t) for t in (1, 2)}
+    for srv in servers.values():
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+    db = f"sqlite:///{tmp / 'dev.db'}"
+    fronts = {}
+    for t, srv in servers.items():
+        assert nas_main(["search", "--trials", str(trials), "--study", f"device{t}", "--storage", db, "--quiet",
+                         "--artifacts", str(tmp / "art"), "--latency-on", srv.url,
+                         "--probe-token-file", str(tmp / "token")]) == 0
+        study = optuna.load_study(study_name=f"device{t}", storage=db)
+        done = [tr for tr in study.trials if tr.state.name == "COMPLETE"]
+        vals = np.array([tr.values for tr in done])
+        on = pareto_mask(vals, ["maximize", "minimize", "minimize"])
+        fronts[t] = [tr for tr, keep in zip(done, on) if keep]
+    # every member of both fronts, timed on both devices
+    members = [(t, tr) for t, f in fronts.items() for tr in f]
+    lat = {t: [] for t in servers}
+    for t, srv in servers.items():
+        client = ProbeClient(srv.url, token)
+        for _, tr in members:
+            lat[t].append(client.time(Path(tr.user_attrs["artifact_dir"]) / "model.onnx")["latency"]["median_ms"])
+    out = {"trials_per_device": trials, "front_sizes": {f"{t}_thread": len(f) for t, f in fronts.items()}}
+    for t in servers:
+        other = 2 if t == 1 else 1
+        own = [i for i, (d, _) in enumerate(members) if d == t]
+        vals = np.array([[members[i][1].values[0], lat[t][i], members[i][1].values[2]] for i in own])
+        pick = own[int(knee_order(vals, ["maximize", "minimize", "minimize"])[0])]
+        allv = np.array([[m.values[0], lat[other][i], m.values[2]] for i, (_, m) in enumerate(members)])
+        on_other = pareto_mask(allv, ["maximize", "minimize", "minimize"])
+        out[f"pick_for_{t}_thread"] = {
+            "trial": members[pick][1].number, "accuracy": members[pick][1].values[0],
+            "latency_ms_here": lat[t][pick], "latency_ms_on_other": lat[other][pick],
+            "optimal_on_other": bool(on_other[pick]),
+            "dominated_on_other_by": [members[i][1].number for i in range(len(members)) if i != pick
+                                      and allv[i][0] >= allv[pick][0] and allv[i][1] <= allv[pick][1]
+                                      and allv[i][2] <= allv[pick][2] and np.any(allv[i] != allv[pick])][:5]}
+    for srv in servers.values():
+        srv.shutdown()
+        srv.server_close()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--space", default="default")
     ap.add_argument("--dataset", default="digits")
     ap.add_argument("--samples", type=int, default=300)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--search-trials", type=int, default=20, help="trials of each two-device search (0: skip)")
     ap.add_argument("--out", default="device_latency")
     args = ap.parse_args()
     space = load_space(args.space)
@@ -108,14 +164,18 @@ def main() -> None:
         print(f"{threads} thread(s): " + "; ".join(f"{m}: {s['within_10pct']:.0%} within 10%, rho {s['spearman']:.3f}"
                                                    for m, s in methods.items())
               + f"; retimed: {ceiling['within_10pct']:.0%} within 10%", flush=True)
-    with tempfile.TemporaryDirectory():
-        overhead = probe_overhead(space, args.dataset, 20)
+    overhead = probe_overhead(space, args.dataset, 20)
+    both = {}
+    if args.search_trials:
+        with tempfile.TemporaryDirectory() as tmp:
+            both = two_devices(args.search_trials, Path(tmp))
+        print("two devices: " + json.dumps(both))
     print(f"probe overhead per timing: {overhead['overhead_s'] * 1000:.0f} ms "
           f"({overhead['probe_timing_s']:.2f} s through the probe vs {overhead['local_timing_s']:.2f} s in-process)")
     write_json(RESULTS / f"{args.out}.json", {
         "command": f"python experiments/device_latency.py --space {args.space} --dataset {args.dataset} "
                    f"--samples {args.samples} --threads {' '.join(map(str, args.threads))}",
-        "devices": devices, "probe_overhead": overhead})
+        "devices": devices, "probe_overhead": overhead, "two_devices": both})
     print(json.dumps({k: v["methods"] for k, v in devices.items()}, indent=1))
 
 
