@@ -110,8 +110,6 @@ def run_search(args: argparse.Namespace) -> Any:
     from nas.device import resolve_device
 
     resolve_device(args.device)  # a device this host lacks: one line now (each trial resolves it where it runs)
-    if args.strategy == "supernet" and args.backend == "ray":
-        raise NasError("--strategy supernet runs on the optuna backend for now (--backend optuna)")
     if args.gpus_per_trial and args.backend != "ray":
         raise NasError("--gpus-per-trial is for --backend ray (Tune's GPU resources); the optuna backend trains "
                        "on --device")
