@@ -110,8 +110,6 @@ def run_search(args: argparse.Namespace) -> Any:
     from nas.device import resolve_device
 
     resolve_device(args.device)  # a device this host lacks: one line now (each trial resolves it where it runs)
-    if args.strategy == "supernet" and args.backend == "ray":
-        raise NasError("--strategy supernet runs on the optuna backend for now (--backend optuna)")
     if args.gpus_per_trial and args.backend != "ray":
         raise NasError("--gpus-per-trial is for --backend ray (Tune's GPU resources); the optuna backend trains "
                        "on --device")
@@ -128,6 +126,24 @@ def run_search(args: argparse.Namespace) -> Any:
         from nas.backends.ray import check_local_gpus
 
         check_local_gpus(args.gpus_per_trial)
+    probe_token_file = ""
+    if args.latency_on:
+        from nas.probe import ProbeClient, read_token
+
+        if not args.probe_token_file:
+            raise NasError("--latency-on needs --probe-token-file (the token file the probe was started with)")
+        probe_token_file = str(Path(args.probe_token_file).resolve())
+        ProbeClient(args.latency_on, read_token(probe_token_file), retries=1, backoff_s=1.0).device()  # answers now, or one line
+    elif args.probe_token_file:
+        raise NasError("--probe-token-file is for --latency-on URL (a probe on the target device)")
+    latency_model = ""
+    if args.latency_model:
+        from nas.latency_model import load_latency_model
+
+        if args.latency_on:
+            raise NasError("--latency-model predicts latency, --latency-on measures it on a probe: give one of them")
+        latency_model = str(Path(args.latency_model).resolve())
+        load_latency_model(latency_model)  # read and fitted now: a malformed profile is one line before anything is stored
     objectives = parse_objectives(args.objectives)
     reward = None
     if args.reward:
@@ -183,6 +199,9 @@ def run_search(args: argparse.Namespace) -> Any:
         amp=args.amp,
         strategy=args.strategy,
         supernet_epochs=args.supernet_epochs,
+        latency_on=args.latency_on or "",
+        probe_token_file=probe_token_file,
+        latency_model=latency_model,
     )
     from rich.console import Console
 

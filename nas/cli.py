@@ -171,8 +171,57 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
+def cmd_probe(args: argparse.Namespace) -> int:
+    if args.probe_command == "serve":
+        from nas.probe import serve
+
+        return serve(args.host, args.port, args.token_file, args.threads)
+    return cmd_probe_profile(args)
+
+
+def cmd_probe_profile(args: argparse.Namespace) -> int:
+    from nas.latency_model import profile_space
+    from nas.pipeline import get_dataset
+    from nas.space import default_space_name, load_space
+
+    out = Path(args.out)
+    if out.is_dir():
+        raise NasError(f"-o {out} is a folder; give the profile's file name (device.json)")
+    if not out.parent.is_dir():
+        raise NasError(f"-o {out}: the folder {out.parent} does not exist")
+    data = get_dataset(args.dataset, args.seed)
+    space = load_space(args.space or default_space_name(data.spatial, data.input_size))
+    timer: Any = None
+    device = None
+    if args.latency_on:
+        from nas.probe import ProbeClient, read_token
+
+        if not args.probe_token_file:
+            raise NasError("--latency-on needs --probe-token-file (the token file the probe was started with)")
+        client = ProbeClient(args.latency_on, read_token(args.probe_token_file))
+        device = {**client.device(), "latency_device": client.url}
+
+        def on_probe(path: Path) -> float:
+            return float(client.time(path)["latency"]["median_ms"])
+
+        timer = on_probe
+
+    def progress(done: int, total: int) -> None:
+        if done % 25 == 0 or done == total:
+            print(f"nas probe profile: {done}/{total} graphs timed", file=sys.stderr, flush=True)
+
+    prof = profile_space(space, args.dataset, args.samples, seed=args.seed, timer=timer, device=device,
+                         threads=args.threads, progress=progress)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(prof, indent=1))
+    tmp.replace(out)
+    print(f"wrote {out}: {len(prof['samples'])} graphs of space {space.name} timed on "
+          f"{prof['device'].get('latency_cpu', '?')}")
+    return 0
+
+
 COMMANDS = {"search": cmd_search, "front": cmd_front, "report": cmd_report, "export": cmd_export,
-            "verify": cmd_verify, "dashboard": cmd_dashboard}
+            "verify": cmd_verify, "dashboard": cmd_dashboard, "probe": cmd_probe}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

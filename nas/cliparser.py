@@ -10,7 +10,6 @@ from collections.abc import Callable
 from typing import Any
 
 from nas.objectives import DEFAULT_OBJECTIVES
-from nas.study import DEFAULT_STORAGE
 
 __all__ = ["build_parser"]
 
@@ -98,6 +97,8 @@ _epochs = _number(int, lambda v: 1 <= v <= 10_000, "in 1..10000")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from nas.study import DEFAULT_STORAGE  # here, not at the top: the probe server's arguments need no Optuna
+
     p = _Parser(prog="nas", description="Compression-aware neural architecture search.",
                 formatter_class=argparse.RawDescriptionHelpFormatter,
                 epilog="examples:\n  nas search                      # 20 trials on digits, prints the Pareto front\n"
@@ -130,6 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--jobs", type=_per_core("trials"), default=1,
                    help="concurrent trials in this process (at most the host's cores; each trains with cores/jobs threads)")
     s.add_argument("--latency-threads", type=_per_core("threads"), default=1, help="ONNX Runtime threads when timing")
+    s.add_argument("--latency-on", default=None, metavar="URL",
+                   help="time every trial's deployable model on a probe on the target device (http://HOST:PORT, "
+                        "started there with 'nas probe serve'); the probe's --threads apply")
+    s.add_argument("--probe-token-file", default=None, metavar="FILE",
+                   help="the probe's token (with --latency-on; the same file the probe was started with)")
+    s.add_argument("--latency-model", default=None, metavar="DEVICE_JSON",
+                   help="predict every latency with a model of the device fitted on its profile (nas probe profile)")
     s.add_argument("--train-threads", type=_per_core("threads"), default=None,
                    help="torch threads per trial (default: the host's cores divided by the concurrent trials, "
                         "--jobs or Ray --workers; two searches on one host: give each its share)")
@@ -224,4 +232,38 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("study")
     d.add_argument("--storage", default=DEFAULT_STORAGE)
     d.add_argument("--port", type=_port, default=8080)
+
+    pr = sub.add_parser("probe", help="time models on this device for a search elsewhere (nas search --latency-on)")
+    prs = pr.add_subparsers(dest="probe_command", required=True, parser_class=_Parser)
+    serve = prs.add_parser("serve", help="serve latency timings over HTTP, token required (ONNX Runtime only, no torch)",
+                           epilog="examples:\n  python -c 'import secrets; print(secrets.token_hex(16))' > token\n"
+                                  "  nas probe serve --port 8765 --token-file token\n"
+                                  "  nas search --latency-on http://DEVICE:8765 --probe-token-file token   # on the search host",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_probe_serve_arguments(serve)
+    prof = prs.add_parser("profile", help="time a sample of a space's deployable graphs: a latency model of the device",
+                          epilog="examples:\n  nas probe profile --dataset fashion-mnist --samples 300 -o device.json   # on the device\n"
+                                 "  nas probe profile --samples 300 -o device.json --latency-on http://DEVICE:8765 "
+                                 "--probe-token-file token\n"
+                                 "  nas search --dataset fashion-mnist --latency-model device.json   # then, offline",
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    prof.add_argument("--dataset", default="digits", help="whose input shape and classes the graphs take (default digits)")
+    prof.add_argument("--space", default=None, help="a bundled space or a YAML path (default: by input size, as search)")
+    prof.add_argument("--samples", type=_number(int, lambda v: 20 <= v <= 100_000, "in 20..100000"), default=300,
+                      help="graphs to time (default 300)")
+    prof.add_argument("-o", "--out", required=True, help="the device profile to write (JSON)")
+    prof.add_argument("--latency-on", default=None, metavar="URL", help="time on this probe instead of this host")
+    prof.add_argument("--probe-token-file", default=None, metavar="FILE")
+    prof.add_argument("--threads", type=_per_core("threads"), default=1, help="ONNX Runtime threads on this host (default 1)")
+    prof.add_argument("--seed", type=_seed, default=0)
     return p
+
+
+def add_probe_serve_arguments(s: argparse.ArgumentParser) -> None:
+    """``nas probe serve``'s options (also ``python -m nas.probe serve``, which needs no torch or Optuna)."""
+    s.add_argument("--port", type=_port, required=True, help="TCP port to listen on")
+    s.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1; 0.0.0.0 serves other hosts: keep the token secret)")
+    s.add_argument("--token-file", required=True, help="a file whose first line is the shared token (>= 16 characters)")
+    s.add_argument("--threads", type=_per_core("threads"), default=1,
+                   help="ONNX Runtime intra-op threads of every timing (default 1, as the search times)")

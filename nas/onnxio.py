@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from nas.timing import ort_session  # noqa: F401 - re-exported: callers import it from here
+
 __all__ = ["export_onnx", "export_onnx_as", "Exported", "ort_session", "ort_predict", "quiet_output", "quiet_exporter"]
 
 
@@ -120,15 +122,3 @@ def ort_predict(sess: Any, x: np.ndarray, batch: int | None = None) -> np.ndarra
     step = batch or (1 if inp.shape and inp.shape[0] == 1 else 256)
     return np.concatenate([sess.run(None, {inp.name: x[i : i + step]})[0] for i in range(0, len(x), step)])
 
-
-def ort_session(path: Path, threads: int):  # noqa: ANN202
-    """A CPU session with ``threads`` intra-op threads, sequential, every graph optimization."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])

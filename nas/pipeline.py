@@ -179,7 +179,15 @@ def timed(path: Path, example: torch.Tensor, task: Task, inputs: torch.Tensor | 
     trials timed at different moments stay comparable. The raw median and both floors are kept.
 
     ``inputs``: a graph whose work depends on its input (early exits) is timed over these
-    (the validation split) at batch 1: ``latency_ms`` is their mean, ``latency_p95_ms`` beside."""
+    (the validation split) at batch 1: ``latency_ms`` is their mean, ``latency_p95_ms`` beside.
+
+    With ``task.latency_on`` the model is timed on that probe (the target device) with the same
+    protocol; the figure is the device's own (no host scaling) and the device's identity is
+    returned with it (``latency_cpu``, ``latency_cores``, ``latency_onnxruntime``, ``latency_device``)."""
+    if task.latency_model:
+        return _timed_by_model(path, task, inputs)
+    if task.latency_on:
+        return _timed_on_probe(path, task, inputs)
     if inputs is not None:  # work depends on the input: mean over the inputs at batch 1, p95 beside
         over = onnx_latency_over(path, inputs.numpy(), threads=task.latency_threads)
         ref = task.latency_floor_ms if task.latency_floor_ms and over.floor_ms > 0 else None
@@ -198,6 +206,52 @@ def timed(path: Path, example: torch.Tensor, task: Task, inputs: torch.Tensor | 
             "latency_threads": lat.threads, "latency_lock_wait_s": lat.lock_wait_s}
 
 
+def _timed_by_model(path: Path, task: Task, inputs: torch.Tensor | None) -> dict[str, Any]:
+    """``--latency-model``: the device's latency predicted from the graph (nas.latency_model)."""
+    from nas.latency_model import graph_features, load_latency_model
+
+    if inputs is not None:
+        raise TrialFailure("input-dependent latency (early exits) is not predicted; --latency-model predicts "
+                           "single-input figures")
+    model, device = load_latency_model(task.latency_model)
+    ms = float(model.predict(graph_features(path)))
+    out = {"latency_ms": ms, "latency_iqr_ms": 0.0, "latency_raw_ms": ms, "latency_noisy": False,
+           "latency_attempts": 0, "latency_source": "predicted", "latency_device": f"model {Path(task.latency_model).name}"}
+    out.update({k: device[k] for k in ("latency_cpu", "latency_cores", "latency_onnxruntime") if k in device})
+    if "threads" in device:
+        out["latency_threads"] = device["threads"]
+    return out
+
+
+_PROBES: dict[tuple[str, str], Any] = {}
+
+
+def _timed_on_probe(path: Path, task: Task, inputs: torch.Tensor | None) -> dict[str, Any]:
+    from nas.errors import NasError
+    from nas.probe import ProbeClient, read_token
+
+    if inputs is not None:
+        raise TrialFailure("input-dependent latency (early exits) is timed on this host only; --latency-on "
+                           "times single-input figures")
+    key = (task.latency_on, task.probe_token_file)
+    try:
+        if key not in _PROBES:
+            _PROBES[key] = ProbeClient(task.latency_on, read_token(task.probe_token_file))
+        answer = _PROBES[key].time(path)  # retried with backoff while the probe is down, then one line
+        lat, dev = answer["latency"], answer["device"]
+        median, iqr, floor = (float(lat[k]) for k in ("median_ms", "iqr_ms", "floor_ms"))
+        out = {"latency_ms": median, "latency_iqr_ms": iqr, "latency_raw_ms": median, "latency_floor_now_ms": floor,
+               "latency_floor_ms": floor, "latency_noisy": bool(lat["noisy"]), "latency_attempts": int(lat["attempts"]),
+               "latency_threads": int(lat["threads"]), "latency_lock_wait_s": float(lat.get("lock_wait_s", 0.0)),
+               "latency_device": ProbeClient.redacted(task.latency_on)}
+        out.update({k: dev[k] for k in ("latency_cpu", "latency_cores", "latency_onnxruntime")})
+    except NasError as exc:  # the trial fails with the reason; the search goes on, resume retries it
+        raise TrialFailure(str(exc)) from None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise TrialFailure(f"probe {task.latency_on}: a malformed answer ({type(exc).__name__}: {exc})") from None
+    return out
+
+
 def _costs(model: nn.Module, cand: Candidate, blob: bytes, example: torch.Tensor, calibration: torch.Tensor,
            workdir: Path, task: Task, normalize: tuple[float, float]) -> dict[str, Any]:
     """Every cost of the shipped form: deployable ONNX latency (the graph normalises its raw
@@ -207,8 +261,8 @@ def _costs(model: nn.Module, cand: Candidate, blob: bytes, example: torch.Tensor
     lat = timed(onnx_path, example, task)
     size = write_file(workdir / PACKED_NAME, blob)
     return {
-        **lat,
         **latency_host(),
+        **lat,  # a probe's device identity replaces this host's
         "size_bytes": size,
         "onnx_bytes": onnx_path.stat().st_size,
         "deploy_precision": precision,
@@ -230,24 +284,30 @@ class _Trial:
     inherit: Callable | None = None  # (arch, data) -> a network with inherited weights (nas.strategy)
 
 
-def _preflight(t: _Trial) -> dict[str, Any]:
-    """The final compressed shape with untrained weights gives every cost; a violated hard
-    limit rejects the candidate before training (sizes that depend on trained values are
-    checked after compression instead)."""
-    seed_everything(t.task.seed)
+def preview_model(candidate: Candidate, data: Dataset, seed: int, example: torch.Tensor) -> tuple[nn.Module, bytes]:
+    """The candidate in its final compressed shape with untrained weights, as it will ship
+    (packed and loaded back), and its packed bytes: what pre-flight times and sizes."""
+    seed_everything(seed)
     try:
-        preview = compress(trained_model(t.candidate), t.candidate, t.data, t.task.seed, finetune=False)
+        preview = compress(trained_model(candidate), candidate, data, seed, finetune=False)
         with torch.no_grad():
             # untrained BatchNorms fold into bias-free convolutions, which the exporter's
             # optimizer drops; a trained model's never are: give the preview the same graph
             for bn in preview.modules():
                 if isinstance(bn, nn.BatchNorm2d):
                     bn.bias.fill_(1e-3)
-            preview.eval()(t.example)
-        blob = pack_model(preview, t.candidate.compression)
-        preview = load_packed(t.candidate, blob)  # time exactly the structure that will ship
+            preview.eval()(example)
+        blob = pack_model(preview, candidate.compression)
+        return load_packed(candidate, blob), blob  # time exactly the structure that will ship
     except (RuntimeError, ValueError) as exc:
         raise TrialFailure(f"infeasible candidate: {exc}") from exc
+
+
+def _preflight(t: _Trial) -> dict[str, Any]:
+    """The final compressed shape with untrained weights gives every cost; a violated hard
+    limit rejects the candidate before training (sizes that depend on trained values are
+    checked after compression instead)."""
+    preview, blob = preview_model(t.candidate, t.data, t.task.seed, t.example)
     with tempfile.TemporaryDirectory(prefix="nas-trial-") as tmp:
         costs = _costs(preview, t.candidate, blob, t.example, t.calibration, Path(tmp), t.task, t.data.normalization)
     # sizes that depend on trained values, and latencies that depend on the input (early exits:

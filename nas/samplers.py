@@ -114,13 +114,14 @@ class SurrogateSampler(optuna.samplers.BaseSampler):
 
     def __init__(self, propose: Callable[[Any], Any] | None = None, directions: Sequence[str] | None = None, *,
                  seed: int | None = 0, n_startup: int = 10, n_candidates: int = 256,
-                 objectives: Sequence[str] | None = None) -> None:
+                 objectives: Sequence[str] | None = None, onehot: bool = False) -> None:
         self._propose = propose
         self._directions = list(directions or [])
         self._objectives = list(objectives or [])
         self._seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed
         self._n_startup = n_startup
         self._n_candidates = n_candidates
+        self._onehot = onehot  # categoricals of 3+ choices as one column per choice (else their index)
         self._random = optuna.samplers.RandomSampler(seed=self._seed)
         self._plans: dict[int, dict[str, Any]] = {}
         self._lock = threading.Lock()
@@ -266,8 +267,8 @@ class SurrogateSampler(optuna.samplers.BaseSampler):
             dists.update(t.distributions)
         for c in cands:
             dists.update(c.distributions)
-        x_hist = _encode([t.params for t in done], names, dists)
-        x_cand = _encode([c.params for c in cands], names, dists)
+        x_hist = _encode([t.params for t in done], names, dists, self._onehot)
+        x_cand = _encode([c.params for c in cands], names, dists, self._onehot)
         sign = np.array([-1.0 if d == "maximize" else 1.0 for d in dirs])
         targets = np.array([[np.nan if v is None else v for v in self._targets(t, len(dirs))] for t in done], dtype=float)
         targets[~np.isfinite(targets)] = np.nan  # an objective of +-inf or NaN tells the models nothing
@@ -320,23 +321,35 @@ def _front(trials: list[FrozenTrial], directions: Sequence[str]) -> list[FrozenT
     return [t for t, keep in zip(trials, pareto_mask(vals, directions)) if keep]
 
 
-def _encode(params: list[dict[str, Any]], names: list[str], dists: dict[str, BaseDistribution]) -> np.ndarray:
-    """One column per gene: a categorical as its choice index, a number as its value (log where
-    the distribution is), -1 where the gene was not asked (it did not matter)."""
-    x = np.full((len(params), len(names)), -1.0)
-    for j, n in enumerate(names):
+def _encode(params: list[dict[str, Any]], names: list[str], dists: dict[str, BaseDistribution],
+            onehot: bool = False) -> np.ndarray:
+    """One column per gene: a categorical as its choice index (or, ``onehot``, one 0/1 column
+    per choice where it has 3 or more), a number as its value (log where the distribution is),
+    -1 where the gene was not asked (it did not matter)."""
+    cols: list[np.ndarray] = []
+    for n in names:
         d = dists.get(n)
+        if onehot and isinstance(d, CategoricalDistribution) and len(d.choices) > 2:
+            block = np.full((len(params), len(d.choices)), -1.0)
+            for i, p in enumerate(params):
+                if n in p and p[n] in d.choices:
+                    block[i] = 0.0
+                    block[i, d.choices.index(p[n])] = 1.0
+            cols.append(block)
+            continue
+        col = np.full((len(params), 1), -1.0)
         for i, p in enumerate(params):
             if n not in p or d is None:
                 continue
             v = p[n]
             if isinstance(d, CategoricalDistribution):
-                x[i, j] = d.choices.index(v) if v in d.choices else -1.0
+                col[i, 0] = d.choices.index(v) if v in d.choices else -1.0
             elif getattr(d, "log", False) and v > 0:
-                x[i, j] = math.log(v)
+                col[i, 0] = math.log(v)
             else:
-                x[i, j] = float(v)
-    return x
+                col[i, 0] = float(v)
+        cols.append(col)
+    return np.hstack(cols) if cols else np.zeros((len(params), 0))
 
 
 def _hv_improvement(front: np.ndarray, cands: np.ndarray, rng: np.random.Generator, samples: int = 20000) -> np.ndarray:

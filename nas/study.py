@@ -228,6 +228,8 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
         row["finalist_of"] = ua.get("finalist_of", np.nan)  # the trial this one retrains (nas.finalists)
         host = [ua.get(k) for k in ("latency_cpu", "latency_cores", "latency_onnxruntime")]
         row["timing_host"] = (f"{host[0]} x{host[1]}, onnxruntime {host[2]}" if all(h is not None for h in host) else "")
+        if row["timing_host"] and ua.get("latency_device"):  # timed on a probe (--latency-on): the device's address too
+            row["timing_host"] += f" at {ua['latency_device']}"
         row["duration_s"] = t.duration.total_seconds() if t.duration else np.nan
         row["datetime_start"] = t.datetime_start
         row["datetime_complete"] = t.datetime_complete

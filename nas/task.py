@@ -69,6 +69,14 @@ class Task:
     # Not fixed: a resumed study may move to another device (latency is timed on the CPU runtime)
     device: str = "cpu"
     amp: bool = False
+    # --latency-on: every latency is timed on this probe (nas.probe) instead of this host, with
+    # the token read from probe_token_file (the token itself is never stored). Not fixed: trials
+    # record the device they were timed on and fronts group by it, as they group by timing host.
+    latency_on: str = ""
+    probe_token_file: str = ""
+    # --latency-model: latency predicted from each deployable graph by a model of the device
+    # fitted on its profile (nas.latency_model); recorded with latency_source: predicted
+    latency_model: str = ""
 
     def __post_init__(self) -> None:
         # the parts may be given as their records (dicts: JSON, YAML configs, the API)

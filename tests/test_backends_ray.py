@@ -57,6 +57,21 @@ def test_ray_search_lands_in_the_same_storage_with_same_fields_and_runs_concurre
     assert main(["front", "ray", "--storage", db, "--format", "json"]) == 0
 
 
+def test_ray_workers_inherit_from_the_study_supernet(ray_head, in_tmp):
+    """--strategy supernet on Ray: the driver trains the supernet once into the study's artifacts
+    folder, every worker loads it from there; trials record no training epochs."""
+    (in_tmp / "space.yaml").write_text(SPACE)
+    db = f"sqlite:///{in_tmp}/sn.db"
+    assert main(["search", "--backend", "ray", "--ray-address", ray_head, "--workers", "2", "--study", "sn",
+                 "--space", "space.yaml", "--storage", db, "--quiet", "--trials", "4", "--strategy", "supernet",
+                 "--supernet-epochs", "1"]) == 0
+    (meta,) = (in_tmp / "runs").rglob("supernet.json")
+    done = [t for t in optuna.load_study(study_name="sn", storage=db).trials if t.state.name == "COMPLETE"]
+    assert len(done) == 4 and all(t.user_attrs["epochs"] == 0 for t in done)
+    assert all(t.user_attrs.get("supernet_s", 0) == 0 for t in done)  # loaded, never trained, on the workers
+    assert "ray_node" in done[0].user_attrs and len(__import__("json").loads(meta.read_text())["key"]) == 24
+
+
 def _complete(db: str, name: str) -> dict[int, tuple]:
     try:
         study = optuna.load_study(study_name=name, storage=db)

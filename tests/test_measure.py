@@ -28,10 +28,10 @@ def test_the_runtime_floor_graph_is_one_shared_file_per_shape(tmp_path, monkeypa
     import subprocess
     import sys
 
-    from nas import measure
+    from nas import measure, timing
 
     monkeypatch.setenv("NAS_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(measure, "_FLOOR_FILES", {})
+    monkeypatch.setattr(timing, "_FLOOR_FILES", {})
     code = "from nas.measure import identity_graph; print(identity_graph((1, 1, 8, 8)))"
     paths = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                             env={**__import__("os").environ}).stdout.strip() for _ in range(2)}
@@ -39,7 +39,7 @@ def test_the_runtime_floor_graph_is_one_shared_file_per_shape(tmp_path, monkeypa
     path = measure.identity_graph((1, 1, 8, 8))
     assert str(path) in paths and sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["identity-1x1x8x8.onnx"]
     path.write_bytes(b"not onnx")  # a damaged file is replaced, not used
-    monkeypatch.setattr(measure, "_FLOOR_FILES", {})
+    monkeypatch.setattr(timing, "_FLOOR_FILES", {})
     assert measure.onnx_latency(measure.identity_graph((1, 1, 8, 8)), (1, 1, 8, 8), repeats=16, warmup=2).median_ms > 0
 
 
@@ -78,14 +78,14 @@ def test_two_timings_never_overlap(tmp_path, monkeypatch):
     timed windows of two threads started together never interleave."""
     import threading
 
-    from nas import measure
+    from nas import measure, timing
     from nas.builder import build
 
     monkeypatch.setenv("NAS_MEASURE_LOCK", str(tmp_path / "lock"))
     arch = ArchConfig(1, 10, (8, 8), "2d", 8, (BlockConfig("conv", 16, 3, 2, stage=0),))
     path = measure.export_onnx(build(arch).eval(), torch.zeros(1, 1, 8, 8), tmp_path / "m.onnx")
     spans: dict[int, list[tuple[float, float]]] = {0: [], 1: []}
-    real = measure._window
+    real = timing._window
     who = threading.local()
 
     def window(*a, **k):
@@ -96,7 +96,7 @@ def test_two_timings_never_overlap(tmp_path, monkeypatch):
         spans[who.k].append((t0, time.perf_counter()))
         return out
 
-    monkeypatch.setattr(measure, "_window", window)
+    monkeypatch.setattr(timing, "_window", window)
     start = threading.Barrier(2)
 
     def run(k: int) -> None:
@@ -118,7 +118,7 @@ def test_the_wait_for_the_timing_lock_is_recorded(tmp_path, monkeypatch):
     import threading
     import time
 
-    from nas import measure
+    from nas import measure, timing
     from nas.builder import build
 
     monkeypatch.setenv("NAS_MEASURE_LOCK", str(tmp_path / "lock"))

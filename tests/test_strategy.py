@@ -57,12 +57,32 @@ def test_a_supernet_trained_for_something_else_is_refused_in_one_line(in_tmp, ca
     assert len(optuna.load_study(study_name="r", storage=db).trials) == 1  # nothing ran
 
 
-def test_the_supernet_strategy_is_fixed_on_resume_and_optuna_only(in_tmp, capsys):
+def test_the_supernet_strategy_is_fixed_on_resume(in_tmp, capsys):
     db = f"sqlite:///{in_tmp}/f.db"
     assert main(["search", "--trials", "1", "--epochs", "1", "--study", "f", "--storage", db, "--quiet"]) == 0
     capsys.readouterr()
     assert main(["search", "--trials", "2", "--epochs", "1", "--study", "f", "--storage", db,
                  "--strategy", "supernet"]) == 2
     assert "--strategy" in capsys.readouterr().err
-    assert main(["search", "--strategy", "supernet", "--backend", "ray"]) == 2
-    assert "runs on the optuna backend for now" in capsys.readouterr().err
+
+
+def test_two_workers_share_one_supernet_trained_once(in_tmp):
+    """Two processes start the same supernet study at once: one trains the supernet (under the
+    folder's file lock), the other waits and loads it; both run trials on it."""
+    db = f"sqlite:///{in_tmp}/w.db"
+    cmd = [sys.executable, "-m", "nas.cli", "search", "--strategy", "supernet", "--supernet-epochs", "2", "--epochs",
+           "1", "--study", "w", "--storage", db, "--train-threads", "1"]
+    # the study is made first (one finished trial), so the two below race only for the supernet
+    subprocess.run([*cmd, "--trials", "1", "--quiet"], cwd=in_tmp, check=True, timeout=600, capture_output=True)
+    for f in in_tmp.rglob("supernet.*"):
+        f.unlink()
+    procs = [subprocess.Popen([*cmd, "--trials", "9"], cwd=in_tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-1500:] for o in outs]
+    trained = ["supernet: epoch 2/2" in err for _, err in outs]
+    assert sorted(trained) == [False, True], [err[-800:] for _, err in outs]  # one trained it, the other loaded it
+    trials = optuna.load_study(study_name="w", storage=db).trials
+    done = [t for t in trials[1:] if t.state.name == "COMPLETE"]
+    assert len(done) >= 8 and len({t.user_attrs["worker"] for t in done}) == 2, [t.user_attrs.get("worker") for t in done]
+    assert len(json.loads((_study_folder(in_tmp / "runs") / "supernet.json").read_text())["key"]) == 24

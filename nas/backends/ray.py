@@ -57,7 +57,10 @@ class DefineByRun:
         trial.set_user_attr("candidate", cand.to_dict())
         trial.set_user_attr("summary", cand.arch.summary())
         trial.set_user_attr("compression_summary", cand.compression.summary())
-        return {"candidate": cand.to_dict(), "optuna_number": trial.number, "task": self.task}
+        config = {"candidate": cand.to_dict(), "optuna_number": trial.number, "task": self.task}
+        if self.task.get("strategy") == "supernet":  # the worker builds the supernet's inheritor from it
+            config["space"] = self.space
+        return config
 
 
 def _make_searcher_class():  # noqa: ANN202
@@ -240,9 +243,14 @@ def _trainable(config: dict[str, Any]) -> None:
     def at_rung(epoch: int, acc: float, costs: dict[str, Any]) -> None:
         tune.report({"rung": epoch, "rung_accuracy": acc, **{n: float(costs[n]) for n in names[1:]}})
 
+    inherit = None
+    if task.strategy == "supernet":  # the driver trained (or loaded) it before Tune started: this loads it
+        from nas.strategy import inheritor
+
+        inherit = inheritor(config["space"], task)
     try:
         res = evaluate(cand, task, trial_id=artifact_name(config['optuna_number']),
-                       at_rung=at_rung if task.early_stop else None)
+                       at_rung=at_rung if task.early_stop and inherit is None else None, inherit=inherit)
     except Exception as exc:  # a bug in a block, say: recorded, the study goes on
         state, attrs = outcome(exc)
         tune.report({"nas_state": state, "fail_reason": attrs["fail_reason"],
