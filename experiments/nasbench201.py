@@ -142,14 +142,19 @@ def main() -> None:
                 rows.append(run(table, name, seed, budget))
                 r = rows[-1]
                 print(f"{name} budget {budget} seed {seed}: ratio {r['ratio']:.4f}  {r['s_per_trial']:.3f} s/trial", flush=True)
+            write(rows, args, samplers, table)  # after every sampler: a partial run keeps what it measured
+    summary = write(rows, args, samplers, table)
+    for _, r in summary.iterrows():
+        print(f"budget {r.budget}: {r.sampler:8s} mean ratio {r.mean_ratio:.4f} +- {r.std_ratio:.4f}  "
+              f"{r.s_per_trial:.3f} s/trial ({r.seeds} seeds)")
+
+
+def write(rows: list[dict], args: argparse.Namespace, samplers: list[str], table: Table) -> pd.DataFrame:
     df = pd.DataFrame([{k: v for k, v in r.items() if k != "curve"} for r in rows])
     summary = (df.groupby(["budget", "sampler"])
                .agg(mean_ratio=("ratio", "mean"), std_ratio=("ratio", "std"), s_per_trial=("s_per_trial", "mean"),
                     seeds=("seed", "count"))
                .reset_index().sort_values(["budget", "mean_ratio"], ascending=[True, False]))
-    for _, r in summary.iterrows():
-        print(f"budget {r.budget}: {r.sampler:8s} mean ratio {r.mean_ratio:.4f} +- {r.std_ratio:.4f}  "
-              f"{r.s_per_trial:.3f} s/trial ({r.seeds} seeds)")
     df.to_csv(RESULTS / f"{args.out}.csv", index=False)
     write_json(RESULTS / f"{args.out}.json", {
         "command": "python experiments/nasbench201.py " + " ".join(
@@ -158,6 +163,7 @@ def main() -> None:
                   "objectives": METRICS, "scale": "accuracy linear; latency and size log; all min-max normalised",
                   "reference": table.ref},
         "summary": summary.to_dict(orient="records"), "runs": rows})
+    return summary
 
 
 if __name__ == "__main__":
