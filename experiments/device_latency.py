@@ -28,7 +28,8 @@ import numpy as np
 from _common import RESULTS, write_json
 from scipy.stats import spearmanr
 
-from nas.latency_model import LatencyModel, profile_space
+from nas.latency_model import LatencyModel
+from nas.profile import profile_space
 from nas.space import load_space
 
 

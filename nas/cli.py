@@ -180,7 +180,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 def cmd_probe_profile(args: argparse.Namespace) -> int:
-    from nas.latency_model import profile_space
+    from nas.profile import profile_space
     from nas.pipeline import get_dataset
     from nas.space import default_space_name, load_space
 

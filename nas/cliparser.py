@@ -233,7 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--storage", default=DEFAULT_STORAGE)
     d.add_argument("--port", type=_port, default=8080)
 
-    pr = sub.add_parser("probe", help="time models on this device for a search elsewhere (nas search --latency-on)")
+    pr = sub.add_parser("probe", help="time models on this device for a search elsewhere (nas search --latency-on)",
+                        epilog="examples:\n  nas probe serve --port 8765 --token-file token\n"
+                               "  nas probe profile --dataset fashion-mnist --samples 300 -o device.json",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     prs = pr.add_subparsers(dest="probe_command", required=True, parser_class=_Parser)
     serve = prs.add_parser("serve", help="serve latency timings over HTTP, token required (ONNX Runtime only, no torch)",
                            epilog="examples:\n  python -c 'import secrets; print(secrets.token_hex(16))' > token\n"
@@ -257,6 +260,14 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--threads", type=_per_core("threads"), default=1, help="ONNX Runtime threads on this host (default 1)")
     prof.add_argument("--seed", type=_seed, default=0)
     return p
+
+
+def probe_serve_parser() -> argparse.ArgumentParser:
+    """``python -m nas.probe serve ...``: the probe's own command line (no torch, no Optuna)."""
+    ap = _Parser(prog="nas probe", description="time ONNX models on this device for a search elsewhere")
+    sub = ap.add_subparsers(dest="probe_command", required=True, parser_class=_Parser)
+    add_probe_serve_arguments(sub.add_parser("serve", help="serve latency timings over HTTP (token required)"))
+    return ap
 
 
 def add_probe_serve_arguments(s: argparse.ArgumentParser) -> None:

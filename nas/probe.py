@@ -468,11 +468,9 @@ class ProbeClient:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m nas.probe serve ...`` on a device with no torch or Optuna (``nas probe serve`` elsewhere)."""
-    from nas.cliparser import _Parser, add_probe_serve_arguments
+    from nas.cliparser import probe_serve_parser
 
-    ap = _Parser(prog="nas probe", description="time ONNX models on this device for a search elsewhere")
-    sub = ap.add_subparsers(dest="probe_command", required=True, parser_class=_Parser)
-    add_probe_serve_arguments(sub.add_parser("serve", help="serve latency timings over HTTP (token required)"))
+    ap = probe_serve_parser()
     return run(ap.parse_args(argv))
 
 
