@@ -173,7 +173,7 @@ def main() -> None:
         print("two devices: " + json.dumps(both))
     print(f"probe overhead per timing: {overhead['overhead_s'] * 1000:.0f} ms "
           f"({overhead['probe_timing_s']:.2f} s through the probe vs {overhead['local_timing_s']:.2f} s in-process)")
-    write_json(RESULTS / f"{args.out}.json", {
+    write_json(args.out, {
         "command": f"python experiments/device_latency.py --space {args.space} --dataset {args.dataset} "
                    f"--samples {args.samples} --threads {' '.join(map(str, args.threads))}",
         "devices": devices, "probe_overhead": overhead, "two_devices": both})

@@ -156,7 +156,7 @@ def write(rows: list[dict], args: argparse.Namespace, samplers: list[str], table
                     seeds=("seed", "count"))
                .reset_index().sort_values(["budget", "mean_ratio"], ascending=[True, False]))
     df.to_csv(RESULTS / f"{args.out}.csv", index=False)
-    write_json(RESULTS / f"{args.out}.json", {
+    write_json(args.out, {
         "command": "python experiments/nasbench201.py " + " ".join(
             ["--seeds", str(args.seeds), "--budgets", *map(str, args.budgets), "--samplers", *samplers]),
         "table": {"dataset": "cifar10", "cells": len(table.ids), "true_front": table.front_size,
