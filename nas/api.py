@@ -128,12 +128,10 @@ def run_search(args: argparse.Namespace) -> Any:
         check_local_gpus(args.gpus_per_trial)
     probe_token_file = ""
     if args.latency_on:
-        from nas.probe import ProbeClient, read_token
+        from nas.probe import connect
 
-        if not args.probe_token_file:
-            raise NasError("--latency-on needs --probe-token-file (the token file the probe was started with)")
+        connect(args.latency_on, args.probe_token_file, retries=1, backoff_s=1.0).device()  # answers now, or one line
         probe_token_file = str(Path(args.probe_token_file).resolve())
-        ProbeClient(args.latency_on, read_token(probe_token_file), retries=1, backoff_s=1.0).device()  # answers now, or one line
     elif args.probe_token_file:
         raise NasError("--probe-token-file is for --latency-on URL (a probe on the target device)")
     latency_model = ""

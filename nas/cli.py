@@ -194,11 +194,9 @@ def cmd_probe_profile(args: argparse.Namespace) -> int:
     timer: Any = None
     device = None
     if args.latency_on:
-        from nas.probe import ProbeClient, read_token
+        from nas.probe import connect
 
-        if not args.probe_token_file:
-            raise NasError("--latency-on needs --probe-token-file (the token file the probe was started with)")
-        client = ProbeClient(args.latency_on, read_token(args.probe_token_file))
+        client = connect(args.latency_on, args.probe_token_file)
         device = {**client.device(), "latency_device": client.url}
 
         def on_probe(path: Path) -> float:

@@ -45,6 +45,7 @@ FEATURES = tuple(
 # 30% (additive); Spearman 0.91-0.92. Re-timing the same graphs puts 96% within 10%: the models,
 # not the measurements, miss (issue 28's target is 90%)
 METHOD = "trees"
+METHODS = ("additive", "additive+trees", "trees")
 
 
 def _shape(vi: Any) -> list[int] | None:
@@ -117,8 +118,8 @@ class LatencyModel:
     misses: fusions, cache effects). ``trees``: gradient-boosted trees alone, on log latency."""
 
     def __init__(self, samples: Sequence[tuple[dict[str, float], float]], method: str = METHOD, seed: int = 0) -> None:
-        if method not in ("additive", "additive+trees", "trees"):
-            raise ConfigError(f"latency model: method {method!r} (allowed: additive, additive+trees, trees)")
+        if method not in METHODS:
+            raise ConfigError(f"latency model: method {method!r} (allowed: {', '.join(METHODS)})")
         if len(samples) < MIN_SAMPLES:
             raise ConfigError(f"latency model: {len(samples)} samples; at least {MIN_SAMPLES} are needed")
         self.method = method
@@ -197,8 +198,8 @@ def read_profile(path: str | Path) -> dict[str, Any]:
                               f"{', '.join(FEATURES[:3])}... ({'unknown: ' + sorted(unknown)[0] if unknown else 'bad value'})")
         out.append((feats, float(s["latency_ms"])))
     method = raw.get("method", METHOD)
-    if method not in ("additive", "additive+trees", "trees"):
-        raise ConfigError(f"{where}: method {method!r} (allowed: additive, additive+trees, trees)")
+    if method not in METHODS:
+        raise ConfigError(f"{where}: method {method!r} (allowed: {', '.join(METHODS)})")
     return {"device": device, "samples": out, "method": method}
 
 

@@ -228,7 +228,7 @@ _PROBES: dict[tuple[str, str], Any] = {}
 
 def _timed_on_probe(path: Path, task: Task, inputs: torch.Tensor | None) -> dict[str, Any]:
     from nas.errors import NasError
-    from nas.probe import ProbeClient, read_token
+    from nas.probe import ProbeClient, connect
 
     if inputs is not None:
         raise TrialFailure("input-dependent latency (early exits) is timed on this host only; --latency-on "
@@ -236,7 +236,7 @@ def _timed_on_probe(path: Path, task: Task, inputs: torch.Tensor | None) -> dict
     key = (task.latency_on, task.probe_token_file)
     try:
         if key not in _PROBES:
-            _PROBES[key] = ProbeClient(task.latency_on, read_token(task.probe_token_file))
+            _PROBES[key] = connect(task.latency_on, task.probe_token_file)
         answer = _PROBES[key].time(path)  # retried with backoff while the probe is down, then one line
         lat, dev = answer["latency"], answer["device"]
         median, iqr, floor = (float(lat[k]) for k in ("median_ms", "iqr_ms", "floor_ms"))

@@ -22,7 +22,7 @@ request names no path and runs nothing but the model in ONNX Runtime; at most
 :data:`MAX_CLIENTS` requests are handled at once (others get 503), one timing at a time.
 
 Written on the standard library's ``http.server`` rather than a web framework: the target
-should need nothing beyond ONNX Runtime, and the server answers three requests.
+should need nothing beyond ONNX Runtime, and the server answers two requests.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import hmac
 import json
+import math
 import os
 import platform
 import re
@@ -47,7 +48,7 @@ from typing import Any
 
 from nas.errors import BundleError, NasError
 
-__all__ = ["ProbeServer", "ProbeClient", "ProbeError", "read_token", "device_identity", "serve", "PROTOCOL"]
+__all__ = ["ProbeServer", "ProbeClient", "ProbeError", "connect", "read_token", "device_identity", "serve", "PROTOCOL"]
 
 PROTOCOL = 1
 MAX_BODY_BYTES = 64 * 1024 * 1024  # an int8 model of 60M parameters; ours are KB to MB
@@ -93,6 +94,14 @@ def _token_ok(token: str) -> bool:
     return len(token) >= MIN_TOKEN_CHARS and all(33 <= ord(c) <= 126 for c in token)
 
 
+def connect(url: str, token_file: str | None, **kwargs: Any) -> ProbeClient:
+    """The client of the probe at ``url`` with the token in ``token_file`` (``--latency-on`` and
+    ``--probe-token-file``; the token file is required)."""
+    if not token_file:
+        raise ProbeError("--latency-on needs --probe-token-file (the token file the probe was started with)")
+    return ProbeClient(url, read_token(token_file), **kwargs)
+
+
 def device_identity(threads: int) -> dict[str, Any]:
     """What a latency figure depends on besides the model (stored with every timing)."""
     import onnxruntime
@@ -120,7 +129,7 @@ def input_shape(sess: Any) -> tuple[int, ...]:
             shape.append(1)
         else:
             raise BundleError(f"the model's input dimension {i} is {d!r}; only the first (batch) may be free")
-    if not shape or int(__import__("math").prod(shape)) > 64 * 1024 * 1024:
+    if not shape or math.prod(shape) > 64 * 1024 * 1024:
         raise BundleError(f"the model's input shape {shape} is not timeable")
     return tuple(shape)
 
