@@ -113,6 +113,9 @@ def run_search(args: argparse.Namespace) -> Any:
     if args.gpus_per_trial and args.backend != "ray":
         raise NasError("--gpus-per-trial is for --backend ray (Tune's GPU resources); the optuna backend trains "
                        "on --device")
+    if args.siblings and (args.backend != "optuna" or args.strategy != "scratch"):
+        raise NasError("--siblings works with the optuna backend and --strategy scratch (a sibling reuses the "
+                       "weights its parent trained in the same process)")
     if args.backend == "ray":
         import importlib.util
 
@@ -200,6 +203,7 @@ def run_search(args: argparse.Namespace) -> Any:
         latency_on=args.latency_on or "",
         probe_token_file=probe_token_file,
         latency_model=latency_model,
+        siblings=args.siblings,
     )
     from rich.console import Console
 

@@ -162,8 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "stop it there like at any rung (default 1/8 for 20,000+ training samples, else 0 = off)")
     s.add_argument("--finalists", type=_count, default=None, metavar="K",
                    help="after the search, retrain the K front members nearest the knee with --finalist-epochs and "
-                        "record them as trials (default 5 for 20,000+ training samples, else 0; --timeout keeps "
-                        "their estimated time)")
+                        "record them as trials (default 0: off; --timeout keeps their estimated time)")
+    s.add_argument("--siblings", type=_count, default=0, metavar="K",
+                   help="after each trial trains, run K other settings of the space's compression genes on its "
+                        "trained weights as trials of their own (no training: compression, fine-tuning, scoring; "
+                        "optuna backend; default 0: off)")
     s.add_argument("--finalist-epochs", type=_epochs, default=None, metavar="E",
                    help="epochs a finalist trains (default 3x the space's longest recipe, or 3x --epochs)")
     s.add_argument("--strategy", choices=("scratch", "supernet"), default="scratch",

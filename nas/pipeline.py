@@ -12,8 +12,10 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
+import threading
 import tempfile
 import time
 from collections.abc import Callable
@@ -282,6 +284,8 @@ class _Trial:
     calibration: torch.Tensor
     timings: dict[str, float] = field(default_factory=dict)
     inherit: Callable | None = None  # (arch, data) -> a network with inherited weights (nas.strategy)
+    number: int | None = None  # the study's trial number, where there is one
+    trained_by: int | None = None  # the trial whose trained weights this one reused (siblings)
 
 
 def preview_model(candidate: Candidate, data: Dataset, seed: int, example: torch.Tensor) -> tuple[nn.Module, bytes]:
@@ -320,6 +324,33 @@ def _preflight(t: _Trial) -> dict[str, Any]:
     return costs
 
 
+# Trained weights by what determines them (nas.siblings): a trial whose architecture, recipe and
+# training-time genes equal an earlier trial's in this process starts from that trial's trained
+# weights instead of training again. Training is seeded, so this is a cache: it changes the
+# cost, not the result. Kept in memory (a few small models; nothing is written or read back).
+TRAINED_CACHE_SIZE = 4
+_TRAINED: collections.OrderedDict[str, tuple[dict[str, torch.Tensor], TrainStats, int | None]] = collections.OrderedDict()
+_TRAINED_LOCK = threading.Lock()
+
+
+def training_key(cand: Candidate, task: Task, recipe: Recipe) -> str:
+    """What the trained weights of ``cand`` depend on: the trained architecture, the recipe,
+    the genes of every active method that acts during training (a loss, a penalty, added
+    modules, a changed architecture), the data and seed, and where it trains. Post-training
+    genes (pruning, quantization, clustering, Huffman coding...) are left out: candidates that
+    differ only in them train the same weights."""
+    from nas.compress.passes import active_methods
+    from nas.compress.registry import Method
+
+    during = []
+    for m in active_methods(cand.compression):
+        cls = type(m)  # (a training loss is not built here: distillation's trains its teachers)
+        if (cls.loss is not Method.loss or m.penalty(cand.compression) is not None
+                or cls.extend is not Method.extend or cls.build_arch is not Method.build_arch):
+            during.append((m.name, repr(cand.compression[m.config])))
+    return repr((trained_arch(cand), recipe, sorted(during), task.dataset, task.seed, task.device, task.amp))
+
+
 def screen_indices(n: int, fraction: float, seed: int) -> torch.Tensor:
     """The fixed subset every trial of a study is screened on (seeded: the same for all)."""
     g = torch.Generator().manual_seed(10_007 + seed)
@@ -345,6 +376,17 @@ def _train(t: _Trial, costs: dict[str, Any], at_rung: Callable | None,
         raise TrialFailure(f"over the memory limit: training needs ~{mem:.0f} MB > max {t.task.max_memory_mb:.0f} MB")
     recipe = t.candidate.recipe if t.task.epochs is None else dataclasses.replace(t.candidate.recipe, epochs=t.task.epochs)
     loss_fn, penalty = training_terms(t.candidate.compression, t.task, t.data)
+    key = training_key(t.candidate, t.task, recipe) if t.task.siblings else None
+    with _TRAINED_LOCK:
+        hit = _TRAINED.get(key) if key is not None else None
+        if hit is not None:
+            _TRAINED.move_to_end(key)
+    if hit is not None:  # the same training as an earlier trial's (a sibling): its weights, no screen, no rungs
+        state, stats, number = hit
+        model.load_state_dict(state)
+        t.timings.update(cached_train_s=stats.seconds)
+        t.trained_by = number
+        return model, stats, loss_fn
     rule = t.task.rung_rule()
     rungs = set(rule.rungs(recipe.epochs)) if rule is not None and at_rung is not None else set()
     decided_off = getattr(at_rung, "decided_off", None)
@@ -374,6 +416,11 @@ def _train(t: _Trial, costs: dict[str, Any], at_rung: Callable | None,
 
     stats = train(model, t.data.x_train, t.data.y_train, recipe, t.task.seed, loss_fn=loss_fn, penalty=penalty,
                   on_epoch=on_epoch if rungs or progress is not None else None)
+    if key is not None:
+        with _TRAINED_LOCK:
+            _TRAINED[key] = ({k: v.detach().clone() for k, v in model.state_dict().items()}, stats, t.number)
+            while len(_TRAINED) > TRAINED_CACHE_SIZE:
+                _TRAINED.popitem(last=False)
     return model, stats, loss_fn
 
 
@@ -424,7 +471,8 @@ def _result(t: _Trial, costs: dict[str, Any], scores: dict[str, Any], stats: Any
         r = t.task.reward
         objectives["reward"] = mnasnet_reward(acc, objectives[r.on], r.target, r.form)
     metrics = {**costs, **{k: v for k, v in scores.items() if not k.startswith("deployed_")}, "val_accuracy": acc, "epochs": stats.epochs, "final_loss": stats.final_loss,
-               **t.timings, **({"reward": objectives["reward"]} if "reward" in objectives else {})}
+               **t.timings, **({"reward": objectives["reward"]} if "reward" in objectives else {}),
+               **({"trained_by": t.trained_by} if t.trained_by is not None else {})}
     return TrialResult(objectives, metrics, str(out) if out else None)
 
 
@@ -436,6 +484,7 @@ def evaluate(
     at_rung: Callable[[int, float, dict[str, Any]], None] | None = None,
     progress: Callable[[str], None] | None = None,
     inherit: Callable | None = None,
+    number: int | None = None,
 ) -> TrialResult:
     """Pre-flight costs, constraints, training, compression, accuracy of the shipped artifact.
     ``inherit(arch, data)``: weights from a supernet instead of training (``--strategy supernet``).
@@ -443,7 +492,9 @@ def evaluate(
     ``at_rung(epoch, val_accuracy, costs)`` is called at the early-stopping rungs of
     ``task.early_stop`` and may raise :class:`~nas.early_stop.EarlyStopped` (rung 0: the
     data-fraction screen, ``task.screen``; skipped where ``at_rung.decided_off(0)`` says so). ``progress(text)`` hears where training is
-    ("epoch 3/12", "screen 2/12"), for live displays.
+    ("epoch 3/12", "screen 2/12"), for live displays. With ``task.siblings``, trained weights are
+    kept by :func:`training_key` and reused by a later candidate that trains the same (``number``,
+    the study's trial number, is recorded as its ``trained_by``).
     Raises :class:`ConstraintViolation` (reject without training) or :class:`TrialFailure`.
     """
     clock = time.perf_counter
@@ -454,7 +505,7 @@ def evaluate(
     _check_shapes(candidate.arch, data, candidate.recipe)
     _check_downsampling(candidate.arch)
     t = _Trial(candidate, task, data, torch.zeros(1, data.in_channels, *data.input_size),
-               data.x_train[:CALIBRATION_SAMPLES], inherit=inherit)
+               data.x_train[:CALIBRATION_SAMPLES], inherit=inherit, number=number)
     out = Path(task.artifacts_dir) / trial_id if task.artifacts_dir and trial_id is not None else None
     with on_device(task.device, task.amp):  # where everything of this trial that trains runs (nas.device)
         return _run(t, candidate, task, out, at_rung, progress, t0)

@@ -77,6 +77,9 @@ class Task:
     # --latency-model: latency predicted from each deployable graph by a model of the device
     # fitted on its profile (nas.latency_model); recorded with latency_source: predicted
     latency_model: str = ""
+    # --siblings K: after each trial trains, K other compressions of the same trained weights
+    # are enqueued as trials of their own (nas.siblings); not fixed: it changes costs, not results
+    siblings: int = 0
 
     def __post_init__(self) -> None:
         # the parts may be given as their records (dicts: JSON, YAML configs, the API)

@@ -29,9 +29,12 @@ def counts_toward_total(trial: Any) -> bool:
     """Completed and pruned trials count, and failed ones with a recorded reason; not a trial
     whose worker died (``killed``) or was interrupted by Ctrl-C (``interrupted``), nor one
     failed without a reason (its process stopped before recording one): those are retried.
-    Finalists never count: they retrain trials after the search."""
+    Finalists and siblings never count: they retrain trials after the search, or compress the
+    weights a trial trained (nas.siblings)."""
     state = getattr(trial.state, "name", str(trial.state))
     if trial.user_attrs.get("finalist_of") is not None:  # retrains a trial after the search (nas.finalists)
+        return False
+    if trial.user_attrs.get("sibling_of") is not None:
         return False
     if state in ("COMPLETE", "PRUNED"):
         return True

@@ -47,8 +47,20 @@ def test_graph_features_count_each_convolution_kind(tmp_path):
     assert set(f) == set(FEATURES)
 
 
+def test_runtime_features_attribute_each_convolution_to_the_kernel_onnx_runtime_runs(tmp_path):
+    """The graph after ONNX Runtime's own optimizations: every convolution runs as one kernel
+    (fused or not), and all of its work is attributed to that kernel's class."""
+    f = graph_features(_conv_graph(tmp_path / "m.onnx"))
+    kernels = ("conv_nchwc", "conv_fused", "conv_plain", "qconv")
+    assert sum(f[f"rt_nodes_{k}"] for k in kernels) == 3
+    for kind in ("dense", "depthwise", "pointwise"):
+        assert sum(f[f"rt_{k}_{kind}_macs"] for k in kernels) == f[f"fp32_{kind}_macs"]
+        assert sum(f[f"rt_{k}_{kind}_n"] for k in kernels) == 1
+    assert f["rt_nodes_qconv"] == 0
+
+
 def _profile(path: Path, samples: list, **extra) -> Path:
-    path.write_text(json.dumps({"version": 1, "device": {"latency_cpu": "x", "latency_cores": 2}, "samples": samples,
+    path.write_text(json.dumps({"version": 2, "device": {"latency_cpu": "x", "latency_cores": 2}, "samples": samples,
                                 **extra}))
     return path
 
@@ -73,13 +85,13 @@ def test_additive_model_recovers_a_linear_device(tmp_path):
 
 @pytest.mark.parametrize("content,needle", [
     ("not json", "not a JSON device profile"),
-    ('{"version": 2, "device": {}, "samples": []}', "version 1"),
-    ('{"version": 1, "device": {"a": [1]}, "samples": []}', "'device' must map names"),
-    ('{"version": 1, "device": {}, "samples": {}}', "'samples' must be a list"),
-    ('{"version": 1, "device": {}, "samples": [{"features": {}, "latency_ms": -1}]}', "a number > 0"),
-    ('{"version": 1, "device": {}, "samples": [{"features": {"evil": 1}, "latency_ms": 1}]}', "unknown: evil"),
-    ('{"version": 1, "device": {}, "samples": [{"features": {"nodes": NaN}, "latency_ms": 1}]}', "bad value"),
-    ('{"version": 1, "device": {}, "samples": [{"features": {}, "latency_ms": 1}], "method": "pickle"}', "method"),
+    ('{"version": 1, "device": {}, "samples": []}', "version 2"),
+    ('{"version": 2, "device": {"a": [1]}, "samples": []}', "'device' must map names"),
+    ('{"version": 2, "device": {}, "samples": {}}', "'samples' must be a list"),
+    ('{"version": 2, "device": {}, "samples": [{"features": {}, "latency_ms": -1}]}', "a number > 0"),
+    ('{"version": 2, "device": {}, "samples": [{"features": {"evil": 1}, "latency_ms": 1}]}', "unknown: evil"),
+    ('{"version": 2, "device": {}, "samples": [{"features": {"nodes": NaN}, "latency_ms": 1}]}', "bad value"),
+    ('{"version": 2, "device": {}, "samples": [{"features": {}, "latency_ms": 1}], "method": "pickle"}', "method"),
 ])
 def test_malformed_profiles_are_one_line(tmp_path, content, needle):
     (tmp_path / "d.json").write_text(content)
@@ -99,7 +111,7 @@ def test_too_few_samples_and_a_huge_file_are_refused(tmp_path, monkeypatch):
 
 
 def test_search_refuses_a_bad_profile_before_storing_anything(tmp_path, capsys):
-    (tmp_path / "d.json").write_text('{"version": 1}')
+    (tmp_path / "d.json").write_text('{"version": 2}')
     db = tmp_path / "s.db"
     code = main(["search", "--trials", "2", "--epochs", "1", "--storage", f"sqlite:///{db}", "--quiet",
                  "--latency-model", str(tmp_path / "d.json"), "--artifacts", str(tmp_path / "art")])

@@ -22,6 +22,7 @@ from nas.config import Candidate
 from nas.early_stop import EarlyStopped
 from nas.errors import ConfigError
 from nas.finalists import FINALIST_EPOCHS, finalist_candidate
+from nas.siblings import enqueue_siblings, is_sibling
 from nas.objectives import directions as objective_directions
 from nas.pipeline import Task, artifact_name, evaluate, get_dataset, reference_floor
 from nas.space import Space
@@ -153,7 +154,7 @@ def _evaluate_trial(trial: optuna.Trial, space: Space, task: Task,
         cand, task = finalist_candidate(cand, final), dataclasses.replace(task, epochs=int(final))
         trial.set_user_attr("candidate", cand.to_dict())
     try:
-        result = evaluate(cand, task, trial_id=artifact_name(trial.number),
+        result = evaluate(cand, task, trial_id=artifact_name(trial.number), number=trial.number,
                           at_rung=None if final or task.strategy == "supernet" else rung_hook(trial, task),
                           progress=progress, inherit=_inheritor(space, task) if task.strategy == "supernet" and not final
                           else None)
@@ -168,6 +169,10 @@ def _evaluate_trial(trial: optuna.Trial, space: Space, task: Task,
         trial.set_user_attr(k, v)
     if result.artifact_dir:
         trial.set_user_attr("artifact_dir", result.artifact_dir)
+    if task.siblings and not final and task.strategy == "scratch" and not is_sibling(trial):
+        data = get_dataset(task.dataset, task.seed)
+        enqueue_siblings(trial.study, trial, space, {"in_channels": data.in_channels, "input_size": data.input_size,
+                                                     "num_classes": data.num_classes}, task.siblings, task.seed)
     return tuple(result.objectives[o] for o in task.objectives)
 
 
@@ -315,6 +320,10 @@ class _StartLock:
                 fh.close()
 
 
+def _siblings_waiting(study: optuna.Study) -> bool:
+    return any(is_sibling(t) for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
+
+
 def run_optuna(
     space: Space,
     task: Task,
@@ -374,8 +383,8 @@ def run_optuna(
                 if left is not None and started and time.monotonic() - started_at >= left:
                     break  # (the first trial of a run always starts)
                 recover_dead_trials(study)  # a peer that died meanwhile: its trial is failed, its retry queued
-                if committed_count(study) >= n_trials:
-                    break
+                if committed_count(study) >= n_trials and not _siblings_waiting(study):
+                    break  # (siblings queued by the last trials still run: they do not count, and train nothing)
                 study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=callbacks,
                                gc_after_trial=False)
                 if study._stop_flag:  # a callback called study.stop()
