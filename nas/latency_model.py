@@ -18,6 +18,7 @@ refitted from its samples each time it is loaded, in well under a second.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Sequence
@@ -63,6 +64,7 @@ def _shape(vi: Any) -> list[int] | None:
     return out if dims else None
 
 
+@functools.lru_cache(maxsize=1)
 def nchwc_block() -> int:
     """Channels per block of ONNX Runtime's NCHWc kernels on this CPU (MLAS: 16 with AVX-512, else 8)."""
     try:
