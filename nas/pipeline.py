@@ -459,7 +459,10 @@ def _result(t: _Trial, costs: dict[str, Any], scores: dict[str, Any], stats: Any
     # seconds (a 2x slowdown was seen): the faster of the two is the better estimate.
     # A graph whose latency depends on its input is only ever timed right after training: the
     # pre-flight timed it untrained, running to full depth.
-    if scores["deployed_latency_ms"] < costs["latency_ms"] or dynamic_latency(t.candidate.compression):
+    # A predicted figure (--latency-model) has no timing noise: the shipped graph's prediction
+    # is the figure, whatever the untrained pre-flight graph predicted.
+    predicted = scores.get("deployed_latency_source") == "predicted"
+    if predicted or scores["deployed_latency_ms"] < costs["latency_ms"] or dynamic_latency(t.candidate.compression):
         costs.pop("latency_p95_ms", None)
         costs.update({k.removeprefix("deployed_"): v for k, v in scores.items() if k.startswith("deployed_")})
     reason = check_constraints(costs, t.task.constraints)

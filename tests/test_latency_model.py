@@ -138,11 +138,11 @@ def test_profile_then_search_offline_with_predicted_latency(tmp_path, capsys):
     model, _ = load_latency_model(dev)
     for t in done:
         assert t.user_attrs["latency_source"] == "predicted" and t.user_attrs["latency_device"] == "model device.json"
-        # the objective is the pre-flight graph's prediction; the shipped graph (trained weights)
-        # is the same architecture, predicted alike
+        # the objective is the shipped graph's prediction (a prediction has no noise to take
+        # the faster of two timings against), whatever the untrained pre-flight graph predicted
         shipped = Path(t.user_attrs["artifact_dir"]) / "model.onnx"
         assert t.values[1] == t.user_attrs["latency_ms"] > 0
-        assert t.values[1] == pytest.approx(model.predict(graph_features(shipped)), rel=0.25)
+        assert t.values[1] == pytest.approx(model.predict(graph_features(shipped)), rel=1e-9)
     capsys.readouterr()
     assert main(["probe", "profile", "--samples", "24", "-o", str(tmp_path)]) == 2
     assert "is a folder" in capsys.readouterr().err
