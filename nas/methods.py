@@ -226,6 +226,9 @@ class PruneConfig(MethodConfig):
                               matters=_pruning, doc="fraction of channels removed")
     prune_rounds: int = gene(1, _within(1), needs=("prune",), matters=_pruning,
                              doc="iterative prune -> fine-tune rounds")
+    prune_multiple: int = gene(1, _within(1), needs=("prune",), matters=_pruning,
+                               doc="channels a group keeps are rounded to a multiple of this (8: the channel block "
+                                   "of ONNX Runtime's NCHWc convolutions on AVX2, 16 on AVX-512); 1 = no rounding")
     slimming_l1: float = gene(0.0, _within(0), needs=("prune",), matters=lambda g: g.get("prune") == "bn",
                               doc="L1 penalty on BatchNorm gamma while training")
     stage_prune_ratios: tuple[float, ...] = ()
