@@ -162,7 +162,8 @@ def compare(study_name: str, storage: str, out_name: str, passes: int = 10, augm
             "baselines": {k: {kk: v[kk] for kk in ("val_accuracy", "test_accuracy", "size_bytes", "latency_ms", "augment")}
                           for k, v in baselines.items()},
             "ratios": cmp["ratios"],
-            "acceptance_vs_better_two_conv": {"baseline": two["name"], "passes": passes, "members": wins,
+            "acceptance_vs_better_two_conv": {"baseline": two["name"], "better_over_augments": list(augments),
+                                              "passes": passes, "members": wins,
                                               "accurate_and_10x_smaller": near, "met": bool(wins)},
             "front": [{k: (float(r[k]) if k not in ("trial", "arch", "compression") else r[k]) for k in
                        ("trial", "accuracy", "test_accuracy", "latency_ms", "size_bytes", "arch", "compression")}

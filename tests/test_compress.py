@@ -131,6 +131,15 @@ def test_pruned_widths_round_to_the_runtime_channel_multiple():
     assert set(target_widths(ARCH, [0.95], multiple=8).values()) == {8}
     narrow = ArchConfig(1, 10, (8, 8), "2d", 4, (BlockConfig("conv", 6, 3, 1, stage=0),))
     assert target_widths(narrow, [0.5], multiple=8) == target_widths(narrow, [0.5]) == {"i0": 2, "i1": 3}
+    # nothing pruned, nothing narrowed: a width that is not a multiple is kept whole at ratio 0, and
+    # each kept width is the nearest of the multiples and the width itself
+    odd = ArchConfig(1, 10, (8, 8), "2d", 18, (BlockConfig("conv", 50, 3, 1, stage=0), BlockConfig("conv", 12, 3, 1, stage=1)))
+    assert target_widths(odd, [0.0, 0.0], multiple=8) == {"i0": 18, "i1": 50, "i2": 12}
+    assert target_widths(odd, [0.0, 0.1], multiple=8)["i2"] == 12  # 10.8: nearer 12 than 8
+    assert target_widths(odd, [0.25, 0.0], multiple=8) == {"i0": 16, "i1": 40, "i2": 12}  # 13.5 -> 16, 37.5 -> 40
+    # iterative rounds narrow monotonically to the one-shot widths
+    rounds = [target_widths(ARCH, [0.375], fraction=j / 3, multiple=8) for j in (1, 2, 3)]
+    assert all(rounds[i][g] >= rounds[i + 1][g] for i in range(2) for g in m8) and rounds[-1] == m8
     # the gene reaches the arch a candidate is built with (known before training)
     arch = structural_arch(Candidate(ARCH, CompressionConfig(prune="l1", prune_ratio=0.375, prune_multiple=8), RECIPE))
     widths = [arch.stem_channels] + [w for b in arch.blocks for w in (b.out_channels, b.hidden) if w]

@@ -84,12 +84,15 @@ def channel_groups(arch: ArchConfig) -> tuple[_UnionFind, dict[str, tuple[int, i
 
 
 def _kept(width: int, keep: float, multiple: int) -> int:
-    """``keep`` channels of ``width`` rounded to the nearest multiple of ``multiple`` (half up),
-    at least one multiple and at most ``width``; a group narrower than one multiple keeps
-    the plain rounding."""
+    """``keep`` channels of ``width`` rounded to the nearest of the multiples of ``multiple``
+    up to ``width`` and ``width`` itself (ties to the wider): a group is never widened, never
+    narrowed where nothing is pruned (ratio 0 keeps a width that is not a multiple), and one
+    narrower than a multiple keeps the plain rounding."""
+    multiple = int(multiple)
     if multiple <= 1 or width < multiple:
         return max(1, int(round(keep)))
-    return min(width, max(multiple, int(keep / multiple + 0.5) * multiple))
+    allowed = [*range(multiple, width + 1, multiple), width]
+    return min(allowed, key=lambda w: (abs(w - keep), -w))
 
 
 def target_widths(arch: ArchConfig, ratios: Sequence[float], fraction: float = 1.0,
@@ -98,10 +101,11 @@ def target_widths(arch: ArchConfig, ratios: Sequence[float], fraction: float = 1
 
     ``ratios`` holds one prune ratio per stage; ``fraction`` < 1 gives the intermediate
     widths of iterative pruning (round j of R uses j/R). ``multiple`` > 1 rounds each kept
-    width to a multiple of it instead: a runtime whose convolutions work on blocks of channels
-    (ONNX Runtime's NCHWc: 8 on AVX2, 16 on AVX-512) pads a width off the block and runs
-    reorders around it, so 21 of 24 channels ran slower than all 24 (fm6: 0.10-0.21 ms pruned
-    against 0.037 ms whole)."""
+    width to a multiple of it instead (see :func:`_kept`): ONNX Runtime's blocked (NCHWc)
+    convolutions take channel counts that are multiples of 4 (padded to its 8- or 16-channel
+    block); any other count falls back to plain NCHW kernels with reorders around them, and a
+    pruned member ran slower than the unpruned one (fm6: 0.10-0.21 ms pruned against 0.037 ms
+    whole; ``experiments/prune_alignment.py``)."""
     uf, info = channel_groups(arch)
     out: dict[str, int] = {}
     for g, (width, stage) in info.items():
