@@ -40,6 +40,12 @@ def member(stem: int, w1: int, w2: int, w3: int, hidden: int | None = None) -> A
         BlockConfig("conv", w3, 3, 2, 1, 2), BlockConfig("conv", w3, 3, 1, 1, 2)))
 
 
+def dsconv_after(w: int) -> ArchConfig:
+    """A depthwise-separable block whose depthwise layer runs on a conv's ``w`` output channels."""
+    return ArchConfig(input_size=(28, 28), stem_channels=16, blocks=(
+        BlockConfig("conv", w, 5, 2, 1, 0), BlockConfig("dsconv", 64, 3, 2, 1, 1), BlockConfig("conv", 64, 3, 2, 1, 2)))
+
+
 def pruned(ratio: float, multiple: int) -> ArchConfig:
     full = member(16, 32, 24, 64)
     w = target_widths(full, [ratio], multiple=multiple)
@@ -64,6 +70,7 @@ def main() -> None:
         "depthwise 46": member(16, 32, 24, 64, 46), "depthwise 48": member(16, 32, 24, 64, 48),
         "stem 14": member(14, 32, 24, 64), "conv 30": member(16, 30, 24, 64), "conv 50 x2": member(16, 32, 24, 50),
         **{f"prune {r:g}, multiple {m}": pruned(r, m) for r in (0.125, 0.25, 0.375) for m in (1, 4)},
+        **{f"dsconv on {w}": dsconv_after(w) for w in (24, 21, 20, 18, 16)},
     }
     tmp = Path(tempfile.mkdtemp(prefix="nas-align-"))
     paths = {}
@@ -74,7 +81,7 @@ def main() -> None:
     for _ in range(args.passes):
         for name, path in paths.items():
             times[name].append(onnx_latency(path, SHAPE, threads=1).median_ms)
-    rows = {name: {"widths": widths(variants[name]) if name in variants else None,
+    rows = {name: {"widths": widths(variants[name]) if name in variants and not name.startswith("dsconv") else None,
                    "median_ms": statistics.median(t), "min_ms": min(t), "passes_ms": t} for name, t in times.items()}
     for name, r in rows.items():
         print(f"{name:26s} {r['widths'] or '':20s} {r['median_ms']:.4f} ms (min {r['min_ms']:.4f})")
