@@ -203,7 +203,9 @@ def run_search(args: argparse.Namespace) -> Any:
         latency_on=args.latency_on or "",
         probe_token_file=probe_token_file,
         latency_model=latency_model,
-        siblings=args.siblings,
+        # the space's default only where siblings can run (an explicit --siblings elsewhere is refused above)
+        siblings=args.siblings if args.siblings is not None else
+        (space.siblings if args.backend == "optuna" and args.strategy == "scratch" else 0),
     )
     from rich.console import Console
 

@@ -163,10 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--finalists", type=_count, default=None, metavar="K",
                    help="after the search, retrain the K front members nearest the knee with --finalist-epochs and "
                         "record them as trials (default 0: off; --timeout keeps their estimated time)")
-    s.add_argument("--siblings", type=_count, default=0, metavar="K",
+    s.add_argument("--siblings", type=_count, default=None, metavar="K",
                    help="after each trial trains, run K other settings of the space's compression genes on its "
                         "trained weights as trials of their own (no training: compression, fine-tuning, scoring; "
-                        "optuna backend; default 0: off)")
+                        "optuna backend, scratch strategy; default: the space's `siblings`, 2 for default28, "
+                        "else 0 = off)")
     s.add_argument("--finalist-epochs", type=_epochs, default=None, metavar="E",
                    help="epochs a finalist trains (default 3x the space's longest recipe, or 3x --epochs)")
     s.add_argument("--strategy", choices=("scratch", "supernet"), default="scratch",

@@ -226,6 +226,10 @@ class PruneConfig(MethodConfig):
                               matters=_pruning, doc="fraction of channels removed")
     prune_rounds: int = gene(1, _within(1), needs=("prune",), matters=_pruning,
                              doc="iterative prune -> fine-tune rounds")
+    prune_multiple: int = gene(1, _within(1), needs=("prune",), matters=_pruning,
+                               doc="channels a group keeps are rounded to a multiple of this (4: ONNX Runtime's "
+                                   "blocked NCHWc convolutions take multiples of 4; others fall back to NCHW with "
+                                   "reorders); 1 = no rounding")
     slimming_l1: float = gene(0.0, _within(0), needs=("prune",), matters=lambda g: g.get("prune") == "bn",
                               doc="L1 penalty on BatchNorm gamma while training")
     stage_prune_ratios: tuple[float, ...] = ()
@@ -235,7 +239,8 @@ class PruneConfig(MethodConfig):
 
     def summary(self, cfg: CompressionConfig) -> str | None:
         ratio = "/".join(f"{r:g}" for r in self.stage_prune_ratios) or f"{self.prune_ratio:g}"
-        return f"prune {self.prune} {ratio}" + (f" x{self.prune_rounds}" if self.prune_rounds > 1 else "")
+        return (f"prune {self.prune} {ratio}" + (f" x{self.prune_rounds}" if self.prune_rounds > 1 else "")
+                + (f" m{self.prune_multiple}" if self.prune_multiple > 1 else ""))
 
 
 @register_config

@@ -296,10 +296,13 @@ def preview_model(candidate: Candidate, data: Dataset, seed: int, example: torch
         preview = compress(trained_model(candidate), candidate, data, seed, finetune=False)
         with torch.no_grad():
             # untrained BatchNorms fold into bias-free convolutions, which the exporter's
-            # optimizer drops; a trained model's never are: give the preview the same graph
+            # optimizer drops; a trained model's never are: give the preview the same graph.
+            # The biases must also differ from each other: equal folded biases are stored once
+            # and read through Identity nodes, behind which the int8 quantizer no longer sees
+            # a constant and left convolutions in float (the preview timed a graph that never ships)
             for bn in preview.modules():
                 if isinstance(bn, nn.BatchNorm2d):
-                    bn.bias.fill_(1e-3)
+                    bn.bias.copy_(1e-3 * (1 + torch.rand_like(bn.bias)))
             preview.eval()(example)
         blob = pack_model(preview, candidate.compression)
         return load_packed(candidate, blob), blob  # time exactly the structure that will ship

@@ -44,7 +44,7 @@ _HERE = Path(__file__).resolve().parent
 SPACES_DIR = _HERE / "search_spaces" if (_HERE / "search_spaces").is_dir() else _HERE.parent / "search_spaces"
 
 _TOP_KEYS = {"name", "spatial", "stem_channels", "stem_kernel", "stem_stride", "head", "dropout", "stages", "recipe",
-             "compression", "early_stop", "input_size"}
+             "compression", "early_stop", "input_size", "siblings"}
 _STAGE_KEYS = {"block", "depth", "width", "kernel", "stride", "expansion"}
 _HEADS = ("gap", "flatten")
 
@@ -105,6 +105,9 @@ class Space:
     # whether rung accuracy predicts final accuracy well enough here to stop trials early
     # (experiments/rung_correlation.py measures it per bundled space)
     early_stop: bool = dataclasses.field(default=True, repr=False)
+    # siblings per trained trial when the search does not say (--siblings K; nas.siblings): how a
+    # search spends its time, not what it samples, so not part of the fingerprint
+    siblings: int = dataclasses.field(default=0, repr=False, compare=False)
     # the input sizes (smaller side, pixels) the space is written for: picks the default space
     # for a dataset; not part of the fingerprint (it changes nothing a search samples)
     input_size: tuple[int, int] | None = dataclasses.field(default=None, repr=False, compare=False)
@@ -356,6 +359,7 @@ def parse_space(raw: Any, source: str = "<space>") -> Space:
         per_stage=per_stage,
         source=source,
         early_stop=_bool(f"{source}: early_stop", raw.get("early_stop", True)),
+        siblings=_siblings(f"{source}: siblings", raw.get("siblings", 0)),
         input_size=_input_size(f"{source}: input_size", raw.get("input_size")),
     )
 
@@ -383,6 +387,12 @@ def default_space_name(spatial: str, input_size: tuple[int, int]) -> str:
         if lo <= side <= hi:
             return name
     return "default28" if side > 23 else "default"
+
+
+def _siblings(where: str, v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 64:
+        raise SpaceError(f"{where}: {v!r} is not allowed (allowed: an integer from 0 to 64)")
+    return v
 
 
 def _bool(where: str, v: Any) -> bool:

@@ -61,6 +61,7 @@ METHODS = {
     "prune_l1": CompressionConfig(prune="l1", prune_ratio=0.5),
     "prune_bn_iterative": CompressionConfig(prune="bn", prune_ratio=0.5, prune_rounds=2),
     "prune_per_stage": CompressionConfig(prune="l1", stage_prune_ratios=(0.25, 0.5, 0.0)),
+    "prune_multiple_8": CompressionConfig(prune="l1", prune_ratio=0.375, prune_multiple=8),
     "sparsity": CompressionConfig(sparsity=0.7),
     "fp16": CompressionConfig(quant="fp16"),
     "int8": CompressionConfig(quant="int8"),
@@ -112,6 +113,37 @@ def test_size_ordering_fp32_fp16_int8_int4_int2_binary(data, trained):
     assert sizes["fp32"] >= 4 * params  # the full-precision file really holds every weight
     # 1 bit per conv/linear weight; scales, fp16 BatchNorm and the header make up the rest
     assert sizes["binary"] < sizes["fp32"] / 8
+
+
+def test_pruned_widths_round_to_the_runtime_channel_multiple():
+    from nas.compress.passes import structural_arch
+    from nas.compress.prune import channel_groups
+
+    _, info = channel_groups(ARCH)
+    plain, m8 = target_widths(ARCH, [0.375]), target_widths(ARCH, [0.375], multiple=8)
+    assert target_widths(ARCH, [0.375], multiple=1) == plain and plain != m8
+    for g, (width, _) in info.items():
+        assert m8[g] % 8 == 0 and 8 <= m8[g] <= width and abs(m8[g] - 0.625 * width) <= 4, (g, width, m8[g])
+    # nearest multiple, half up: 24 * 0.625 = 15 -> 16; 48 * 0.625 = 30 -> 32; 16 * 0.625 = 10 -> 8
+    assert m8["i1"] == 16 and m8["h1"] == 32 and m8["i0"] == 8
+    # never below one multiple, never above the width; a group narrower than the multiple keeps
+    # the plain rounding
+    assert set(target_widths(ARCH, [0.95], multiple=8).values()) == {8}
+    narrow = ArchConfig(1, 10, (8, 8), "2d", 4, (BlockConfig("conv", 6, 3, 1, stage=0),))
+    assert target_widths(narrow, [0.5], multiple=8) == target_widths(narrow, [0.5]) == {"i0": 2, "i1": 3}
+    # nothing pruned, nothing narrowed: a width that is not a multiple is kept whole at ratio 0, and
+    # each kept width is the nearest of the multiples and the width itself
+    odd = ArchConfig(1, 10, (8, 8), "2d", 18, (BlockConfig("conv", 50, 3, 1, stage=0), BlockConfig("conv", 12, 3, 1, stage=1)))
+    assert target_widths(odd, [0.0, 0.0], multiple=8) == {"i0": 18, "i1": 50, "i2": 12}
+    assert target_widths(odd, [0.0, 0.1], multiple=8)["i2"] == 12  # 10.8: nearer 12 than 8
+    assert target_widths(odd, [0.25, 0.0], multiple=8) == {"i0": 16, "i1": 40, "i2": 12}  # 13.5 -> 16, 37.5 -> 40
+    # iterative rounds narrow monotonically to the one-shot widths
+    rounds = [target_widths(ARCH, [0.375], fraction=j / 3, multiple=8) for j in (1, 2, 3)]
+    assert all(rounds[i][g] >= rounds[i + 1][g] for i in range(2) for g in m8) and rounds[-1] == m8
+    # the gene reaches the arch a candidate is built with (known before training)
+    arch = structural_arch(Candidate(ARCH, CompressionConfig(prune="l1", prune_ratio=0.375, prune_multiple=8), RECIPE))
+    widths = [arch.stem_channels] + [w for b in arch.blocks for w in (b.out_channels, b.hidden) if w]
+    assert all(w % 8 == 0 for w in widths), widths
 
 
 def test_structured_pruning_half_shrinks_params_and_flops(trained):

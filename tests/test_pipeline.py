@@ -213,3 +213,33 @@ def test_defaults_follow_the_data_screen_threads_and_space():
     assert default_space_name("2d", (8, 8)) == "default" and default_space_name("2d", (16, 16)) == "default"
     assert default_space_name("2d", (28, 28)) == "default28" and default_space_name("2d", (32, 24)) == "default28"
     assert default_space_name("1d", (1, 40)) == "mnist1d"
+
+
+@pytest.mark.parametrize("cfg", [CompressionConfig(), CompressionConfig(quant="int8"),
+                                 CompressionConfig(quant="int8", weight_only=True)], ids=["fp32", "int8", "int8-w-only"])
+def test_the_preflight_graph_is_the_graph_that_ships(cfg, tmp_path):
+    """Pre-flight times an untrained model in its final shape; the shipped one must be the same
+    graph as ONNX Runtime runs it. Untrained BatchNorms folded to equal biases were stored once
+    behind Identity nodes, and the int8 quantizer then left two of five convolutions in float:
+    pre-flight timed (and its latency was kept when faster) a graph that never shipped."""
+    import onnx
+
+    from nas.compress.deploy import deploy_onnx
+    from nas.compress.passes import compress, load_packed, pack_model, trained_model
+    from nas.latency_model import runtime_nodes
+    from nas.pipeline import get_dataset, preview_model
+
+    data = get_dataset("digits", 0)
+    arch = ArchConfig(1, 10, (8, 8), "2d", 16, (BlockConfig("conv", 24, 3, 1, stage=0),
+                                                BlockConfig("mbconv", 24, 3, 2, 2, stage=1)))
+    cand = Candidate(arch, cfg, Recipe(epochs=1))
+    example, calibration = data.x_train[:1], data.x_train[:64]
+    preview, _ = preview_model(cand, data, 0, example)
+    pre = deploy_onnx(preview, cfg, example, tmp_path / "pre.onnx", calibration, normalize=data.normalization)[0]
+    model = trained_model(cand)
+    train(model, data.x_train, data.y_train, cand.recipe, seed=0)
+    shipped = load_packed(cand, pack_model(compress(model, cand, data, 0, finetune=False), cfg))
+    ship = deploy_onnx(shipped, cfg, example, tmp_path / "ship.onnx", calibration, normalize=data.normalization)[0]
+    ops = [[n.op_type for n in onnx.load(str(p)).graph.node] for p in (pre, ship)]
+    assert ops[0] == ops[1] and "Identity" not in ops[0]
+    assert runtime_nodes(pre) == runtime_nodes(ship)

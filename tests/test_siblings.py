@@ -87,3 +87,24 @@ def test_siblings_outside_the_optuna_scratch_search_are_one_line_and_exit_2(in_t
     assert main(["search", "--siblings", "2", "--trials", "1", *extra]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--siblings" in err[0]
+
+
+def test_a_space_sets_the_default_siblings_and_the_flag_overrides_it(in_tmp):
+    import yaml
+
+    from nas.errors import SpaceError
+    from nas.space import SPACES_DIR, parse_space
+
+    raw = yaml.safe_load((SPACES_DIR / "default.yaml").read_text())
+    assert parse_space(raw, "default").siblings == 0
+    assert parse_space(yaml.safe_load((SPACES_DIR / "default28.yaml").read_text()), "default28").siblings == 2
+    for bad in (-1, 65, 1.5, "2", True, [2]):
+        with pytest.raises(SpaceError, match=r"siblings: .* is not allowed \(allowed: an integer from 0 to 64\)"):
+            parse_space({**raw, "siblings": bad}, "s")
+    (in_tmp / "space.yaml").write_text(yaml.safe_dump({**raw, "siblings": 1}))
+    for extra, want in (([], 1), (["--siblings", "0"], 0)):
+        db = f"sqlite:///{in_tmp}/d{want}.db"
+        assert main(["search", "--space", "space.yaml", "--trials", "1", "--epochs", "1", "--study", "d", "--storage",
+                     db, "--quiet", *extra]) == 0
+        trials = optuna.load_study(study_name="d", storage=db).trials
+        assert sum(t.user_attrs.get(SIBLING_OF) is not None for t in trials) == want

@@ -83,17 +83,35 @@ def channel_groups(arch: ArchConfig) -> tuple[_UnionFind, dict[str, tuple[int, i
     return uf, info
 
 
-def target_widths(arch: ArchConfig, ratios: Sequence[float], fraction: float = 1.0) -> dict[str, int]:
+def _kept(width: int, keep: float, multiple: int) -> int:
+    """``keep`` channels of ``width`` rounded to the nearest of the multiples of ``multiple``
+    up to ``width`` and ``width`` itself (ties to the wider): a group is never widened, never
+    narrowed where nothing is pruned (ratio 0 keeps a width that is not a multiple), and one
+    narrower than a multiple keeps the plain rounding."""
+    multiple = int(multiple)
+    if multiple <= 1 or width < multiple:
+        return max(1, int(round(keep)))
+    allowed = [*range(multiple, width + 1, multiple), width]
+    return min(allowed, key=lambda w: (abs(w - keep), -w))
+
+
+def target_widths(arch: ArchConfig, ratios: Sequence[float], fraction: float = 1.0,
+                  multiple: int = 1) -> dict[str, int]:
     """Channels each group keeps: round(width * (1 - ratio) ** fraction), at least 1.
 
     ``ratios`` holds one prune ratio per stage; ``fraction`` < 1 gives the intermediate
-    widths of iterative pruning (round j of R uses j/R)."""
+    widths of iterative pruning (round j of R uses j/R). ``multiple`` > 1 rounds each kept
+    width to a multiple of it instead (see :func:`_kept`): ONNX Runtime's blocked (NCHWc)
+    convolutions take channel counts that are multiples of 4 (padded to its 8- or 16-channel
+    block); any other count falls back to plain NCHW kernels with reorders around them, and a
+    pruned member ran slower than the unpruned one (fm6: 0.10-0.21 ms pruned against 0.037 ms
+    whole; ``experiments/prune_alignment.py``)."""
     uf, info = channel_groups(arch)
     out: dict[str, int] = {}
     for g, (width, stage) in info.items():
         root = uf.find(g)
         r = ratios[min(stage, len(ratios) - 1)] if ratios else 0.0
-        keep = max(1, int(round(width * (1.0 - r) ** fraction)))
+        keep = _kept(width, width * (1.0 - r) ** fraction, multiple)
         out[root] = min(out.get(root, keep), keep)
     return {g: out[uf.find(g)] for g in info}
 
@@ -216,14 +234,15 @@ class Prune(Method):
         return [cfg.stage_ratio(s) for s in range(max(b.stage for b in arch.blocks) + 1)]
 
     def arch(self, arch: ArchConfig, cfg: CompressionConfig) -> ArchConfig:
-        return pruned_arch(arch, target_widths(arch, self._ratios(arch, cfg)))
+        return pruned_arch(arch, target_widths(arch, self._ratios(arch, cfg), multiple=cfg.prune_multiple))
 
     def apply(self, model: Any, cfg: CompressionConfig, ctx: Any) -> Any:
         original, ratios = model.arch, self._ratios(model.arch, cfg)
         rounds = cfg.prune_rounds if ctx.training else 1
         for j in range(1, rounds + 1):
             # widths are relative to the original arch; each round narrows the current model
-            model = prune_structured(model, target_widths(original, ratios, fraction=j / rounds), cfg.prune)
+            widths = target_widths(original, ratios, fraction=j / rounds, multiple=cfg.prune_multiple)
+            model = prune_structured(model, widths, cfg.prune)
             ctx.finetune(model, j)
         return model
 
