@@ -100,6 +100,7 @@ def _last_write(folder) -> float:
     return max((f.stat().st_mtime for f in folder.iterdir() if f.is_file()), default=0.0)
 
 
+@pytest.mark.slow  # a long multi-process run: deselected by default, CI runs it (`pytest -m slow`)
 def test_killed_driver_resumes_keeping_every_completed_trial_once(ray_head, in_tmp):
     (in_tmp / "space.yaml").write_text(SPACE)
     db = f"sqlite:///{in_tmp}/k.db"

@@ -103,6 +103,7 @@ def cluster(tmp_path):
         assert not leftover, f"Ray processes of this test still running: {leftover}"
 
 
+@pytest.mark.slow  # a long multi-process run: deselected by default, CI runs it (`pytest -m slow`)
 def test_killed_worker_node_trial_is_retried_on_the_head(cluster, postgres_url, tmp_path, capsys):
     (tmp_path / "space.yaml").write_text(SPACE)
     shared = tmp_path / "shared"  # the README's shared --artifacts folder

@@ -51,6 +51,7 @@ def _finish(procs: list[subprocess.Popen], seconds: float) -> None:
                 p.wait()
 
 
+@pytest.mark.slow  # a long multi-process run: deselected by default, CI runs it (`pytest -m slow`)
 def test_two_search_processes_share_one_postgres_study(postgres_url, in_tmp):
     logs = [in_tmp / f"search{i}.err" for i in range(2)]  # files, not pipes: a full pipe cannot stall either search
     procs = []
@@ -69,6 +70,7 @@ def test_two_search_processes_share_one_postgres_study(postgres_url, in_tmp):
     assert 6 <= len(finished) <= 7  # --trials is a total; at most one in flight overshoots
 
 
+@pytest.mark.slow  # a long multi-process run: deselected by default, CI runs it (`pytest -m slow`)
 def test_killed_worker_trial_fails_and_is_retried_once(postgres_url, in_tmp):
     url = postgres_url.replace("postgresql://", "postgresql+psycopg://")
     args = _search(postgres_url, "kill")
@@ -104,6 +106,7 @@ def test_killed_worker_trial_fails_and_is_retried_once(postgres_url, in_tmp):
     assert not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
 
 
+@pytest.mark.slow  # a long multi-process run: deselected by default, CI runs it (`pytest -m slow`)
 @PG
 def test_ray_search_into_postgres_then_front_report_export_elsewhere(postgres_url, in_tmp, tmp_path_factory):
     import ray

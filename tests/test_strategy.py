@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import optuna
+import pytest
 
 from nas.cli import main
 
@@ -18,6 +19,7 @@ def _study_folder(root):
     return meta.parent
 
 
+@pytest.mark.slow  # a long multi-process run: deselected by default, CI runs it (`pytest -m slow`)
 def test_trials_inherit_from_one_stored_supernet_reused_on_resume(in_tmp, capsys):
     db = f"sqlite:///{in_tmp}/s.db"
     base = ["search", "--strategy", "supernet", "--supernet-epochs", "1", "--epochs", "1", "--finalists", "0",
@@ -66,6 +68,7 @@ def test_the_supernet_strategy_is_fixed_on_resume(in_tmp, capsys):
     assert "--strategy" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a long multi-process run: deselected by default, CI runs it (`pytest -m slow`)
 def test_two_workers_share_one_supernet_trained_once(in_tmp):
     """Two processes start the same supernet study at once: one trains the supernet (under the
     folder's file lock), the other waits and loads it; both run trials on it."""
