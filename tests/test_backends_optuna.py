@@ -85,7 +85,8 @@ def test_dead_trial_is_retried_once_even_when_two_processes_recover_it(tmp_path,
     assert [t.number for t in by_state[optuna.trial.TrialState.RUNNING]] == [alive.number]
 
 
-@pytest.mark.parametrize("storage", [pytest.param("study.log", marks=pytest.mark.slow), "sqlite:///p.db"])
+@pytest.mark.slow  # a long multi-process run: deselected by default, CI runs it (`pytest -m slow`)
+@pytest.mark.parametrize("storage", ["study.log", "sqlite:///p.db"])
 def test_two_worker_processes_share_a_study_and_hold_its_total(in_tmp, storage):
     """Two `nas search` processes on one study (a journal file, or SQLite) share the work and stop
     at --trials exactly: they used to finish one more (each checked only after a trial)."""

@@ -39,6 +39,7 @@ def test_trials_frame_and_front_of_a_foreign_study(tmp_path):
         load_study("x", db)
 
 
+@pytest.mark.slow  # a long multi-process run: deselected by default, CI runs it (`pytest -m slow`)
 def test_processes_creating_one_new_database_together_all_open_it(tmp_path):
     """Searches started together on a new SQLite file race on its schema; every one opens it."""
     import subprocess
