@@ -28,7 +28,8 @@ from _common import RESULTS, pyplot, write_json
 
 from nas.report import build_report
 
-CONFIGS = {"default": "surrogate", "nsga2": "nsga2", "random": "random"}
+CONFIGS = {"default": "surrogate", "nsga2": "nsga2", "random": "random", "tpe": "tpe", "gp": "gp",
+           "surrogate-gp": "surrogate-gp"}
 
 
 def run_one(storage: str, config: str, seed: int, trials: int, epochs: int | None, timeout: float | None = None) -> None:

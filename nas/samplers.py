@@ -114,7 +114,9 @@ class SurrogateSampler(optuna.samplers.BaseSampler):
 
     def __init__(self, propose: Callable[[Any], Any] | None = None, directions: Sequence[str] | None = None, *,
                  seed: int | None = 0, n_startup: int = 10, n_candidates: int = 256,
-                 objectives: Sequence[str] | None = None, onehot: bool = False) -> None:
+                 objectives: Sequence[str] | None = None, onehot: bool = False, model: str = "trees") -> None:
+        if model not in ("trees", "gp"):
+            raise ValueError(f"model must be 'trees' or 'gp', got {model!r}")
         self._propose = propose
         self._directions = list(directions or [])
         self._objectives = list(objectives or [])
@@ -122,6 +124,7 @@ class SurrogateSampler(optuna.samplers.BaseSampler):
         self._n_startup = n_startup
         self._n_candidates = n_candidates
         self._onehot = onehot  # categoricals of 3+ choices as one column per choice (else their index)
+        self._model = model  # the surrogate: an extra-trees ensemble, or a Gaussian process (one-hot inputs)
         self._random = optuna.samplers.RandomSampler(seed=self._seed)
         self._plans: dict[int, dict[str, Any]] = {}
         self._lock = threading.Lock()
@@ -267,8 +270,9 @@ class SurrogateSampler(optuna.samplers.BaseSampler):
             dists.update(t.distributions)
         for c in cands:
             dists.update(c.distributions)
-        x_hist = _encode([t.params for t in done], names, dists, self._onehot)
-        x_cand = _encode([c.params for c in cands], names, dists, self._onehot)
+        gp = getattr(self, "_model", "trees") == "gp"
+        x_hist = _encode([t.params for t in done], names, dists, self._onehot or gp)
+        x_cand = _encode([c.params for c in cands], names, dists, self._onehot or gp)
         sign = np.array([-1.0 if d == "maximize" else 1.0 for d in dirs])
         targets = np.array([[np.nan if v is None else v for v in self._targets(t, len(dirs))] for t in done], dtype=float)
         targets[~np.isfinite(targets)] = np.nan  # an objective of +-inf or NaN tells the models nothing
@@ -282,6 +286,9 @@ class SurrogateSampler(optuna.samplers.BaseSampler):
             ok = ~np.isnan(y[:, j])
             if ok.sum() < 2:
                 continue
+            if gp:
+                mu[:, j], sd[:, j] = _gp_predict(x_hist[ok], y[ok, j], x_cand, self._seed)
+                continue
             model = ExtraTreesRegressor(n_estimators=48, min_samples_leaf=2, random_state=self._seed, n_jobs=1)
             model.fit(x_hist[ok], y[ok, j])
             per_tree = np.stack([e.predict(x_cand) for e in model.estimators_])
@@ -290,6 +297,29 @@ class SurrogateSampler(optuna.samplers.BaseSampler):
         front_y = y[complete]
         front_y = front_y[~np.isnan(front_y).any(1)]
         return _hv_improvement(front_y, mu - sd, np.random.default_rng(self._seed))
+
+
+def _gp_predict(x: np.ndarray, y: np.ndarray, x_new: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Posterior mean and standard deviation of a Gaussian process (Matern 5/2 with one length
+    scale per input column, plus noise) fit by marginal likelihood; inputs scaled to [0, 1] over
+    history and candidates, the target standardised."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.gaussian_process import GaussianProcessRegressor
+    from sklearn.gaussian_process.kernels import ConstantKernel, Matern, WhiteKernel
+
+    both = np.vstack([x, x_new])
+    lo, hi = both.min(0), both.max(0)
+    scale = np.where(hi > lo, hi - lo, 1.0)
+    xs, xn = (x - lo) / scale, (x_new - lo) / scale
+    m, s = float(y.mean()), float(y.std()) or 1.0
+    kernel = (ConstantKernel(1.0, (1e-2, 1e2)) * Matern(np.ones(x.shape[1]), (1e-2, 1e2), nu=2.5)
+              + WhiteKernel(1e-2, (1e-6, 1.0)))
+    model = GaussianProcessRegressor(kernel, normalize_y=False, n_restarts_optimizer=1, random_state=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        model.fit(xs, (y - m) / s)
+        mu, sd = model.predict(xn, return_std=True)
+    return mu * s + m, sd * s
 
 
 def _history_proposer(trials: list[FrozenTrial]) -> Callable[[Any], None]:

@@ -135,3 +135,20 @@ def test_a_proposer_that_always_fails_is_said_not_swallowed():
     with warnings.catch_warnings():  # said once, not once per trial
         warnings.simplefilter("error")
         study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+
+
+def test_the_gp_surrogate_closes_in_on_a_smooth_optimum():
+    # (the trees reach 0.02 here: piecewise-constant models are coarse on a smooth bowl)
+    def objective(trial):
+        return (trial.suggest_float("x", 0, 1) - 0.3) ** 2 + (trial.suggest_float("y", 0, 1) - 0.7) ** 2
+
+    study = optuna.create_study(sampler=_sampler(0, model="gp"))
+    study.optimize(objective, n_trials=24)
+    assert all(t.system_attrs.get("nas:surrogate") for t in study.trials[4:])
+    startup_best = min(t.value for t in study.trials[:4])
+    assert study.best_value < min(0.01, startup_best / 4), (study.best_value, startup_best)
+
+
+def test_an_unknown_surrogate_model_is_refused():
+    with pytest.raises(ValueError, match="model must be 'trees' or 'gp', got 'svm'"):
+        SurrogateSampler(model="svm")

@@ -72,9 +72,11 @@ def test_pruned_trials_teach_it_their_rung_accuracy_and_costs():
     assert got == [[0.45, 4.0], [None, 29.0]]
 
 
-def test_make_sampler_builds_it_for_a_space_and_plans_through_it():
+@pytest.mark.parametrize("name", ["surrogate", "surrogate-gp"])
+def test_make_sampler_builds_it_for_a_space_and_plans_through_it(name):
     space = load_space("mnist1d_compress")
-    sampler = make_sampler("surrogate", 0, 50, space, Task(dataset="mnist1d"))
+    sampler = make_sampler(name, 0, 50, space, Task(dataset="mnist1d"))
+    assert sampler._model == ("gp" if name == "surrogate-gp" else "trees")
     study = optuna.create_study(directions=["maximize", "minimize", "minimize"], sampler=sampler)
     rng = np.random.default_rng(0)
     for i in range(12):  # history: random candidates with made-up objective values

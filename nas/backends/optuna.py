@@ -42,14 +42,15 @@ from nas.trial import outcome, record_rung_and_judge, rung_decided_off, rung_nam
 
 __all__ = ["SAMPLERS", "make_sampler", "make_objective", "create_study", "run_optuna"]
 
-SAMPLERS = ("surrogate", "nsga2", "tpe", "random", "gp")
+SAMPLERS = ("surrogate", "surrogate-gp", "nsga2", "tpe", "random", "gp")
 
 
 def make_sampler(name: str, seed: int, n_trials: int = 50, space: Space | None = None,
                  task: Task | None = None) -> optuna.samplers.BaseSampler:
     """Samplers are always chosen explicitly (Optuna's defaults changed between majors).
-    ``surrogate`` (:class:`nas.samplers.SurrogateSampler`) needs the space and task."""
-    if name == "surrogate":
+    ``surrogate`` (:class:`nas.samplers.SurrogateSampler`) needs the space and task;
+    ``surrogate-gp`` is the same screening with Gaussian-process surrogates instead of trees."""
+    if name in ("surrogate", "surrogate-gp"):
         if space is None or task is None:
             raise ConfigError("the surrogate sampler needs the search space and task")
         from nas.samplers import SurrogateSampler
@@ -57,7 +58,8 @@ def make_sampler(name: str, seed: int, n_trials: int = 50, space: Space | None =
         data = get_dataset(task.dataset, task.seed)
         dims = {"in_channels": data.in_channels, "input_size": tuple(data.input_size), "num_classes": data.num_classes}
         return SurrogateSampler(SpaceProposer(space, dims), objective_directions(task.objectives), seed=seed,
-                                n_startup=max(4, min(10, n_trials // 5)), objectives=task.objectives)
+                                n_startup=max(4, min(10, n_trials // 5)), objectives=task.objectives,
+                                model="gp" if name == "surrogate-gp" else "trees")
     if name == "nsga2":
         # Small budgets need small generations, or NSGA-II never leaves its random first one.
         return optuna.samplers.NSGAIISampler(population_size=max(4, min(50, n_trials // 3)), seed=seed)
