@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--timeout", type=_positive_float, default=None, metavar="SECONDS",
                    help="start no trial after this many seconds (running ones finish); --trials still caps the total")
     s.add_argument("--sampler", default="surrogate",
-                   help="surrogate (default: screens candidates with models of every finished trial), nsga2, tpe, random, gp")
+                   help="surrogate (default: screens candidates with models of every finished trial), surrogate-gp (the same with Gaussian-process surrogates), nsga2, tpe, random, gp")
     s.add_argument("--objectives", default=",".join(DEFAULT_OBJECTIVES),
                    help="comma list of accuracy, latency_ms, size_bytes, flops, params")
     s.add_argument("--seed", type=_seed, default=0, help="seeds the data splits, the sampler and training (default 0)")

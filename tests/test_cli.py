@@ -78,7 +78,7 @@ BAD_ARGS = [
     (["search", "--dataset", "cifar"], "unknown dataset 'cifar' (allowed: digits, mnist1d"),
     (["search", "--space", "nope"], "unknown space 'nope' (allowed: default, default28, early_exit, mnist1d"),
     (["search", "--objectives", "accuracy,speed"], "unknown objective 'speed' (allowed: accuracy, latency_ms"),
-    (["search", "--sampler", "cma"], "unknown sampler 'cma' (allowed: surrogate, nsga2, tpe, random, gp)"),
+    (["search", "--sampler", "cma"], "unknown sampler 'cma' (allowed: surrogate, surrogate-gp, nsga2, tpe, random, gp)"),
     (["search", "--dataset", "mnist1d", "--space", "default"], "space 'default' is for 2d inputs but dataset mnist1d is 1d"),
     (["search", "--storage", "runs/x.db"], "storage 'runs/x.db' is not usable (allowed:"),
     (["front", "nope", "--storage", "sqlite:///missing.db"], "database file missing.db does not exist"),
