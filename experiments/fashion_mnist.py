@@ -93,11 +93,15 @@ def _key(name: str, aug: str, seed: int, init: int) -> str:
     return f"{name}_{aug}_split{seed}" + (f"_init{init}" if init else "")
 
 
+def _inits(name: str, inits: tuple[int, ...]) -> tuple[int, ...]:
+    return inits if name == "two_conv" else (0,)  # only the acceptance's baseline gets several
+
+
 def train_baselines(seed: int, epochs: int, augments: tuple[str, ...] = AUGMENTS, inits: tuple[int, ...] = (0,)) -> None:
     data = get_dataset("fashion-mnist", seed)
     STORE.mkdir(parents=True, exist_ok=True)
     for name, cls in MODELS.items():
-        for aug, init in ((a, i) for a in augments for i in (inits if name == "two_conv" else (0,))):
+        for aug, init in ((a, i) for a in augments for i in _inits(name, inits)):
             key = _key(name, aug, seed, init)
             if (STORE / f"{key}.json").is_file() and json.loads((STORE / f"{key}.json").read_text())["epochs"] == epochs:
                 continue  # trained before with this recipe
@@ -135,7 +139,7 @@ def compare(study_name: str, storage: str, out_name: str, passes: int = 10, augm
     data = get_dataset("fashion-mnist", seed)
     tmp = Path(tempfile.mkdtemp(prefix="nas-fm-"))
     runs = {name: [_baseline(name, aug, seed, data, tmp, init) for aug in augments
-                   for init in (inits if name == "two_conv" else (0,))] for name in MODELS}
+                   for init in _inits(name, inits)] for name in MODELS}
     standard = [r[0] for r in runs.values()]
     # the better-trained baseline: best validation accuracy over the augmentations and initialisation
     # seeds (test only reported)

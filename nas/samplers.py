@@ -140,6 +140,7 @@ class SurrogateSampler(optuna.samplers.BaseSampler):
         self.__dict__.update(state)
         self._lock, self._plan_lock = threading.Lock(), threading.Lock()
         self.__dict__.setdefault("_warned", set())
+        self.__dict__.setdefault("_model", "trees")  # a sampler pickled before the GP option
 
     # -- Optuna's sampler interface: everything is decided in before_trial
     def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
@@ -270,7 +271,7 @@ class SurrogateSampler(optuna.samplers.BaseSampler):
             dists.update(t.distributions)
         for c in cands:
             dists.update(c.distributions)
-        gp = getattr(self, "_model", "trees") == "gp"
+        gp = self._model == "gp"
         x_hist = _encode([t.params for t in done], names, dists, self._onehot or gp)
         x_cand = _encode([c.params for c in cands], names, dists, self._onehot or gp)
         sign = np.array([-1.0 if d == "maximize" else 1.0 for d in dirs])
