@@ -62,7 +62,7 @@ class RecordingTrial:
 
     def _take(self, name: str, dist: BaseDistribution, draw: Callable[[], Any]) -> Any:
         v = self.plan.get(name, _MISSING)  # (None is a value a categorical may take)
-        if v is _MISSING or not _valid(dist, v):
+        if v is _MISSING or not valid_value(dist, v):
             v = draw()
         self.params[name], self.distributions[name] = v, dist
         return v
@@ -91,7 +91,8 @@ class RecordingTrial:
         return self._take(name, FloatDistribution(low, high, log=log, step=step), draw)
 
 
-def _valid(dist: BaseDistribution, v: Any) -> bool:
+def valid_value(dist: BaseDistribution, v: Any) -> bool:
+    """Whether ``dist`` holds ``v`` (a value of the type it takes, within its range and choices)."""
     try:
         return dist._contains(dist.to_internal_repr(v))
     except (ValueError, TypeError):
@@ -188,7 +189,7 @@ class SurrogateSampler(optuna.samplers.BaseSampler):
         with self._lock:
             plan = self._plans.get(trial._trial_id, {})
         v = plan.get(param_name, _MISSING)
-        if v is not _MISSING and _valid(param_distribution, v):
+        if v is not _MISSING and valid_value(param_distribution, v):
             return v
         return self._random.sample_independent(study, trial, param_name, param_distribution)
 

@@ -44,7 +44,7 @@ _HERE = Path(__file__).resolve().parent
 SPACES_DIR = _HERE / "search_spaces" if (_HERE / "search_spaces").is_dir() else _HERE.parent / "search_spaces"
 
 _TOP_KEYS = {"name", "spatial", "stem_channels", "stem_kernel", "stem_stride", "head", "dropout", "stages", "recipe",
-             "compression", "early_stop", "input_size", "siblings"}
+             "compression", "early_stop", "input_size", "siblings", "start"}
 _STAGE_KEYS = {"block", "depth", "width", "kernel", "stride", "expansion"}
 _HEADS = ("gap", "flatten")
 
@@ -111,6 +111,10 @@ class Space:
     # the input sizes (smaller side, pixels) the space is written for: picks the default space
     # for a dataset; not part of the fingerprint (it changes nothing a search samples)
     input_size: tuple[int, int] | None = dataclasses.field(default=None, repr=False, compare=False)
+    # the first trials of a new study (``start:``, each a mapping of parameter names to values,
+    # as Optuna's ``enqueue_trial``; names left out are the sampler's to choose): where a search
+    # begins, not what it can sample, so not part of the fingerprint
+    start: tuple[dict[str, Any], ...] = dataclasses.field(default=(), repr=False, compare=False)
 
     def fingerprint(self) -> str:
         """A digest of everything this space can sample (not where it was loaded from)."""
@@ -118,7 +122,7 @@ class Space:
 
         text = repr(dataclasses.replace(self, source=""))
         later = [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self)
-                 if not f.repr and f.name not in ("source", "input_size")]
+                 if not f.repr and f.name not in ("source", "input_size", "start")]
         text += "".join(f"{f}={p!r}" for f, p in later if p != Space.__dataclass_fields__[f].default)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -335,7 +339,7 @@ def parse_space(raw: Any, source: str = "<space>") -> Space:
     name = raw.get("name", Path(source).stem)
     if not isinstance(name, str) or not name:
         raise SpaceError(f"{source}: name: must be a non-empty string")
-    return Space(
+    space = Space(
         name=name,
         spatial=spatial,
         stem_channels=_param(f"{source}: stem_channels", raw.get("stem_channels", 16), "int",
@@ -362,6 +366,38 @@ def parse_space(raw: Any, source: str = "<space>") -> Space:
         siblings=_siblings(f"{source}: siblings", raw.get("siblings", 0)),
         input_size=_input_size(f"{source}: input_size", raw.get("input_size")),
     )
+    start = raw.get("start", [])
+    if not isinstance(start, list):
+        raise SpaceError(f"{source}: start: {start!r} is not allowed (allowed: a list of mappings of parameter names to values)")
+    return dataclasses.replace(space, start=tuple(_start(f"{source}: start[{i}]", space, s) for i, s in enumerate(start)))
+
+
+def _start(where: str, space: Space, entry: Any) -> dict[str, Any]:
+    """One ``start:`` entry, checked as the space asks its genes: every name must be a parameter
+    the space asks at the entry's own settings (``s1.expansion`` only where ``s1.block`` is
+    mbconv) and every value one its distribution holds."""
+    from nas.samplers import RecordingTrial, valid_value
+
+    import numpy as np
+
+    if not isinstance(entry, dict) or not all(isinstance(k, str) for k in entry):
+        raise SpaceError(f"{where}: {entry!r} is not allowed (allowed: a mapping of parameter names to values)")
+    rec = RecordingTrial(dict(entry), np.random.default_rng(0))
+    side = (space.input_size or (28, 28))[0]
+    space.suggest(rec, in_channels=1, input_size=(side, side) if space.spatial == "2d" else (side,), num_classes=10)
+    for name, value in entry.items():
+        if name not in rec.distributions:
+            asked = ", ".join(sorted(rec.distributions)) or "none"
+            raise SpaceError(f"{where}: {name!r} is not a parameter this space asks at these settings (it asks: {asked})")
+        if not valid_value(rec.distributions[name], value):
+            raise SpaceError(f"{where}: {name}: {value!r} is not allowed (allowed: {_allowed(rec.distributions[name])})")
+    return dict(entry)
+
+
+def _allowed(dist: Any) -> str:
+    if hasattr(dist, "choices"):
+        return ", ".join(map(repr, dist.choices))
+    return f"{dist.low} to {dist.high}" + (f" in steps of {dist.step}" if getattr(dist, "step", None) else "")
 
 
 def _input_size(where: str, v: Any) -> tuple[int, int] | None:

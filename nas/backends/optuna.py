@@ -207,6 +207,9 @@ def create_study(
             **(extra_meta or {}),
         }
         study.set_user_attr(META_KEY, meta)
+        if not study.get_trials(deepcopy=False):  # a new study begins where its space says (``start:``)
+            for i, params in enumerate(space.start):
+                study.enqueue_trial(dict(params), user_attrs={SPACE_START: i})
         with warnings.catch_warnings():  # experimental since 3.2, but it is what labels the dashboard
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names(list(task.objectives))
@@ -214,6 +217,8 @@ def create_study(
         check_resume(study_name, meta, task, space)
     return study
 
+
+SPACE_START = "space_start"  # user attribute: the trial is the space's ``start:`` entry of this index
 
 # Settings a resumed study must keep, with how each is set: marked on the Task's fields
 RESUME_FIXED = Task.fixed_on_resume()
