@@ -255,12 +255,12 @@ def test_a_screen_its_calibration_turned_off_is_not_trained_again(tmp_path):
     space = parse_space({"name": "s", "stem_channels": [8, 16], "stages": [
         {"block": ["conv", "dsconv"], "width": [8, 16], "stride": 2}], "recipe": {"epochs": 2}})
     # min_rho 1.0: no calibration can pass (the bound of a correlation is below 1), so it turns off
-    task = Task(dataset="digits", early_stop={"calibrate": 5, "min_rho": 1.0}, screen=0.25, artifacts_dir=str(tmp_path))
-    study = optuna.create_study(directions=["maximize", "minimize", "minimize"], sampler=make_sampler("random", 0, 7))
-    study.optimize(make_objective(space, task), n_trials=7)
+    task = Task(dataset="digits", early_stop={"calibrate": 3, "min_rho": 1.0}, screen=0.25, artifacts_dir=str(tmp_path))
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"], sampler=make_sampler("random", 0, 5))
+    study.optimize(make_objective(space, task), n_trials=5)
     trials = sorted(study.trials, key=lambda t: t.number)
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
-    first, later = trials[:5], trials[5:]
+    first, later = trials[:3], trials[3:]
     assert all("rung_0" in t.user_attrs and t.user_attrs["screen_s"] > 0 for t in first)
     assert all("rung_0" not in t.user_attrs and t.user_attrs["screen_skipped"] == 1.0 and t.user_attrs["screen_s"] == 0
                for t in later)

@@ -57,6 +57,7 @@ def test_ray_search_lands_in_the_same_storage_with_same_fields_and_runs_concurre
     assert main(["front", "ray", "--storage", db, "--format", "json"]) == 0
 
 
+@pytest.mark.slow  # a long multi-process run: deselected by default, CI runs it (`pytest -m slow`)
 def test_ray_workers_inherit_from_the_study_supernet(ray_head, in_tmp):
     """--strategy supernet on Ray: the driver trains the supernet once into the study's artifacts
     folder, every worker loads it from there; trials record no training epochs."""
