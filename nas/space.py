@@ -368,30 +368,103 @@ def parse_space(raw: Any, source: str = "<space>") -> Space:
     )
     start = raw.get("start", [])
     if not isinstance(start, list):
-        raise SpaceError(f"{source}: start: {start!r} is not allowed (allowed: a list of mappings of parameter names to values)")
-    return dataclasses.replace(space, start=tuple(_start(f"{source}: start[{i}]", space, s) for i, s in enumerate(start)))
+        raise SpaceError(f"{source}: start: {_short(start)} is not allowed (allowed: a list of mappings of parameter "
+                         "names to values)")
+    entries: list[dict[str, Any]] = []
+    for i, s in enumerate(start):
+        entry = _start(f"{source}: start[{i}]", space, s)
+        same = next((j for j, e in enumerate(entries) if _same_entry(e, entry)), None)
+        if same is not None:  # an enqueued trial bypasses the sampler's "never twice": it would train twice
+            raise SpaceError(f"{source}: start[{i}] repeats start[{same}] (allowed: each setting once)")
+        entries.append(entry)
+    return dataclasses.replace(space, start=tuple(entries))
+
+
+_START_DRAWS = 16  # random settings of the genes an entry leaves out, each checked
 
 
 def _start(where: str, space: Space, entry: Any) -> dict[str, Any]:
-    """One ``start:`` entry, checked as the space asks its genes: every name must be a parameter
-    the space asks at the entry's own settings (``s1.expansion`` only where ``s1.block`` is
-    mbconv) and every value one its distribution holds."""
-    from nas.samplers import RecordingTrial, valid_value
+    """One ``start:`` entry, checked as the space asks its genes: every value must be one its
+    distribution holds, of its own type (``2.0`` is not the depth ``2``, ``true`` not ``1``,
+    ``"0.01"`` not a learning rate), and every name a parameter the space asks at the entry's own
+    settings whatever the sampler draws for the genes it leaves out (``s1.expansion`` only
+    where the entry makes ``s1.block`` an mbconv)."""
+    from nas.samplers import RecordingTrial
 
     import numpy as np
 
     if not isinstance(entry, dict) or not all(isinstance(k, str) for k in entry):
-        raise SpaceError(f"{where}: {entry!r} is not allowed (allowed: a mapping of parameter names to values)")
-    rec = RecordingTrial(dict(entry), np.random.default_rng(0))
+        raise SpaceError(f"{where}: {_short(entry)} is not allowed (allowed: a mapping of parameter names to values)")
+
+    class Checked(RecordingTrial):  # the entry's values, type-checked before the space builds with them
+        def _take(self, name: str, dist: Any, draw: Any) -> Any:
+            if name not in self.plan:
+                return super()._take(name, dist, draw)
+            v = _start_value(dist, self.plan[name])
+            if v is _REFUSED:
+                raise SpaceError(f"{where}: {name}: {_short(self.plan[name])} is not allowed (allowed: {_allowed(dist)})")
+            self.params[name], self.distributions[name] = v, dist
+            return v
+
     side = (space.input_size or (28, 28))[0]
-    space.suggest(rec, in_channels=1, input_size=(side, side) if space.spatial == "2d" else (side,), num_classes=10)
-    for name, value in entry.items():
-        if name not in rec.distributions:
-            asked = ", ".join(sorted(rec.distributions)) or "none"
-            raise SpaceError(f"{where}: {name!r} is not a parameter this space asks at these settings (it asks: {asked})")
-        if not valid_value(rec.distributions[name], value):
-            raise SpaceError(f"{where}: {name}: {value!r} is not allowed (allowed: {_allowed(rec.distributions[name])})")
-    return dict(entry)
+    size = (side, side) if space.spatial == "2d" else (side,)
+    draws: list[dict[str, Any]] = []  # what each draw asked, at what values
+    for seed in range(_START_DRAWS):
+        rec = Checked(dict(entry), np.random.default_rng(seed))
+        space.suggest(rec, in_channels=1, input_size=size, num_classes=10)
+        draws.append(dict(rec.params))
+    for name in entry:
+        asked = [d for d in draws if name in d]
+        if not asked:
+            raise SpaceError(f"{where}: {_short(name)} is not a parameter this space asks at these settings "
+                             f"(it asks: {_cut(', '.join(sorted(draws[0])) or 'none', 200)})")
+        if len(asked) < len(draws):
+            # the genes the entry leaves out whose values part the draws that asked it from those that did not
+            others = [d for d in draws if name not in d]
+            # (a continuous gene, distinct in every draw, parts them by chance: left out)
+            on = sorted(g for g in {g for d in draws for g in d} - set(entry)
+                        if len({repr(d.get(g)) for d in draws}) <= len(draws) // 2
+                        and not ({repr(d.get(g)) for d in asked} & {repr(d.get(g)) for d in others}))
+            raise SpaceError(f"{where}: {_short(name)} is asked only at some values of genes this entry leaves out "
+                             f"(allowed: names asked whatever the others are; set {_cut(', '.join(on) or 'the genes it depends on', 120)} too)")
+    return {name: draws[0][name] for name in entry}
+
+
+_REFUSED = object()
+
+
+def _start_value(dist: Any, v: Any) -> Any:
+    """``v`` as ``dist`` takes it, or ``_REFUSED``: a categorical's choice of the same type, an
+    integer (not a bool) for an integer range, a finite number for a float range."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    from nas.samplers import valid_value
+
+    if isinstance(dist, CategoricalDistribution):
+        return next((c for c in dist.choices if type(c) is type(v) and c == v), _REFUSED)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(dist, IntDistribution) and not isinstance(v, int)):
+        return _REFUSED
+    if isinstance(dist, FloatDistribution):
+        try:
+            v = float(v)
+        except OverflowError:
+            return _REFUSED
+        if not math.isfinite(v):
+            return _REFUSED
+    return v if valid_value(dist, v) else _REFUSED
+
+
+def _same_entry(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return a.keys() == b.keys() and all(type(a[k]) is type(b[k]) and a[k] == b[k] for k in a)
+
+
+def _short(v: Any, limit: int = 80) -> str:
+    """A value for an error line: its repr, cut to ``limit`` characters (a file may hold anything)."""
+    return _cut(repr(v), limit)
+
+
+def _cut(s: str, limit: int) -> str:
+    return s if len(s) <= limit else s[: limit - 3] + "..."
 
 
 def _allowed(dist: Any) -> str:

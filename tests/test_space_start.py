@@ -62,3 +62,56 @@ def test_a_new_study_runs_the_start_entries_first_and_a_resume_does_not_repeat_t
     assert main([*args, "--trials", "2"]) == 0
     trials = optuna.load_study(study_name="s", storage=db).trials
     assert len(trials) == 2 and SPACE_START not in trials[1].user_attrs and trials[1].params != first.params
+
+
+@pytest.mark.parametrize("entry, message", [
+    # a value equal to a choice but of another type would reach the builder (range(2.0), a float width)
+    ({"s1.depth": 2.0}, "s1.depth: 2.0 is not allowed (allowed: 1, 2)"),
+    ({"s0.block": "conv", "s0.width": 16.0}, "s0.width: 16.0 is not allowed (allowed: 8, 16, 24)"),
+    ({"s1.depth": True}, "s1.depth: True is not allowed (allowed: 1, 2)"),
+    ({"compress.quant": "int8", "compress.weight_only": 1}, "compress.weight_only: 1 is not allowed (allowed: False, True)"),
+    ({"recipe.lr": "0.01"}, "recipe.lr: '0.01' is not allowed (allowed: 0.002 to 0.02)"),
+    ({"recipe.lr": float("nan")}, "recipe.lr: nan is not allowed"),
+    ({"s1.depth": 10 ** 400}, "s1.depth: 1000"),  # a YAML integer too large for a float: no OverflowError
+    # a name asked only at some draws of what the entry leaves out: the gene it depends on is named
+    ({"s0.expansion": 4}, "'s0.expansion' is asked only at some values of genes this entry leaves out "
+                          "(allowed: names asked whatever the others are; set s0.block too)"),
+    ({"compress.weight_only": True}, "compress.quant"),
+])
+def test_start_values_of_another_type_or_names_that_depend_on_a_draw_are_refused(entry, message):
+    with pytest.raises(SpaceError) as err:
+        parse_space({**RAW, "start": [entry]}, "s")
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_start_entries_are_normalised_once_and_refused_twice_and_long_values_are_cut():
+    space = parse_space({**RAW, "start": [{**ENTRY, "recipe.lr": 0.01}]}, "s")
+    assert space.start[0]["recipe.lr"] == 0.01 and type(space.start[0]["recipe.lr"]) is float
+    with pytest.raises(SpaceError, match=r"start\[1\] repeats start\[0\] \(allowed: each setting once\)"):
+        parse_space({**RAW, "start": [ENTRY, dict(ENTRY)]}, "s")
+    for start in ([[0] * 100000], {"a": [0] * 100000}, [{"x" * 100000: 1}]):
+        with pytest.raises(SpaceError) as err:
+            parse_space({**RAW, "start": start}, "s")
+        assert len(str(err.value)) < 400, len(str(err.value))
+
+
+def test_a_bad_start_value_is_one_line_and_exit_2_from_the_cli(in_tmp, capsys):
+    (in_tmp / "space.yaml").write_text(yaml.safe_dump({**RAW, "start": [{"s1.depth": 2.0}]}))
+    assert main(["search", "--space", "space.yaml", "--trials", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "s1.depth: 2.0 is not allowed" in err and "Traceback" not in err
+    assert not (in_tmp / "runs").exists()
+
+
+def test_waiting_start_entries_do_not_make_a_new_study_a_resume():
+    # a resumed study reseeds its sampler from its progress; the space's own enqueued entries are
+    # not progress: a new study keeps --seed, with or without start entries
+    from nas.backends.optuna import trials_before
+
+    study = optuna.create_study()
+    study.enqueue_trial({"x": 1}, user_attrs={SPACE_START: 0})
+    assert trials_before(study) == 0
+    study.enqueue_trial({"x": 2})  # a retry or a sibling is progress
+    assert trials_before(study) == 1
+    study.optimize(lambda t: t.suggest_int("x", 0, 3), n_trials=1)
+    assert trials_before(study) == 2

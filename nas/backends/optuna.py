@@ -72,6 +72,13 @@ def make_sampler(name: str, seed: int, n_trials: int = 50, space: Space | None =
     raise ConfigError(f"unknown sampler {name!r} (allowed: {', '.join(SAMPLERS)})")
 
 
+def trials_before(study: optuna.Study) -> int:
+    """How many trials a run finds in its study, the space's ``start:`` entries still waiting
+    left out: a new study that begins with them is not a resume (its sampler keeps ``--seed``)."""
+    return sum(1 for t in study.get_trials(deepcopy=False)
+               if not (t.state == optuna.trial.TrialState.WAITING and SPACE_START in t.user_attrs))
+
+
 def resume_seed(seed: int, existing: int) -> int:
     """The sampler seed for a run that finds ``existing`` trials already in its study:
     reproducible for a given history, different from the first run's."""
@@ -209,7 +216,8 @@ def create_study(
         study.set_user_attr(META_KEY, meta)
         if not study.get_trials(deepcopy=False):  # a new study begins where its space says (``start:``)
             for i, params in enumerate(space.start):
-                study.enqueue_trial(dict(params), user_attrs={SPACE_START: i})
+                # skip_if_exists: a second process creating the same study at once enqueues nothing twice
+                study.enqueue_trial(dict(params), user_attrs={SPACE_START: i}, skip_if_exists=True)
         with warnings.catch_warnings():  # experimental since 3.2, but it is what labels the dashboard
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names(list(task.objectives))
@@ -358,7 +366,7 @@ def run_optuna(
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     logging.getLogger("optuna").setLevel(logging.ERROR)  # failed trials are reported by our callback
     study = create_study(study_name, storage, task, space, make_sampler(sampler, task.seed, n_trials, space, task), extra_meta)
-    existing = len(study.get_trials(deepcopy=False))
+    existing = trials_before(study)
     if existing:
         # A resumed (or joined) study: a sampler seeded as before would replay its first draws
         # (Optuna's RandomSampler and the random generation of NSGA-II start from the seed),

@@ -20,10 +20,11 @@ from typing import Any
 import optuna
 
 from nas.backends.optuna import (
-    resume_seed,
     create_study,
     finished_count,
     make_sampler,
+    resume_seed,
+    trials_before,
     with_study_floor,
     worker_id,
 )
@@ -361,7 +362,7 @@ def run_ray(
             remaining = n_trials - finished_count(study)
             if remaining <= 0:
                 return study
-            existing = len(study.get_trials(deepcopy=False))  # a resumed study: do not replay its draws
+            existing = trials_before(study)  # a resumed study: do not replay its draws
             data = get_dataset(task.dataset, task.seed)
             searcher = _make_searcher_class()(
                 space=DefineByRun(space, (data.in_channels, data.input_size, data.num_classes), task.to_dict()),
