@@ -142,7 +142,7 @@ def main() -> None:
                 rows.append(run(table, name, seed, budget))
                 r = rows[-1]
                 print(f"{name} budget {budget} seed {seed}: ratio {r['ratio']:.4f}  {r['s_per_trial']:.3f} s/trial", flush=True)
-            write(rows, args, samplers, table)  # after every sampler: a partial run keeps what it measured
+                write(rows, args, samplers, table)  # after every run: a partial run keeps what it measured
     summary = write(rows, args, samplers, table)
     for _, r in summary.iterrows():
         print(f"budget {r.budget}: {r.sampler:8s} mean ratio {r.mean_ratio:.4f} +- {r.std_ratio:.4f}  "
