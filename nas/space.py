@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import reprlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -373,7 +374,8 @@ def parse_space(raw: Any, source: str = "<space>") -> Space:
     entries: list[dict[str, Any]] = []
     for i, s in enumerate(start):
         entry = _start(f"{source}: start[{i}]", space, s)
-        same = next((j for j, e in enumerate(entries) if _same_entry(e, entry)), None)
+        # (values are normalised to their distribution's type, so == compares like with like)
+        same = next((j for j, e in enumerate(entries) if e == entry), None)
         if same is not None:  # an enqueued trial bypasses the sampler's "never twice": it would train twice
             raise SpaceError(f"{source}: start[{i}] repeats start[{same}] (allowed: each setting once)")
         entries.append(entry)
@@ -454,13 +456,13 @@ def _start_value(dist: Any, v: Any) -> Any:
     return v if valid_value(dist, v) else _REFUSED
 
 
-def _same_entry(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    return a.keys() == b.keys() and all(type(a[k]) is type(b[k]) and a[k] == b[k] for k in a)
+_REPR = reprlib.Repr()  # (keyword arguments only from Python 3.12)
+_REPR.maxstring, _REPR.maxother, _REPR.maxlong, _REPR.maxlist, _REPR.maxdict = 60, 60, 40, 8, 6
 
 
-def _short(v: Any, limit: int = 80) -> str:
-    """A value for an error line: its repr, cut to ``limit`` characters (a file may hold anything)."""
-    return _cut(repr(v), limit)
+def _short(v: Any) -> str:
+    """A value for an error line, its repr abbreviated (a file may hold anything)."""
+    return _REPR.repr(v)
 
 
 def _cut(s: str, limit: int) -> str:
