@@ -1,14 +1,15 @@
 """Search efficiency on MNIST-1D with every compression gene (`mnist1d_compress`):
-hypervolume vs wall-clock for the default sampler (the surrogate-screening sampler), the
-previous default (NSGA-II) and random sampling; 3 seeds each, the same trial budget, the
-space's own recipe and early-stopping setting, every run's hypervolume on one fixed reference
-point. Also the time each trial spends outside training compute.
+hypervolume vs wall-clock for the default sampler (the surrogate-screening sampler) against
+Optuna's TPE (multivariate) and GPSampler, NSGA-II and random sampling (``--samplers``, the
+first being the one compared with); 3 seeds each, the same trial budget, the space's own recipe
+and early-stopping setting, every run's hypervolume on one fixed reference point. Also the time
+each trial spends outside training compute, and the sampler's time per proposal.
 
 Per seed: the wall-clock each other sampler needs to reach the default's final hypervolume
 (a run that never reaches it counts as its whole wall-clock, marked '>'), and hypervolumes at
 equal wall-clock. Runs go two at a time, one core each.
 
-    python experiments/search_efficiency.py --trials 100     # ~80 min on 2 cores
+    python experiments/search_efficiency.py --trials 100     # ~15 min per run, two at a time
 
 Writes experiments/results/search_efficiency.{json,csv,png}; prints a one-line summary.
 """
@@ -28,13 +29,16 @@ from _common import RESULTS, pyplot, write_json
 
 from nas.report import build_report
 
-CONFIGS = {"default": "surrogate", "nsga2": "nsga2", "random": "random", "tpe": "tpe", "gp": "gp",
-           "surrogate-gp": "surrogate-gp"}
+from nas.backends.optuna import SAMPLERS
+
+DEFAULT = "surrogate"  # nas search's default sampler (cliparser); study names say which sampler ran
+COLORS = {"surrogate": "tab:red", "surrogate-gp": "tab:purple", "nsga2": "tab:blue", "random": "tab:grey",
+          "tpe": "tab:green", "gp": "tab:orange"}
 
 
 def run_one(storage: str, config: str, seed: int, trials: int, epochs: int | None, timeout: float | None = None) -> None:
     cmd = [sys.executable, "-m", "nas.cli", "search", "--dataset", "mnist1d", "--space", "mnist1d_compress",
-           "--study", f"{config}-s{seed}", "--storage", storage, "--trials", str(trials), "--sampler", CONFIGS[config],
+           "--study", f"{config}-s{seed}", "--storage", storage, "--trials", str(trials), "--sampler", config,
            "--seed", str(seed), "--train-threads", "1", "--quiet", "--artifacts", storage.split("///")[1] + ".art"]
     if epochs:
         cmd += ["--epochs", str(epochs)]
@@ -76,13 +80,14 @@ def first_time_reaching(curve: pd.DataFrame, target: float) -> float | None:
     return float(hit["elapsed_s"].iloc[0]) if len(hit) else None
 
 
-def compare(curves: dict[str, pd.DataFrame], jobs: list[tuple[str, int]], seeds: int, trials: int):
+def compare(curves: dict[str, pd.DataFrame], jobs: list[tuple[str, int]], seeds: int, trials: int,
+            default: str = DEFAULT):
     """Per run: final hypervolume, at the default's wall-clock and after ``trials`` trials; per seed:
-    the wall-clock random and NSGA-II need to reach the default's final hypervolume."""
+    the wall-clock every other sampler needs to reach the default's final hypervolume."""
     rows = []
     for (c, s) in jobs:
         curve = curves[f"{c}-s{s}"]
-        same_time = float(curves[f"default-s{s}"]["elapsed_s"].max())  # the default search's duration
+        same_time = float(curves[f"{default}-s{s}"]["elapsed_s"].max())  # the default search's duration
         at = curve[curve["elapsed_s"] <= same_time]
         rows.append({"config": c, "seed": s, "final_hv": float(curve["hypervolume"].iloc[-1]),
                      "hv_at_default_wall": float(at["hypervolume"].iloc[-1]) if len(at) else 0.0,
@@ -94,10 +99,10 @@ def compare(curves: dict[str, pd.DataFrame], jobs: list[tuple[str, int]], seeds:
                                    hv_at_budget=("hv_at_budget", "mean"), wall_mean=("wall_s", "mean"))
     reach = []
     for s in range(seeds):
-        target = curves[f"default-s{s}"]["hypervolume"].iloc[-1]
-        default_wall = float(curves[f"default-s{s}"]["elapsed_s"].max())
+        target = curves[f"{default}-s{s}"]["hypervolume"].iloc[-1]
+        default_wall = float(curves[f"{default}-s{s}"]["elapsed_s"].max())
         row = {"seed": s, "default_final_hv": float(target), "default_wall_s": default_wall}
-        for other in ("random", "nsga2"):
+        for other in sorted({c for c, _ in jobs} - {default}):
             if f"{other}-s{s}" not in curves:
                 continue
             hit = first_time_reaching(curves[f"{other}-s{s}"], target)
@@ -114,15 +119,21 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=100)
     ap.add_argument("--epochs", type=int, default=None, help="override the space's epochs (default: its own)")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--samplers", nargs="+", default=[DEFAULT, "tpe", "gp", "nsga2", "random"], choices=SAMPLERS,
+                    help="the first is the one the others are compared with (default: nas search's default first)")
+    ap.add_argument("--out", default="search_efficiency", help="results name under experiments/results")
+    ap.add_argument("--storage", help="where the studies go (default: a new temporary SQLite file); a study already "
+                                      "there resumes to --trials, so a run can be extended by more samplers later")
     ap.add_argument("--analyze", metavar="STORAGE", help="only re-analyze the studies of an earlier run")
     ap.add_argument("--extend-random", metavar="FACTOR", type=float, default=None,
                     help="with --analyze: first resume each random run until its wall-clock is FACTOR x the default's "
                          "(a random run that has not reached the default's hypervolume by then counts as '>FACTORx')")
     args = ap.parse_args()
-    storage = args.analyze or f"sqlite:///{tempfile.mkdtemp(prefix='nas-eff-')}/eff.db"
+    storage = args.analyze or args.storage or f"sqlite:///{tempfile.mkdtemp(prefix='nas-eff-')}/eff.db"
     print(f"storage: {storage}", flush=True)
-    # the default and random run side by side per seed (the same host load), NSGA-II after
-    jobs = [(c, s) for s in range(args.seeds) for c in ("default", "random")] + [("nsga2", s) for s in range(args.seeds)]
+    default = args.samplers[0]
+    # seed by seed, two searches at a time (the same host load for every sampler of a seed)
+    jobs = [(c, s) for s in range(args.seeds) for c in args.samplers]
     t0 = time.time()
     if not args.analyze:
         from nas.study import open_storage
@@ -140,9 +151,9 @@ def main() -> None:
         t_ext = time.time()
         for s in range(args.seeds):  # one at a time, beside whatever else runs (as the runs went two at a time)
             walls = {c: float(busy_elapsed(trials_frame(optuna.load_study(study_name=f"{c}-s{s}", storage=storage))).max())
-                     for c in ("default", "random")}
-            more = args.extend_random * walls["default"] - walls["random"]
-            pair = build_report([optuna.load_study(study_name=f"{c}-s{s}", storage=storage) for c in ("default", "random")])
+                      for c in (default, "random")}
+            more = args.extend_random * walls[default] - walls["random"]
+            pair = build_report([optuna.load_study(study_name=f"{c}-s{s}", storage=storage) for c in (default, "random")])
             if pair.studies[1].hv_curve["hypervolume"].max() >= pair.studies[0].hv_curve["hypervolume"].iloc[-1]:
                 print(f"random-s{s}: already reached the default's final hypervolume; not extended", flush=True)
                 continue
@@ -159,7 +170,8 @@ def main() -> None:
             curve = curve.copy()
             curve["elapsed_s"] = curve["trial"].map(busy).to_numpy()
             out[st.name] = curve.sort_values("elapsed_s", kind="stable").reset_index(drop=True)
-    scales = {"log": compare(curves, jobs, args.seeds, args.trials), "linear": compare(lin_curves, jobs, args.seeds, args.trials)}
+    scales = {"log": compare(curves, jobs, args.seeds, args.trials, default),
+              "linear": compare(lin_curves, jobs, args.seeds, args.trials, default)}
     df, agg, reach = scales["log"]
 
     # overhead: trial time outside training compute (train + fine-tuning)
@@ -171,53 +183,52 @@ def main() -> None:
                 continue
             dur = t.duration.total_seconds()
             compute = u["train_s"] + u["compress_s"]
-            over.append({"duration_s": dur, "compute_s": compute, "preflight_s": u["preflight_s"], "eval_s": u["eval_s"],
+            over.append({"config": st.study_name.rsplit("-s", 1)[0], "duration_s": dur, "compute_s": compute, "preflight_s": u["preflight_s"], "eval_s": u["eval_s"],
                          "sampling_storage_s": max(0.0, dur - u["total_s"]), "overhead_fraction": (dur - compute) / dur})
     over_df = pd.DataFrame(over)
 
     def sentence(scale: str) -> str:
         _, agg, reach = scales[scale]
-        mean_ratio = sum(r["random_time_ratio"] for r in reach) / len(reach)
 
         def hv(c: str, col: str = "hv_mean") -> str:
             return f"{agg.loc[c, col]:.4f}" if c in agg.index else "not run"
 
-        return (f"{scale}-scale costs: final hypervolume default (surrogate) {hv('default')} vs NSGA-II {hv('nsga2')} vs "
-                f"random {hv('random')} (random after {args.trials} trials: {hv('random', 'hv_at_budget')}); at the "
-                f"default's wall-clock: NSGA-II {hv('nsga2', 'hv_at_default_wall')}, random {hv('random', 'hv_at_default_wall')}; "
-                "random's wall-clock to the default's final HV per seed: "
-                + ", ".join(r.get("random_time_ratio_text", "-") for r in reach) + f" (mean {mean_ratio:.2f}x); NSGA-II's: "
-                + ", ".join(r.get("nsga2_time_ratio_text", "-") for r in reach))
+        others = [c for c in args.samplers if c != default]
+        return (f"{scale}-scale costs: hypervolume after {args.trials} trials (mean of {args.seeds} seeds) "
+                + ", ".join(f"{c}{' (default)' if c == default else ''} {hv(c, 'hv_at_budget')}" for c in args.samplers)
+                + "; at the default's wall-clock: " + ", ".join(f"{c} {hv(c, 'hv_at_default_wall')}" for c in others)
+                + "; wall-clock to the default's final HV per seed: "
+                + "; ".join(f"{c} " + ", ".join(r.get(f"{c}_time_ratio_text", "-") for r in reach) for c in others))
 
     summary = (sentence("log") + ". " + sentence("linear")
                + f". Overhead {over_df['overhead_fraction'].median():.1%} of trial time (median); total {total_s / 60:.0f} min")
-    write_json("search_efficiency", {
-        "command": f"python experiments/search_efficiency.py --trials {args.trials}"
+    write_json(args.out, {
+        "command": f"python experiments/search_efficiency.py --trials {args.trials} --samplers {' '.join(args.samplers)}"
                    + (f" (then --analyze STORAGE --extend-random {args.extend_random})" if args.extend_random else ""),
         "trials": args.trials,
         "epochs": args.epochs or "space default", "seeds": args.seeds, "dataset": "mnist1d", "space": "mnist1d_compress",
-        "total_wall_s": total_s, "reference_point": rep.reference, "log_scale_zero": rep.lower,
+        "samplers": args.samplers, "default": default, "total_wall_s": total_s, "reference_point": rep.reference, "log_scale_zero": rep.lower,
         "pause_removed_over_s": PAUSE_S, "extend_random": args.extend_random,
         **{f"{scale}_scale": {"per_run": d.to_dict("records"), "by_config": a.reset_index().to_dict("records"),
-                              "time_to_default_hv": r,
-                              "random_time_ratio_mean": sum(x["random_time_ratio"] for x in r) / len(r)}
+                              "time_to_default_hv": r}
            for scale, (d, a, r) in scales.items()},
         "overhead": {"median_fraction": float(over_df["overhead_fraction"].median()),
                      "median_preflight_s": float(over_df["preflight_s"].median()),
                      "median_eval_s": float(over_df["eval_s"].median()),
                      "median_sampling_storage_s": float(over_df["sampling_storage_s"].median()),
                      "median_compute_s": float(over_df["compute_s"].median()),
-                     "median_trial_s": float(over_df["duration_s"].median())},
+                     "median_trial_s": float(over_df["duration_s"].median()),
+                     # a trial's time outside its own work: the sampler's proposal plus storage
+                     "median_sampling_storage_s_by_sampler": over_df.groupby("config")["sampling_storage_s"].median().to_dict()},
         "summary": summary})
-    df.to_csv(RESULTS / "search_efficiency.csv", index=False)
+    df.to_csv(RESULTS / f"{args.out}.csv", index=False)
 
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
-    colors = {"default": "tab:red", "nsga2": "tab:blue", "random": "tab:grey"}
     for ax, (scale, cs) in zip(axes, (("log", curves), ("linear", lin_curves))):
         for (c, s) in jobs:
             curve = cs[f"{c}-s{s}"]
-            ax.plot(curve["elapsed_s"], curve["hypervolume"], color=colors[c], alpha=0.8, label=c if s == 0 else None)
+            ax.plot(curve["elapsed_s"], curve["hypervolume"], color=COLORS.get(c, "black"), alpha=0.8, label=c if s == 0 else None)
         ax.set_xlabel("wall-clock since the search started (s, pauses removed)")
         ax.set_ylabel(f"hypervolume (costs on a {scale} scale)")
         ax.grid(alpha=0.3)
@@ -225,7 +236,7 @@ def main() -> None:
     fig.suptitle(f"MNIST-1D mnist1d_compress, {args.trials} trials x {args.seeds} seeds per sampler"
                  + (f" (random extended to {args.extend_random}x the default's wall-clock)" if args.extend_random else ""), fontsize=9)
     fig.tight_layout()
-    fig.savefig(RESULTS / "search_efficiency.png")
+    fig.savefig(RESULTS / f"{args.out}.png")
     print(summary)
 
 
