@@ -316,7 +316,18 @@ def _gp_predict(x: np.ndarray, y: np.ndarray, x_new: np.ndarray, seed: int) -> t
     m, s = float(y.mean()), float(y.std()) or 1.0
     kernel = (ConstantKernel(1.0, (1e-2, 1e2)) * Matern(np.ones(x.shape[1]), (1e-2, 1e2), nu=2.5)
               + WhiteKernel(1e-2, (1e-6, 1.0)))
-    model = GaussianProcessRegressor(kernel, normalize_y=False, n_restarts_optimizer=1, random_state=seed)
+
+    def fit_hyperparameters(obj: Callable, theta0: np.ndarray, bounds: np.ndarray) -> tuple[np.ndarray, float]:
+        # L-BFGS-B from one start, at most 50 iterations: on NAS-Bench-201 at 100 trials the
+        # default (two starts, to convergence) took 6-9 s per proposal and chose the same candidate
+        # as this in 1.2-1.7 s (each evaluation of the likelihood is ~10 ms at 100 trials x 30 inputs)
+        from scipy.optimize import minimize
+
+        r = minimize(obj, theta0, method="L-BFGS-B", jac=True, bounds=bounds, options={"maxiter": 50})
+        return r.x, float(r.fun)
+
+    model = GaussianProcessRegressor(kernel, normalize_y=False, optimizer=fit_hyperparameters,
+                                     n_restarts_optimizer=0, random_state=seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         model.fit(xs, (y - m) / s)
