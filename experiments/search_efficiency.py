@@ -132,8 +132,9 @@ def main() -> None:
     storage = args.analyze or args.storage or f"sqlite:///{tempfile.mkdtemp(prefix='nas-eff-')}/eff.db"
     print(f"storage: {storage}", flush=True)
     default = args.samplers[0]
-    # seed by seed, two searches at a time (the same host load for every sampler of a seed)
-    jobs = [(c, s) for s in range(args.seeds) for c in args.samplers]
+    # sampler by sampler in the order given, two searches at a time (an interrupted run keeps
+    # every seed of the samplers it reached)
+    jobs = [(c, s) for c in args.samplers for s in range(args.seeds)]
     t0 = time.time()
     if not args.analyze:
         from nas.study import open_storage
@@ -222,6 +223,11 @@ def main() -> None:
                      "median_sampling_storage_s_by_sampler": over_df.groupby("config")["sampling_storage_s"].median().to_dict()},
         "summary": summary})
     df.to_csv(RESULTS / f"{args.out}.csv", index=False)
+    # every trial's objectives and times (the studies themselves stay in the temporary storage):
+    # enough to recompute any run's curve on another reference point
+    keep = ["trial", "state", "datetime_start", "datetime_complete", *rep.objectives]
+    pd.concat([st.trials[[k for k in keep if k in st.trials]].assign(study=st.name) for st in rep.studies]).to_csv(
+        RESULTS / f"{args.out}_trials.csv", index=False)
 
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
