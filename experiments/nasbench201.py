@@ -83,7 +83,8 @@ def make(name: str, seed: int, n_trials: int) -> optuna.samplers.BaseSampler:
         opts = set(name.split("+")[1:])
         cands = next((int(o[1:]) for o in opts if o.startswith("c") and o[1:].isdigit()), 256)
         return SurrogateSampler(seed=seed, n_startup=max(4, min(10, n_trials // 5)), onehot="onehot" in opts,
-                                n_candidates=cands, model="gp" if "gp" in opts else "trees")
+                                n_candidates=cands, model="gp" if "gp" in opts else "trees",
+                                acquisition="ehvi" if "ehvi" in opts else "optimistic")
     if name == "tpe":
         return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=startup)
     if name == "gp":
