@@ -152,3 +152,34 @@ def test_the_gp_surrogate_closes_in_on_a_smooth_optimum():
 def test_an_unknown_surrogate_model_is_refused():
     with pytest.raises(ValueError, match="model must be 'trees' or 'gp', got 'svm'"):
         SurrogateSampler(model="svm")
+
+
+def test_expected_hypervolume_improvement_counts_uncertainty():
+    from nas.samplers import _expected_hv_improvement
+
+    front = np.array([[0.0, 1.0], [1.0, 0.0]])  # minimization form
+    mu = np.array([[0.9, 0.9],     # certain, and ahead of the front: gains
+                   [2.0, 2.0],     # confidently beyond the front's worst: nothing
+                   [1.05, 1.05]])  # just outside the region it would gain in, but uncertain
+    sd = np.array([[0.0, 0.0], [0.0, 0.0], [0.3, 0.3]])
+    gain = _expected_hv_improvement(front, mu, sd, np.random.default_rng(0))
+    assert gain[0] > 0 and gain[1] == 0 and gain[2] > 0, gain
+    # the same mean without uncertainty gains nothing (ranked by its distance to the front instead)
+    assert _expected_hv_improvement(front, mu[2:], np.zeros((1, 2)), np.random.default_rng(0))[0] <= 0
+
+
+def test_the_gp_surrogate_with_ehvi_on_two_objectives():
+    def objective(trial):
+        x, y = trial.suggest_float("x", 0, 1), trial.suggest_float("y", 0, 1)
+        return (x - 0.2) ** 2 + y, (x - 0.8) ** 2 + y  # the front: y = 0, x in [0.2, 0.8]
+
+    study = optuna.create_study(directions=["minimize", "minimize"], sampler=_sampler(0, model="gp", acquisition="ehvi"))
+    study.optimize(objective, n_trials=24)
+    assert all(t.system_attrs.get("nas:surrogate") for t in study.trials[4:])
+    late = [t.params["y"] for t in study.trials[12:]]
+    assert np.median(late) < 0.1, late  # the surrogate's trials close in on the front
+
+
+def test_an_unknown_acquisition_is_refused():
+    with pytest.raises(ValueError, match="acquisition must be 'optimistic' or 'ehvi', got 'pi'"):
+        SurrogateSampler(acquisition="pi")
