@@ -146,7 +146,7 @@ def main() -> None:
 
     names = {st.study_name for st in optuna.study.get_all_study_summaries(storage, include_best_trial=False)}
     jobs = [(c, s) for c, s in jobs if f"{c}-s{s}" in names]  # (an interrupted run: what finished)
-    if args.analyze and args.extend_random:
+    if args.analyze and args.extend_random and "random" in args.samplers:
         from nas.study import trials_frame
 
         t_ext = time.time()
