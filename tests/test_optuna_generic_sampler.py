@@ -15,17 +15,17 @@ def _surrogate() -> SurrogateSampler:
     return SurrogateSampler(seed=None, n_startup=0, n_candidates=32)
 
 
-def _surrogate_gp() -> SurrogateSampler:
+def _surrogate_gp() -> SurrogateSampler:  # the slow set (CI runs it): ~85 cases of GP fits
     return SurrogateSampler(seed=None, n_startup=0, n_candidates=32, model="gp")
 
 
 class TestSurrogateAsABasicSampler(BasicSamplerTestCase):
-    @pytest.fixture(params=[_surrogate, _surrogate_gp], ids=["trees", "gp"])
+    @pytest.fixture(params=[_surrogate, pytest.param(_surrogate_gp, marks=pytest.mark.slow)], ids=["trees", "gp"])
     def sampler(self, request):  # noqa: ANN001, ANN201 - Optuna's fixture protocol
         return request.param
 
 
 class TestSurrogateAsAMultiObjectiveSampler(MultiObjectiveSamplerTestCase):
-    @pytest.fixture(params=[_surrogate, _surrogate_gp], ids=["trees", "gp"])
+    @pytest.fixture(params=[_surrogate, pytest.param(_surrogate_gp, marks=pytest.mark.slow)], ids=["trees", "gp"])
     def sampler(self, request):  # noqa: ANN001, ANN201
         return request.param

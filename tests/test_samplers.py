@@ -77,6 +77,7 @@ def test_make_sampler_builds_it_for_a_space_and_plans_through_it(name):
     space = load_space("mnist1d_compress")
     sampler = make_sampler(name, 0, 50, space, Task(dataset="mnist1d"))
     assert sampler._model == ("gp" if name == "surrogate-gp" else "trees")
+    assert sampler._acquisition == ("ehvi" if name == "surrogate-gp" else "optimistic")
     study = optuna.create_study(directions=["maximize", "minimize", "minimize"], sampler=sampler)
     rng = np.random.default_rng(0)
     for i in range(12):  # history: random candidates with made-up objective values
