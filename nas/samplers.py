@@ -404,20 +404,26 @@ def _encode(params: list[dict[str, Any]], names: list[str], dists: dict[str, Bas
     return np.hstack(cols) if cols else np.zeros((len(params), 0))
 
 
-def _hv_improvement(front: np.ndarray, cands: np.ndarray, rng: np.random.Generator, samples: int = 20000) -> np.ndarray:
-    """Monte Carlo estimate of each candidate's hypervolume improvement over ``front`` (all in
-    minimization form), in a box normalized to the observed ranges with a 10% margin."""
-    allp = np.vstack([front, cands]) if len(front) else cands
-    lo, hi = allp.min(0), allp.max(0)
-    if len(front):
-        hi = front.max(0)  # the reference point: the worst of the current front, plus a margin
+def _free_points(front: np.ndarray, allp: np.ndarray, rng: np.random.Generator,
+                 samples: int) -> tuple[np.ndarray, np.ndarray]:
+    """Uniform points of the box from ``allp``'s lowest values to the worst of ``front`` plus a 10%
+    margin (without a front: ``allp``'s worst) that no front member dominates; and the box's span."""
+    lo = allp.min(0)
+    hi = front.max(0) if len(front) else allp.max(0)  # the reference point: the worst of the current front
     span = np.where(hi - lo > 0, hi - lo, 1.0)
     ref = hi + 0.1 * span
     pts = lo + rng.random((samples, allp.shape[1])) * (ref - lo)
     dominated = np.zeros(samples, dtype=bool)
     for p in front:
         dominated |= (pts >= p).all(1)
-    free = pts[~dominated]
+    return pts[~dominated], span
+
+
+def _hv_improvement(front: np.ndarray, cands: np.ndarray, rng: np.random.Generator, samples: int = 20000) -> np.ndarray:
+    """Monte Carlo estimate of each candidate's hypervolume improvement over ``front`` (all in
+    minimization form), in a box normalized to the observed ranges with a 10% margin."""
+    allp = np.vstack([front, cands]) if len(front) else cands
+    free, span = _free_points(front, allp, rng, samples)
     if not len(free):
         return np.zeros(len(cands))
     gain = np.array([((free >= c).all(1)).sum() for c in cands], dtype=float)
@@ -435,15 +441,7 @@ def _expected_hv_improvement(front: np.ndarray, mu: np.ndarray, sd: np.ndarray, 
     :func:`_hv_improvement`'s; at most ``keep`` of its free points are used."""
     if not len(front):
         return _hv_improvement(front, mu - sd, rng, samples)
-    lo = np.vstack([front, mu - 2 * sd]).min(0)
-    hi = front.max(0)
-    span = np.where(hi - lo > 0, hi - lo, 1.0)
-    ref = hi + 0.1 * span
-    pts = lo + rng.random((samples, front.shape[1])) * (ref - lo)
-    dominated = np.zeros(samples, dtype=bool)
-    for p in front:
-        dominated |= (pts >= p).all(1)
-    free = pts[~dominated][:keep]
+    free = _free_points(front, np.vstack([front, mu - 2 * sd]), rng, samples)[0][:keep]
     if not len(free):
         return np.zeros(len(mu))
     z = rng.standard_normal((draws, mu.shape[1]))  # common random numbers: candidates compared on the same draws
