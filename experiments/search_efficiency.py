@@ -11,7 +11,8 @@ equal wall-clock. Runs go two at a time, one core each.
 
     python experiments/search_efficiency.py --trials 100     # ~15 min per run, two at a time
 
-Writes experiments/results/search_efficiency.{json,csv,png}; prints a one-line summary.
+Writes experiments/results/<out>.{json,csv,png} and <out>_trials.csv (``--out``, default
+search_efficiency); prints a one-line summary.
 """
 
 from __future__ import annotations

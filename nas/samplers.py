@@ -327,9 +327,9 @@ def _gp_predict(x: np.ndarray, y: np.ndarray, x_new: np.ndarray, seed: int) -> t
               + WhiteKernel(1e-2, (1e-6, 1.0)))
 
     def fit_hyperparameters(obj: Callable, theta0: np.ndarray, bounds: np.ndarray) -> tuple[np.ndarray, float]:
-        # L-BFGS-B from one start, at most 50 iterations: on NAS-Bench-201 at 100 trials the
-        # default (two starts, to convergence) took 6-9 s per proposal and chose the same candidate
-        # as this in 1.2-1.7 s (each evaluation of the likelihood is ~10 ms at 100 trials x 30 inputs)
+        # L-BFGS-B from one start, at most 50 iterations: on a NAS-Bench-201 history of 100 trials
+        # the default (two starts, to convergence) took 6.4-8.8 s per proposal and chose the same
+        # candidate as this in 1.7 s (each likelihood evaluation is ~10 ms at 100 trials x 30 inputs)
         from scipy.optimize import minimize
 
         r = minimize(obj, theta0, method="L-BFGS-B", jac=True, bounds=bounds, options={"maxiter": 50})
