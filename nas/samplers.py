@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -46,9 +47,10 @@ from optuna.distributions import (
 )
 from optuna.trial import FrozenTrial, TrialState
 
-__all__ = ["SurrogateSampler", "RecordingTrial", "PLAN_ATTR"]
+__all__ = ["SurrogateSampler", "RecordingTrial", "PLAN_ATTR", "PLAN_SECONDS_ATTR"]
 
 PLAN_ATTR = "nas:plan"  # a trial's planned parameters, stored before its objective runs
+PLAN_SECONDS_ATTR = "nas:plan_s"  # seconds the sampler took to plan the trial (reading the study included)
 
 
 class RecordingTrial:
@@ -111,12 +113,21 @@ class SurrogateSampler(optuna.samplers.BaseSampler):
     object (``lambda t: space.suggest(t, ...)``); without it, candidates range over the
     parameters finished trials asked (any Optuna objective). ``directions``: one per objective
     (default: the study's); ``objectives``: their names, so that pruned trials' rung accuracy and
-    costs are read from their user attributes; ``seed=None``: a random seed."""
+    costs are read from their user attributes; ``seed=None``: a random seed. ``batch``: plans
+    made per surrogate fit (the next ``batch - 1`` trials take the queued ones), for trials that
+    cost about as much as a fit (a supernet's inherited-weight trials); the batch is chosen
+    greedily, each pick added to the front at its optimistic value (mean minus one deviation)
+    before the next is scored ("kriging believer"), so it spreads along the front instead of
+    repeating one neighbourhood."""
 
     def __init__(self, propose: Callable[[Any], Any] | None = None, directions: Sequence[str] | None = None, *,
                  seed: int | None = 0, n_startup: int = 10, n_candidates: int = 256,
                  objectives: Sequence[str] | None = None, onehot: bool = False, model: str = "trees",
-                 acquisition: str = "optimistic") -> None:
+                 acquisition: str = "optimistic", batch: int = 1) -> None:
+        if int(batch) < 1:
+            raise ValueError(f"batch must be at least 1, got {batch!r}")
+        self._batch = int(batch)
+        self._queue: list[dict[str, Any]] = []  # plans of the last batch not yet taken
         if model not in ("trees", "gp"):
             raise ValueError(f"model must be 'trees' or 'gp', got {model!r}")
         if acquisition not in ("optimistic", "ehvi"):
@@ -140,7 +151,7 @@ class SurrogateSampler(optuna.samplers.BaseSampler):
 
     def __getstate__(self) -> dict[str, Any]:  # Ray pickles the search algorithm and its sampler
         state = self.__dict__.copy()
-        state["_lock"], state["_plan_lock"], state["_plans"] = None, None, {}
+        state["_lock"], state["_plan_lock"], state["_plans"], state["_queue"] = None, None, {}, []
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -149,6 +160,7 @@ class SurrogateSampler(optuna.samplers.BaseSampler):
         self.__dict__.setdefault("_warned", set())
         self.__dict__.setdefault("_model", "trees")  # a sampler pickled before the GP option
         self.__dict__.setdefault("_acquisition", "optimistic")
+        self.__dict__.setdefault("_batch", 1)
 
     # -- Optuna's sampler interface: everything is decided in before_trial
     def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
@@ -168,23 +180,40 @@ class SurrogateSampler(optuna.samplers.BaseSampler):
         # still being planned (here, or in another worker) is never proposed twice (with n_jobs=2
         # unstored plans gave 4-8 duplicates in 3 x 40 trials).
         with self._plan_lock:
+            t0 = time.perf_counter()
             trials = study.get_trials(deepcopy=False)
             rng = np.random.default_rng([self._seed, trial.number])
             dirs = self._directions or ["maximize" if d == optuna.study.StudyDirection.MAXIMIZE else "minimize"
                                         for d in study.directions]
+            plan = self._queued(trials)
             try:
-                plan = self._plan(trials, rng, dirs)
+                if plan is None:
+                    plans = self._plan(trials, rng, dirs)
+                    plan, self._queue = (plans[0], plans[1:]) if plans else ({}, [])
             except Exception as exc:  # noqa: BLE001 - the trial must not be left RUNNING: random, said once
                 self._warn(f"surrogate planning failed ({type(exc).__name__}: {exc}); such trials are sampled at random")
                 plan = {}
             with self._lock:
                 self._plans[trial._trial_id] = plan
+            study._storage.set_trial_system_attr(trial._trial_id, PLAN_SECONDS_ATTR, time.perf_counter() - t0)
             if plan:
                 study._storage.set_trial_system_attr(trial._trial_id, "nas:surrogate", True)
                 try:
                     study._storage.set_trial_system_attr(trial._trial_id, PLAN_ATTR, plan)
                 except (TypeError, ValueError):  # a value the storage cannot hold as JSON
                     pass
+
+    def _queued(self, trials: list[FrozenTrial]) -> dict[str, Any] | None:
+        """The next plan of the current batch that no trial (here or in another worker) has taken."""
+        if not self._queue:
+            return None
+        seen = {_key(t.params) for t in trials if t.params}
+        seen |= {_key(t.system_attrs[PLAN_ATTR]) for t in trials if isinstance(t.system_attrs.get(PLAN_ATTR), dict)}
+        while self._queue:
+            plan = self._queue.pop(0)
+            if _key(plan) not in seen:
+                return plan
+        return None
 
     def _warn(self, message: str) -> None:
         if message not in self._warned:
@@ -224,7 +253,8 @@ class SurrogateSampler(optuna.samplers.BaseSampler):
                 out.append(float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None)
         return out
 
-    def _plan(self, trials: list[FrozenTrial], rng: np.random.Generator, dirs: list[str]) -> dict[str, Any]:
+    def _plan(self, trials: list[FrozenTrial], rng: np.random.Generator, dirs: list[str]) -> list[dict[str, Any]]:
+        """The next trial's plan, then (with ``batch``) the plans queued behind it; none: random."""
         done = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
         complete = [t for t in done if t.state == TrialState.COMPLETE and t.values is not None]
         seen = {_key(t.params) for t in trials if t.params}
@@ -262,18 +292,39 @@ class SurrogateSampler(optuna.samplers.BaseSampler):
             if failures:  # every proposal failed: say why, once, rather than turn silently random
                 self._warn(f"the space refused every candidate proposed ({len(failures)}; first: "
                            f"{type(failures[0]).__name__}: {failures[0]}); trials are sampled at random")
-            return {}
+            return []
         if startup:
-            return dict(cands[0].params)
-        scores = self._score(done, cands, dirs)
-        return dict(cands[int(np.argmax(scores))].params)
+            return [dict(cands[0].params)]
+        mu, sd, front_y = self._predict(done, cands, dirs)
+        scores = self._acquire(front_y, mu, sd)
+        picks = [int(np.argmax(scores))]
+        if self._batch > 1 and mu.shape[1]:
+            picks = _greedy_batch(front_y, mu - sd, picks[0], min(self._batch, len(cands)),
+                                  np.random.default_rng(self._seed))
+            rest = [int(i) for i in np.argsort(-scores, kind="stable") if int(i) not in picks]
+            picks += rest[: min(self._batch, len(cands)) - len(picks)]  # nothing left to gain: by acquisition
+        return [dict(cands[i].params) for i in picks]
 
     def _score(self, done: list[FrozenTrial], cands: list[RecordingTrial], dirs: list[str]) -> np.ndarray:
+        """Each candidate's acquisition value."""
+        return self._acquire(*self._predict(done, cands, dirs))
+
+    def _acquire(self, front_y: np.ndarray, mu: np.ndarray, sd: np.ndarray) -> np.ndarray:
+        if not len(mu) or not mu.shape[1]:  # nothing predicted: every candidate alike
+            return np.zeros(len(mu))
+        if self._acquisition == "ehvi":
+            return _expected_hv_improvement(front_y, mu, sd, np.random.default_rng(self._seed))
+        return _hv_improvement(front_y, mu - sd, np.random.default_rng(self._seed))
+
+    def _predict(self, done: list[FrozenTrial], cands: list[RecordingTrial],
+                 dirs: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Predicted mean and spread of each candidate's objectives (minimization form, costs
+        in log), and the complete trials' objectives in the same form."""
         from sklearn.ensemble import ExtraTreesRegressor
 
         names = sorted({n for t in done for n in t.params} | {n for c in cands for n in c.params})
         if not names:  # an objective without parameters: nothing to tell candidates apart by
-            return np.zeros(len(cands))
+            return np.zeros((len(cands), 0)), np.zeros((len(cands), 0)), np.zeros((0, 0))
         dists: dict[str, BaseDistribution] = {}
         for t in done:
             dists.update(t.distributions)
@@ -305,9 +356,7 @@ class SurrogateSampler(optuna.samplers.BaseSampler):
         complete = np.array([t.state == TrialState.COMPLETE for t in done])
         front_y = y[complete]
         front_y = front_y[~np.isnan(front_y).any(1)]
-        if self._acquisition == "ehvi":
-            return _expected_hv_improvement(front_y, mu, sd, np.random.default_rng(self._seed))
-        return _hv_improvement(front_y, mu - sd, np.random.default_rng(self._seed))
+        return mu, sd, front_y
 
 
 def _gp_predict(x: np.ndarray, y: np.ndarray, x_new: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -431,6 +480,26 @@ def _hv_improvement(front: np.ndarray, cands: np.ndarray, rng: np.random.Generat
         d = np.array([np.min(np.max((c - front) / span, axis=1)) if len(front) else 0.0 for c in cands])
         return -d
     return gain
+
+
+def _greedy_batch(front: np.ndarray, pts: np.ndarray, first: int, k: int, rng: np.random.Generator,
+                  samples: int = 20000) -> list[int]:
+    """Up to ``k`` picks of ``pts`` (minimization form), ``first`` first, each the one that adds
+    the most hypervolume to ``front`` and the picks before it ("kriging believer" on the
+    optimistic points, in one fixed box: :func:`_hv_improvement`'s); stops early when no
+    remaining point adds any."""
+    allp = np.vstack([front, pts]) if len(front) else pts
+    free = _free_points(front, allp, rng, samples)[0]
+    alive = np.ones(len(free), dtype=bool)
+    picks = [first]
+    while len(picks) < k and len(free):
+        alive &= ~(free >= pts[picks[-1]]).all(1)
+        gain = np.array([((free[alive] >= p).all(1)).sum() for p in pts], dtype=float)
+        gain[picks] = -1.0
+        if gain.max() <= 0:
+            break
+        picks.append(int(np.argmax(gain)))
+    return picks
 
 
 def _expected_hv_improvement(front: np.ndarray, mu: np.ndarray, sd: np.ndarray, rng: np.random.Generator,

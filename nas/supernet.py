@@ -40,11 +40,17 @@ from nas.builder import Net, build
 from nas.config import ArchConfig, BlockConfig
 from nas.space import Param, Space
 
-__all__ = ["SuperNet", "Picker", "recalibrate_bn", "train_supernet", "SupernetStats", "BLOCK_CAPACITY"]
+__all__ = ["SuperNet", "Picker", "recalibrate_bn", "train_supernet", "SupernetStats", "BLOCK_CAPACITY", "SANDWICHES"]
 
 # Block types from the most capacity to the least at equal width: the sandwich rule's largest
 # candidate takes the first its stage offers, the smallest the last (never leaving a stage out)
 BLOCK_CAPACITY = ("mbconv", "conv", "factorized", "dsconv", "skip")
+
+# How the sandwich rule's two ends choose block types: "fixed", the most and least capacity of
+# BLOCK_CAPACITY every step (BigNAS's rule, for one block type per stage); "typed", every stage a
+# block type drawn per step, at the largest (smallest) depth, width, kernel and expansion, so
+# the full width of *every* type's weights trains each step, not only when a random path takes it
+SANDWICHES = ("fixed", "typed")
 
 
 def _largest(p: Param) -> Any:
@@ -53,17 +59,20 @@ def _largest(p: Param) -> Any:
 
 class Picker:
     """A trial-like object for :meth:`Space.suggest`: every value the largest (``max``), the
-    smallest (``min``), or drawn uniformly (``random``, from ``rng``)."""
+    smallest (``min``), or drawn uniformly (``random``, from ``rng``). ``random_types``: with
+    ``max`` or ``min``, block types are drawn from ``rng`` (never leaving a stage out)."""
 
-    def __init__(self, policy: str, rng: random.Random | None = None) -> None:
+    def __init__(self, policy: str, rng: random.Random | None = None, random_types: bool = False) -> None:
         if policy not in ("max", "min", "random"):
             raise ValueError(f"policy {policy!r} is not one of max, min, random")
-        self.policy, self.rng = policy, rng or random.Random(0)
+        self.policy, self.rng, self.random_types = policy, rng or random.Random(0), random_types
         self.params: dict[str, Any] = {}
 
     def suggest_categorical(self, name: str, choices: list[Any]) -> Any:
         if self.policy == "random":
             v = self.rng.choice(choices)
+        elif name.endswith(".block") and self.random_types:
+            v = self.rng.choice([t for t in choices if t != "skip"] or list(choices))
         elif name.endswith(".block"):
             ranked = [t for t in BLOCK_CAPACITY if t in choices and t != "skip"] or list(choices)
             v = ranked[0] if self.policy == "max" else ranked[-1]
@@ -142,10 +151,11 @@ class SuperNet(nn.Module):
 
     # ------------------------------------------------------------------ candidates
 
-    def sample(self, policy: str, rng: random.Random | None = None) -> ArchConfig:
-        """A candidate architecture: the largest, the smallest, or a random one."""
-        return self.space.suggest(Picker(policy, rng), in_channels=self.in_channels, input_size=self.input_size,
-                                  num_classes=self.num_classes).arch
+    def sample(self, policy: str, rng: random.Random | None = None, random_types: bool = False) -> ArchConfig:
+        """A candidate architecture: the largest, the smallest, or a random one (``random_types``:
+        the largest or smallest dimensions with block types drawn from ``rng``)."""
+        return self.space.suggest(Picker(policy, rng, random_types), in_channels=self.in_channels,
+                                  input_size=self.input_size, num_classes=self.num_classes).arch
 
     def _source(self, arch: ArchConfig, name: str) -> str:
         """The supernet tensor a tensor of ``build(arch)`` takes from."""
@@ -232,17 +242,22 @@ def _soft_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def train_supernet(net: SuperNet, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: float = 0.05,
                    batch_size: int = 128, weight_decay: float = 3e-5, seed: int = 0, randoms: int = 2,
+                   sandwich: str = SANDWICHES[0],
                    augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
                    on_epoch: Callable[[int, float], None] | None = None) -> SupernetStats:
     """Train the shared weights with the sandwich rule: per batch the largest candidate on the
     labels, then the smallest and ``randoms`` random ones on the largest's soft predictions
-    (in-place distillation); one SGD step on the summed gradients, cosine learning rate."""
+    (in-place distillation); one SGD step on the summed gradients, cosine learning rate.
+    ``sandwich``: how the largest and smallest choose block types (:data:`SANDWICHES`)."""
+    if sandwich not in SANDWICHES:
+        raise ValueError(f"sandwich {sandwich!r} is not one of {', '.join(SANDWICHES)}")
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     torch.manual_seed(seed)
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True)
     steps = max(1, len(y) // batch_size)  # whole batches only: BatchNorm needs more than one sample
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, epochs * steps), pct_start=0.1)
+    typed = sandwich == "typed"
     largest, smallest = net.sample("max"), net.sample("min")
     layout = torch.channels_last if x.ndim == 4 and x.shape[2] > 1 else torch.contiguous_format
     net.to(memory_format=layout)
@@ -255,6 +270,8 @@ def train_supernet(net: SuperNet, x: torch.Tensor, y: torch.Tensor, *, epochs: i
             xb = x[idx] if augment is None else augment(x[idx], gen)
             xb, yb = xb.contiguous(memory_format=layout), y[idx]
             opt.zero_grad(set_to_none=True)
+            if typed:
+                largest, smallest = net.sample("max", rng, True), net.sample("min", rng, True)
             logits = net(xb, largest)
             loss = F.cross_entropy(logits, yb)
             loss.backward()

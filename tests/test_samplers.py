@@ -103,3 +103,30 @@ def test_it_pickles_as_ray_needs():
     t = study.ask()
     load_space("mnist1d_compress").suggest(t, in_channels=1, input_size=(1, 40), num_classes=10)
     assert t.params  # the unpickled sampler proposes (random, without repeats, at the start)
+
+
+def test_a_batch_plans_several_trials_per_fit_and_still_beats_random(monkeypatch):
+    """batch=5: after the random start one surrogate fit per five trials; no candidate repeats;
+    every trial records its planning seconds; and the batched sampler still finds a better
+    front than random sampling on the toy (60 trials: 22.39 vs 22.23; batch=1 reached 22.65)."""
+    fits = []
+    real = SurrogateSampler._predict
+
+    def counting(self, *a):  # noqa: ANN001, ANN202
+        fits.append(1)
+        return real(self, *a)
+
+    monkeypatch.setattr(SurrogateSampler, "_predict", counting)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = SurrogateSampler(_toy, ["maximize", "minimize"], seed=0, n_startup=6,
+                               objectives=["accuracy", "cost"], batch=5)
+    s = _run(sampler, 60)
+    assert len(fits) == 11, len(fits)  # trials 6, 11, ..., 56
+    keys = [tuple(sorted(t.params.items())) for t in s.trials]
+    assert len(set(keys)) == len(keys)
+    assert all(t.system_attrs["nas:plan_s"] >= 0 for t in s.trials)
+    r = _run(optuna.samplers.RandomSampler(seed=0), 60)
+    hv = [hypervolume(np.array([t.values for t in st.trials]), ["maximize", "minimize"], [0.0, 30.0]) for st in (s, r)]
+    assert hv[0] > hv[1], hv
+    with pytest.raises(ValueError, match="batch must be at least 1"):
+        SurrogateSampler(_toy, batch=0)

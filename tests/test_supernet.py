@@ -122,3 +122,25 @@ def test_elastic_width_depth_and_kernel_share_well_within_one_block_type(data):
 def test_the_picker_refuses_an_unknown_policy():
     with pytest.raises(ValueError, match="policy 'big'"):
         Picker("big")
+
+
+def test_the_typed_sandwich_trains_every_block_types_full_width(data):
+    """"fixed" trains the largest and smallest of BLOCK_CAPACITY only (mbconv and dsconv here):
+    with no random paths a conv block's weights never move. "typed" draws each stage's type per
+    step, so within a few steps the full width of the conv blocks trains too."""
+    space = parse_space({"name": "two", "stem_channels": [8], "stages": [
+        {"block": ["conv", "dsconv", "mbconv"], "depth": [1], "width": [8, 16], "kernel": [3]}]})
+    x, y = data.x_train[:512], data.y_train[:512]
+    moved = {}
+    for sandwich in ("fixed", "typed"):
+        net = _net(data, space)
+        before = {k: v.clone() for k, v in net.stages[0]["conv"].state_dict().items()}
+        train_supernet(net, x, y, epochs=2, lr=0.05, seed=0, randoms=0, sandwich=sandwich)
+        after = net.stages[0]["conv"].state_dict()
+        moved[sandwich] = max(float((after[k] - v).abs().max()) for k, v in before.items() if v.is_floating_point())
+    assert moved["fixed"] == 0.0 and moved["typed"] > 1e-3, moved
+
+
+def test_an_unknown_sandwich_is_refused(data):
+    with pytest.raises(ValueError, match="sandwich 'wide' is not one of fixed, typed"):
+        train_supernet(_net(data), data.x_train[:256], data.y_train[:256], epochs=1, sandwich="wide")

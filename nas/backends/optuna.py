@@ -63,7 +63,9 @@ def make_sampler(name: str, seed: int, n_trials: int = 50, space: Space | None =
                                 model="gp" if name == "surrogate-gp" else "trees",
                                 # with GPs, expected hypervolume improvement: NAS-Bench-201 0.944 vs 0.933
                                 # for mean minus one deviation (experiments/results/nasbench201_gp.json)
-                                acquisition="ehvi" if name == "surrogate-gp" else "optimistic")
+                                acquisition="ehvi" if name == "surrogate-gp" else "optimistic",
+                                # inherited-weight trials cost seconds, about what a fit costs: plan 8 per fit
+                                batch=8 if getattr(task, "strategy", "scratch") == "supernet" else 1)
     if name == "nsga2":
         # Small budgets need small generations, or NSGA-II never leaves its random first one.
         return optuna.samplers.NSGAIISampler(population_size=max(4, min(50, n_trials // 3)), seed=seed)

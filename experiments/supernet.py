@@ -1,0 +1,148 @@
+"""Ranking fidelity of the weight-sharing supernet (issue 25): does a candidate's accuracy with
+inherited weights rank it where training it alone would?
+
+``N`` random candidates of the space (a fixed draw for ``--seed``) are trained stand-alone with
+one recipe (AdamW, cosine, the space's batch size) and scored on validation. Those figures do
+not depend on the supernet, so they are kept in ``results/<name>_standalone.json`` after every
+candidate and reused by later runs (an interrupted run goes on where it stopped). Then a
+supernet is trained (``nas.supernet.train_supernet`` with the chosen ``--sandwich``), each
+candidate is extracted, its BatchNorms recalibrated on 2,048 training images (what a
+``--strategy supernet`` trial does) and scored on validation; Kendall tau and Spearman between
+the two, and the seconds per inherited candidate (candidates per hour) beside the stand-alone
+seconds per candidate.
+
+    python experiments/supernet.py --dataset fashion-mnist --space default28 --subnets 30 \\
+        --standalone-epochs 4 --supernet-epochs 6 --name supernet_fidelity_fm
+    python experiments/supernet.py --only standalone ...   # the stand-alone figures only
+
+Validation figures only: the test split is not read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+from _common import RESULTS, write_json
+from scipy.stats import kendalltau, spearmanr
+
+from nas.builder import build
+from nas.config import Recipe
+from nas.pipeline import get_dataset
+from nas.space import load_space
+from nas.strategy import RECALIBRATION_SAMPLES
+from nas.supernet import SANDWICHES, SuperNet, recalibrate_bn, train_supernet
+from nas.train import accuracy, seed_everything, train
+
+
+def candidates(net: SuperNet, n: int, seed: int) -> list:
+    rng, seen, out = random.Random(seed + 1), set(), []
+    while len(out) < n:
+        arch = net.sample("random", rng)
+        if arch.summary() not in seen:
+            seen.add(arch.summary())
+            out.append(arch)
+    return out
+
+
+def standalone(archs, data, recipe: Recipe, seed: int, path: Path) -> dict[str, dict]:
+    """Stand-alone validation accuracy of each candidate, cached in ``path`` by recipe and arch."""
+    cache = json.loads(path.read_text()) if path.is_file() else {}
+    rkey = json.dumps(recipe.to_dict(), sort_keys=True) + f"|seed{seed}"
+    table = cache.setdefault(rkey, {})
+    for i, arch in enumerate(archs):
+        name = arch.summary()
+        if name in table:
+            continue
+        seed_everything(seed)
+        model = build(arch)
+        t0 = time.perf_counter()
+        train(model, data.x_train, data.y_train, recipe, seed)
+        table[name] = {"val": accuracy(model, data.x_val, data.y_val), "train_s": time.perf_counter() - t0,
+                       "params": sum(p.numel() for p in model.parameters())}
+        print(f"stand-alone {i + 1}/{len(archs)}: {table[name]['val']:.4f} in {table[name]['train_s']:.0f} s  {name}",
+              flush=True)
+        path.write_text(json.dumps(cache, indent=1) + "\n")
+    return table
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dataset", default="digits")
+    ap.add_argument("--space", default="default")
+    ap.add_argument("--subnets", type=int, default=30)
+    ap.add_argument("--standalone-epochs", type=int, default=10)
+    ap.add_argument("--standalone-lr", type=float, default=0.01)
+    ap.add_argument("--supernet-epochs", type=int, default=20)
+    ap.add_argument("--supernet-lr", type=float, default=0.05)
+    ap.add_argument("--randoms", type=int, default=2)
+    ap.add_argument("--sandwich", choices=SANDWICHES, default=SANDWICHES[0])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--only", choices=("all", "standalone"), default="all")
+    ap.add_argument("--cache", default=None, help="folder to keep trained supernets in (reused by the same settings)")
+    ap.add_argument("--name", default="supernet_fidelity", help="results file name")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    data = get_dataset(args.dataset, args.seed)
+    space = load_space(args.space)
+    torch.manual_seed(args.seed)
+    net = SuperNet(space, data.in_channels, data.input_size, data.num_classes)
+    archs = candidates(net, args.subnets, args.seed)
+    bs = int(max(space.recipe["batch_size"].options()))  # the space's batch size (one value in the bundled spaces)
+    recipe = Recipe(epochs=args.standalone_epochs, lr=args.standalone_lr, batch_size=bs)
+    alone = standalone(archs, data, recipe, args.seed, RESULTS / f"{args.name}_standalone.json")
+    if args.only == "standalone":
+        return
+
+    settings = {k: getattr(args, k) for k in ("dataset", "space", "supernet_epochs", "supernet_lr", "randoms", "sandwich", "seed")}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    stored = Path(args.cache) / f"supernet_{digest}.pt" if args.cache else None
+    if stored is not None and stored.is_file():
+        # our own file from an earlier run of this script (weights only: no code is unpickled)
+        net.load_state_dict(torch.load(stored, weights_only=True))
+        train_s = json.loads(stored.with_suffix(".json").read_text())["train_s"]
+    else:
+        stats = train_supernet(net, data.x_train, data.y_train, epochs=args.supernet_epochs, lr=args.supernet_lr,
+                               batch_size=bs, randoms=args.randoms, sandwich=args.sandwich, seed=args.seed,
+                               on_epoch=lambda e, loss: print(f"supernet epoch {e}: loss {loss:.3f}", flush=True))
+        train_s = stats.seconds
+        if stored is not None:
+            stored.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(net.state_dict(), stored)
+            stored.with_suffix(".json").write_text(json.dumps({**settings, "train_s": train_s}))
+    g = torch.Generator().manual_seed(args.seed)
+    calib = data.x_train[torch.randperm(len(data.y_train), generator=g)[:RECALIBRATION_SAMPLES]]
+    rows = []
+    for arch in archs:
+        t0 = time.perf_counter()
+        sub = recalibrate_bn(net.extract(arch), calib)
+        inherited = accuracy(sub, data.x_val, data.y_val)
+        rows.append({"arch": arch.summary(), "inherited_val": inherited, "score_s": time.perf_counter() - t0,
+                     **{f"standalone_{k}": v for k, v in alone[arch.summary()].items()}})
+    inh, sa = [r["inherited_val"] for r in rows], [r["standalone_val"] for r in rows]
+    ext = {p: recalibrate_bn(net.extract(net.sample(p)), calib) for p in ("max", "min")}
+    score_s = sum(r["score_s"] for r in rows) / len(rows)
+    alone_s = sum(r["standalone_train_s"] for r in rows) / len(rows)
+    out = {"settings": settings, "standalone_recipe": recipe.to_dict(), "subnets": len(rows),
+           "supernet_train_s": train_s, "largest_val": accuracy(ext["max"], data.x_val, data.y_val),
+           "smallest_val": accuracy(ext["min"], data.x_val, data.y_val),
+           "kendall_tau": float(kendalltau(inh, sa).statistic), "spearman": float(spearmanr(inh, sa).statistic),
+           "inherited_val_mean": sum(inh) / len(inh), "standalone_val_mean": sum(sa) / len(sa),
+           "inherited_s_per_candidate": score_s, "standalone_s_per_candidate": alone_s,
+           "candidates_per_hour_inherited": 3600 / score_s, "candidates_per_hour_standalone": 3600 / alone_s,
+           "candidates": rows}
+    print(f"{args.name}: supernet {train_s:.0f} s, largest {out['largest_val']:.3f} smallest {out['smallest_val']:.3f}, "
+          f"inherited mean {out['inherited_val_mean']:.3f} vs alone {out['standalone_val_mean']:.3f}, "
+          f"tau {out['kendall_tau']:.3f} rho {out['spearman']:.3f}, {score_s:.2f} s vs {alone_s:.0f} s per candidate")
+    cmd = "python experiments/supernet.py " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("only", "cache"))
+    write_json(f"{args.name}_{args.sandwich}_e{args.supernet_epochs}", {"command": cmd, **out})
+
+
+if __name__ == "__main__":
+    main()
