@@ -200,6 +200,7 @@ def run_search(args: argparse.Namespace) -> Any:
         amp=args.amp,
         strategy=args.strategy,
         supernet_epochs=args.supernet_epochs,
+        supernet_sandwich=args.supernet_sandwich,
         latency_on=args.latency_on or "",
         probe_token_file=probe_token_file,
         latency_model=latency_model,

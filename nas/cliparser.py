@@ -175,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "from one weight-sharing supernet trained once per study (optuna backend)")
     s.add_argument("--supernet-epochs", type=_epochs, default=10, metavar="E",
                    help="epochs the study's supernet trains (--strategy supernet; default 10)")
+    s.add_argument("--supernet-sandwich", choices=("fixed", "typed"), default="fixed",
+                   help="the supernet's sandwich rule: fixed (default: the largest and smallest block types "
+                        "every step) or typed (each stage's block type drawn per step; see the README)")
     s.add_argument("--device", default="auto",
                    help="where trials train: auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N, mps (latency is "
                         "always timed in ONNX Runtime on the CPU)")

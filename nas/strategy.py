@@ -39,7 +39,11 @@ _LOADED: dict[tuple[str, str], Any] = {}  # (folder, key) -> SuperNet, per proce
 
 
 def _recipe(task: Any) -> dict[str, Any]:
-    return {"epochs": int(task.supernet_epochs), "lr": 0.05, "batch_size": 128, "randoms": 2, "version": 1}
+    rec = {"epochs": int(task.supernet_epochs), "lr": 0.05, "batch_size": 128, "randoms": 2, "version": 1}
+    sandwich = getattr(task, "supernet_sandwich", "fixed")
+    if sandwich != "fixed":  # (absent for "fixed": supernets stored before the option keep their key)
+        rec["sandwich"] = sandwich
+    return rec
 
 
 def supernet_key(space: Any, data: Any, task: Any) -> str:
@@ -90,6 +94,7 @@ def load_or_train_supernet(space: Any, data: Any, task: Any,
             t0 = time.perf_counter()
             stats = train_supernet(net, data.x_train, data.y_train, epochs=rec["epochs"], lr=rec["lr"],
                                    batch_size=rec["batch_size"], randoms=rec["randoms"], seed=task.seed,
+                                   sandwich=rec.get("sandwich", "fixed"),
                                    on_epoch=on_epoch)
             save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(weights))
             meta_path.write_text(json.dumps({"key": key, "space": space.name, "data": data.fingerprint,

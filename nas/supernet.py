@@ -20,7 +20,10 @@ re-estimated on training images (:func:`recalibrate_bn`) before it is scored.
 
 Training (:func:`train_supernet`) follows BigNAS: each step trains the largest candidate on the
 labels, and the smallest and two random ones on the largest's soft predictions (in-place
-distillation); gradients of the four are summed ("sandwich rule").
+distillation); gradients of the four are summed ("sandwich rule"). BigNAS has one block type
+per stage; with several, ``sandwich="typed"`` draws each stage's type afresh every step for the
+largest and the smallest (``"fixed"``: always the types of most and least capacity, so the
+other types' full widths train only when a random candidate takes them).
 """
 
 from __future__ import annotations

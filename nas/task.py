@@ -65,6 +65,8 @@ class Task:
     # weight-sharing supernet trained once per study for supernet_epochs (nas.strategy)
     strategy: str = _fixed("scratch", "--strategy")
     supernet_epochs: int = _fixed(10, "--supernet-epochs")
+    # how the supernet's sandwich rule picks block types (nas.supernet.SANDWICHES)
+    supernet_sandwich: str = _fixed("fixed", "--supernet-sandwich")
     # where trials train (nas.device): auto | cpu | cuda | cuda:N | mps, and bf16/fp16 autocast.
     # Not fixed: a resumed study may move to another device (latency is timed on the CPU runtime)
     device: str = "cpu"

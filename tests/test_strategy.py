@@ -89,3 +89,21 @@ def test_two_workers_share_one_supernet_trained_once(in_tmp):
     done = [t for t in trials[1:] if t.state.name == "COMPLETE"]
     assert len(done) >= 8 and len({t.user_attrs["worker"] for t in done}) == 2, [t.user_attrs.get("worker") for t in done]
     assert len(json.loads((_study_folder(in_tmp / "runs") / "supernet.json").read_text())["key"]) == 24
+
+
+def test_the_sandwich_rule_is_part_of_the_supernet_key_and_fixed_keeps_the_old_one():
+    """A typed-sandwich supernet is another supernet (another key); "fixed" adds nothing to the
+    recipe, so supernets stored before the option keep their key. The flag reaches the task."""
+    from nas.cliparser import build_parser
+    from nas.pipeline import Task, get_dataset
+    from nas.space import load_space
+    from nas.strategy import _recipe, supernet_key
+
+    space, data = load_space("default"), get_dataset("digits", 0)
+    fixed, typed = Task(supernet_epochs=3), Task(supernet_epochs=3, supernet_sandwich="typed")
+    assert _recipe(fixed) == {"epochs": 3, "lr": 0.05, "batch_size": 128, "randoms": 2, "version": 1}
+    assert _recipe(typed)["sandwich"] == "typed"
+    assert supernet_key(space, data, fixed) != supernet_key(space, data, typed)
+    args = build_parser().parse_args(["search", "--strategy", "supernet", "--supernet-sandwich", "typed"])
+    assert args.supernet_sandwich == "typed"
+    assert "supernet_sandwich" in Task.fixed_on_resume()
