@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 from _common import RESULTS, write_json
+from safetensors.torch import load_file, save_file
 from scipy.stats import kendalltau, spearmanr
 
 from nas.builder import build
@@ -101,10 +102,9 @@ def main() -> None:
 
     settings = {k: getattr(args, k) for k in ("dataset", "space", "supernet_epochs", "supernet_lr", "randoms", "sandwich", "seed")}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-    stored = Path(args.cache) / f"supernet_{digest}.pt" if args.cache else None
-    if stored is not None and stored.is_file():
-        # our own file from an earlier run of this script (weights only: no code is unpickled)
-        net.load_state_dict(torch.load(stored, weights_only=True))
+    stored = Path(args.cache) / f"supernet_{digest}.safetensors" if args.cache else None
+    if stored is not None and stored.is_file():  # an earlier run's weights, as safetensors (no pickle)
+        net.load_state_dict(load_file(str(stored)))
         train_s = json.loads(stored.with_suffix(".json").read_text())["train_s"]
     else:
         stats = train_supernet(net, data.x_train, data.y_train, epochs=args.supernet_epochs, lr=args.supernet_lr,
@@ -113,7 +113,7 @@ def main() -> None:
         train_s = stats.seconds
         if stored is not None:
             stored.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(net.state_dict(), stored)
+            save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(stored))
             stored.with_suffix(".json").write_text(json.dumps({**settings, "train_s": train_s}))
     g = torch.Generator().manual_seed(args.seed)
     calib = data.x_train[torch.randperm(len(data.y_train), generator=g)[:RECALIBRATION_SAMPLES]]

@@ -305,10 +305,6 @@ class SurrogateSampler(optuna.samplers.BaseSampler):
             picks += rest[: min(self._batch, len(cands)) - len(picks)]  # nothing left to gain: by acquisition
         return [dict(cands[i].params) for i in picks]
 
-    def _score(self, done: list[FrozenTrial], cands: list[RecordingTrial], dirs: list[str]) -> np.ndarray:
-        """Each candidate's acquisition value."""
-        return self._acquire(*self._predict(done, cands, dirs))
-
     def _acquire(self, front_y: np.ndarray, mu: np.ndarray, sd: np.ndarray) -> np.ndarray:
         if not len(mu) or not mu.shape[1]:  # nothing predicted: every candidate alike
             return np.zeros(len(mu))
