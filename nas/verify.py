@@ -289,7 +289,11 @@ def _latency_check(path: Path, manifest: dict[str, Any], data: Any) -> tuple[str
     # windows), a run is scaled to the host speed of the recording: load on a shared host slows
     # both alike (their ratio held within 7% while raw timings moved by 70% here).
     ref_floor = m.get("latency_floor_ms") if isinstance(m.get("latency_floor_ms"), (int, float)) else 0.0
-    runs, shown = [], []
+    # The floor is a few microseconds and noisier than the model: a run agrees when either its raw
+    # time or its floor-scaled time is in the band (CI once had the raw time in the band and the
+    # floor 1.56x its recorded value, which scaled the run below the band).
+    shown, agrees = [], False
+    rec = m["latency_ms"]
     for i in range(LATENCY_RUNS):
         if i:
             time.sleep(LATENCY_PAUSES_S[min(i - 1, len(LATENCY_PAUSES_S) - 1)])
@@ -303,14 +307,13 @@ def _latency_check(path: Path, manifest: dict[str, Any], data: Any) -> tuple[str
             ms, floor = lat.median_ms, lat.floor_ms
         rescale = ref_floor > 0 and floor > 0 and floor != ref_floor
         scaled = ms * ref_floor / floor if rescale else ms
-        runs.append(scaled)
         shown.append(f"{ms:.5f}" + (f" (floor {floor:.5f} now, {ref_floor:.5f} recorded: "
                                                f"{scaled:.5f} at the recorded speed)" if rescale else ""))
-        if scaled <= m["latency_ms"] + band:  # in the band, or faster than it: no re-timing
+        agrees = abs(ms - rec) <= band or abs(scaled - rec) <= band
+        if agrees or ms < rec - band:  # in the band, or faster than it: re-timing cannot make a run slower
             break
-    ok = abs(runs[-1] - m["latency_ms"]) <= band
-    return ("latency_ms", ok, f"{' / '.join(shown)} vs manifest {m['latency_ms']:.5f} (band +-{band:.5f}, "
-                              f"{len(runs)} run{'s' if len(runs) > 1 else ''})")
+    return ("latency_ms", agrees, f"{' / '.join(shown)} vs manifest {rec:.5f} (band +-{band:.5f}, "
+                                  f"{len(shown)} run{'s' if len(shown) > 1 else ''})")
 
 
 class Bundle:
