@@ -72,6 +72,42 @@ def standalone(archs, data, recipe: Recipe, seed: int, path: Path) -> dict[str, 
     return table
 
 
+def finetune(model, x, y, steps: int, lr: float, batch: int, seed: int):
+    """``steps`` SGD steps (momentum 0.9, cosine from ``lr``) of the inherited weights on random
+    training batches: the cheapest stand-alone training there is, to test whether a few steps
+    off the shared weights rank candidates where their full training does."""
+    if steps <= 0:
+        return model
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(0, len(y), (batch,), generator=g)
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+        sched.step()
+    return model.eval()
+
+
+def _repeatability(archs, recipe: Recipe, path: Path) -> dict[str, dict]:
+    """Kendall tau and Spearman between stand-alone tables of the same candidates and recipe
+    trained with different seeds: how well training alone ranks them against itself."""
+    cache = json.loads(path.read_text()) if path.is_file() else {}
+    rkey = json.dumps(recipe.to_dict(), sort_keys=True) + "|seed"
+    tables = {k.removeprefix(rkey): v for k, v in cache.items() if k.startswith(rkey)}
+    names = [a.summary() for a in archs]
+    full = sorted(s for s, t in tables.items() if all(n in t for n in names))
+    out = {}
+    for i, a in enumerate(full):
+        for b in full[i + 1:]:
+            va, vb = [tables[a][n]["val"] for n in names], [tables[b][n]["val"] for n in names]
+            out[f"seed{a}_vs_seed{b}"] = {"kendall_tau": float(kendalltau(va, vb).statistic),
+                                          "spearman": float(spearmanr(va, vb).statistic)}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dataset", default="digits")
@@ -84,6 +120,13 @@ def main() -> None:
     ap.add_argument("--randoms", type=int, default=2)
     ap.add_argument("--sandwich", choices=SANDWICHES, default=SANDWICHES[0])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--standalone-seed", type=int, default=None,
+                    help="train the stand-alone candidates with this seed (default --seed); with a second seed's "
+                         "table present, their own rank agreement (the ceiling of any proxy) is reported")
+    ap.add_argument("--finetune-steps", type=int, nargs="+", default=[0],
+                    help="score each inherited candidate after this many SGD steps off the shared weights "
+                         "(several values: one scoring per value)")
+    ap.add_argument("--finetune-lr", type=float, default=0.01)
     ap.add_argument("--only", choices=("all", "standalone"), default="all")
     ap.add_argument("--cache", default=None, help="folder to keep trained supernets in (reused by the same settings)")
     ap.add_argument("--name", default="supernet_fidelity", help="results file name")
@@ -96,8 +139,15 @@ def main() -> None:
     archs = candidates(net, args.subnets, args.seed)
     bs = int(max(space.recipe["batch_size"].options()))  # the space's batch size (one value in the bundled spaces)
     recipe = Recipe(epochs=args.standalone_epochs, lr=args.standalone_lr, batch_size=bs)
-    alone = standalone(archs, data, recipe, args.seed, RESULTS / f"{args.name}_standalone.json")
+    sa_seed = args.seed if args.standalone_seed is None else args.standalone_seed
+    alone = standalone(archs, data, recipe, sa_seed, RESULTS / f"{args.name}_standalone.json")
+    repeat = _repeatability(archs, recipe, RESULTS / f"{args.name}_standalone.json")
+    if repeat:
+        print("stand-alone seed against seed: " + ", ".join(f"{k} tau {v['kendall_tau']:.3f} rho {v['spearman']:.3f}"
+                                                            for k, v in repeat.items()), flush=True)
     if args.only == "standalone":
+        if repeat:
+            write_json(f"{args.name}_standalone_repeatability", {"standalone_recipe": recipe.to_dict(), **repeat})
         return
 
     settings = {k: getattr(args, k) for k in ("dataset", "space", "supernet_epochs", "supernet_lr", "randoms", "sandwich", "seed")}
@@ -117,31 +167,40 @@ def main() -> None:
             stored.with_suffix(".json").write_text(json.dumps({**settings, "train_s": train_s}))
     g = torch.Generator().manual_seed(args.seed)
     calib = data.x_train[torch.randperm(len(data.y_train), generator=g)[:RECALIBRATION_SAMPLES]]
-    rows = []
-    for arch in archs:
-        t0 = time.perf_counter()
-        sub = recalibrate_bn(net.extract(arch), calib)
-        inherited = accuracy(sub, data.x_val, data.y_val)
-        rows.append({"arch": arch.summary(), "inherited_val": inherited, "score_s": time.perf_counter() - t0,
-                     **{f"standalone_{k}": v for k, v in alone[arch.summary()].items()}})
-    inh, sa = [r["inherited_val"] for r in rows], [r["standalone_val"] for r in rows]
+    out = {"settings": settings, "standalone_recipe": recipe.to_dict(), "standalone_seed": sa_seed,
+           "subnets": len(archs), "supernet_train_s": train_s, "standalone_repeatability": repeat, "scorings": {}}
     ext = {p: recalibrate_bn(net.extract(net.sample(p)), calib) for p in ("max", "min")}
-    score_s = sum(r["score_s"] for r in rows) / len(rows)
-    alone_s = sum(r["standalone_train_s"] for r in rows) / len(rows)
-    out = {"settings": settings, "standalone_recipe": recipe.to_dict(), "subnets": len(rows),
-           "supernet_train_s": train_s, "largest_val": accuracy(ext["max"], data.x_val, data.y_val),
-           "smallest_val": accuracy(ext["min"], data.x_val, data.y_val),
-           "kendall_tau": float(kendalltau(inh, sa).statistic), "spearman": float(spearmanr(inh, sa).statistic),
-           "inherited_val_mean": sum(inh) / len(inh), "standalone_val_mean": sum(sa) / len(sa),
-           "inherited_s_per_candidate": score_s, "standalone_s_per_candidate": alone_s,
-           "candidates_per_hour_inherited": 3600 / score_s, "candidates_per_hour_standalone": 3600 / alone_s,
-           "candidates": rows}
-    print(f"{args.name}: supernet {train_s:.0f} s, largest {out['largest_val']:.3f} smallest {out['smallest_val']:.3f}, "
-          f"inherited mean {out['inherited_val_mean']:.3f} vs alone {out['standalone_val_mean']:.3f}, "
-          f"tau {out['kendall_tau']:.3f} rho {out['spearman']:.3f}, {score_s:.2f} s vs {alone_s:.0f} s per candidate")
+    out["largest_val"] = accuracy(ext["max"], data.x_val, data.y_val)
+    out["smallest_val"] = accuracy(ext["min"], data.x_val, data.y_val)
+    for steps in args.finetune_steps:
+        rows = []
+        for i, arch in enumerate(archs):
+            t0 = time.perf_counter()
+            sub = finetune(net.extract(arch), data.x_train, data.y_train, steps, args.finetune_lr, bs, args.seed + i)
+            sub = recalibrate_bn(sub, calib)
+            inherited = accuracy(sub, data.x_val, data.y_val)
+            rows.append({"arch": arch.summary(), "inherited_val": inherited, "score_s": time.perf_counter() - t0,
+                         **{f"standalone_{k}": v for k, v in alone[arch.summary()].items()}})
+        inh, sa = [r["inherited_val"] for r in rows], [r["standalone_val"] for r in rows]
+        score_s = sum(r["score_s"] for r in rows) / len(rows)
+        alone_s = sum(r["standalone_train_s"] for r in rows) / len(rows)
+        sc = {"finetune_steps": steps, "finetune_lr": args.finetune_lr,
+              "kendall_tau": float(kendalltau(inh, sa).statistic), "spearman": float(spearmanr(inh, sa).statistic),
+              "inherited_val_mean": sum(inh) / len(inh), "standalone_val_mean": sum(sa) / len(sa),
+              "inherited_s_per_candidate": score_s, "standalone_s_per_candidate": alone_s,
+              "candidates_per_hour_inherited": 3600 / score_s, "candidates_per_hour_standalone": 3600 / alone_s,
+              "candidates": rows}
+        out["scorings"][str(steps)] = sc
+        if steps == args.finetune_steps[0]:  # the first scoring also at the top level (the old layout)
+            out.update({k: v for k, v in sc.items() if k not in ("finetune_steps", "finetune_lr")})
+        print(f"{args.name}: supernet {train_s:.0f} s, largest {out['largest_val']:.3f} smallest {out['smallest_val']:.3f}, "
+              f"{steps} fine-tune steps: inherited mean {sc['inherited_val_mean']:.3f} vs alone "
+              f"{sc['standalone_val_mean']:.3f}, tau {sc['kendall_tau']:.3f} rho {sc['spearman']:.3f}, "
+              f"{score_s:.2f} s vs {alone_s:.0f} s per candidate", flush=True)
     cmd = "python experiments/supernet.py " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("only", "cache"))
-    write_json(f"{args.name}_{args.sandwich}_e{args.supernet_epochs}", {"command": cmd, **out})
+    tail = "" if args.finetune_steps == [0] else "_ft" + "-".join(map(str, args.finetune_steps))
+    write_json(f"{args.name}_{args.sandwich}_e{args.supernet_epochs}{tail}", {"command": cmd, **out})
 
 
 if __name__ == "__main__":

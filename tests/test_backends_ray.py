@@ -35,6 +35,7 @@ SPACE = ("name: tiny\nstem_channels: [8, 16]\nstages:\n  - block: [conv, dsconv,
          "    stride: 2\n    expansion: [2]\nrecipe: {epochs: 3}\n")
 
 
+@pytest.mark.slow  # a long multi-process run: deselected by default, CI runs it (`pytest -m slow`)
 def test_ray_search_lands_in_the_same_storage_with_same_fields_and_runs_concurrently(ray_head, in_tmp):
     (in_tmp / "space.yaml").write_text(SPACE)
     db = f"sqlite:///{in_tmp}/s.db"

@@ -19,6 +19,7 @@ def _table_rows(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith("│")]
 
 
+@pytest.mark.slow  # a long multi-process run: deselected by default, CI runs it (`pytest -m slow`)
 def test_search_then_front_from_another_process(in_tmp):
     db = f"sqlite:///{in_tmp}/s.db"
     search = _run("search", "--trials", "3", "--epochs", "1", "--study", "s", "--storage", db, cwd=in_tmp)
@@ -481,6 +482,7 @@ def test_a_single_baseline_in_a_config_file_is_one_model(in_tmp, capsys):
         assert err.count("\n") == 1 and message in err, err
 
 
+@pytest.mark.slow  # a long multi-process run: deselected by default, CI runs it (`pytest -m slow`)
 def test_jobs_2_into_a_file_prints_the_front(in_tmp):
     """Two --jobs threads exporting at once swapped sys.stdout under each other (redirect_stdout is
     process-wide) and left it closed: the front could not be printed, exit 1."""

@@ -38,6 +38,7 @@ def test_rungs_are_fractions_of_the_budget():
     assert RungRule(fractions=(0.5,)).rungs(10) == [5]
 
 
+@pytest.mark.slow  # a long end-to-end run: deselected by default, CI runs it (`pytest -m slow`)
 def test_search_with_early_stopping_records_pruned_trials_with_their_rung(in_tmp):
     db = f"sqlite:///{in_tmp}/e.db"
     # eta=100: keep only the rung's front (ceil(n/100) = 1 better-ranked point already stops)

@@ -119,6 +119,7 @@ def test_search_refuses_a_bad_profile_before_storing_anything(tmp_path, capsys):
     assert code == 2 and err.count("\n") == 1 and "device" in err and not db.exists(), err
 
 
+@pytest.mark.slow  # a long end-to-end run: deselected by default, CI runs it (`pytest -m slow`)
 def test_profile_then_search_offline_with_predicted_latency(tmp_path, capsys):
     import optuna
 

@@ -203,6 +203,7 @@ def _search(db: str, tmp_path: Path, *extra: str, trials: int = 3) -> int:
                  "--artifacts", str(tmp_path / "art"), *extra])
 
 
+@pytest.mark.slow  # a long multi-process run: deselected by default, CI runs it (`pytest -m slow`)
 def test_search_times_every_trial_on_the_probe(probe, tmp_path):
     import optuna
 
@@ -241,6 +242,7 @@ def test_search_refuses_an_unreachable_probe_before_storing_anything(tmp_path, c
     assert "needs --probe-token-file" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a long multi-process run: deselected by default, CI runs it (`pytest -m slow`)
 def test_probe_down_mid_search_fails_trials_with_the_reason_and_resume_works(tmp_path, monkeypatch):
     """The probe stops after the first trial: the next trials wait (retries), then fail with
     the reason; the finished trial stays; a resumed search against a probe that is back

@@ -44,6 +44,7 @@ def test_the_wheel_carries_the_bundled_spaces(wheel_env):
     assert bundled and bundled <= names
 
 
+@pytest.mark.slow  # a long multi-process run: deselected by default, CI runs it (`pytest -m slow`)
 def test_search_and_front_from_a_wheel_install_outside_the_checkout(wheel_env, tmp_path):
     _, env_dir = wheel_env
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
