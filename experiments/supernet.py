@@ -120,6 +120,9 @@ def main() -> None:
     ap.add_argument("--randoms", type=int, default=2)
     ap.add_argument("--sandwich", choices=SANDWICHES, default=SANDWICHES[0])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--kernel-transform", action="store_true",
+                    help="Once-for-All's kernel transformation: smaller kernels are the largest's centre times a "
+                         "learned matrix per layer, not the centre itself")
     ap.add_argument("--standalone-seed", type=int, default=None,
                     help="train the stand-alone candidates with this seed (default --seed); with a second seed's "
                          "table present, their own rank agreement (the ceiling of any proxy) is reported")
@@ -135,7 +138,7 @@ def main() -> None:
     data = get_dataset(args.dataset, args.seed)
     space = load_space(args.space)
     torch.manual_seed(args.seed)
-    net = SuperNet(space, data.in_channels, data.input_size, data.num_classes)
+    net = SuperNet(space, data.in_channels, data.input_size, data.num_classes, kernel_transform=args.kernel_transform)
     archs = candidates(net, args.subnets, args.seed)
     bs = int(max(space.recipe["batch_size"].options()))  # the space's batch size (one value in the bundled spaces)
     recipe = Recipe(epochs=args.standalone_epochs, lr=args.standalone_lr, batch_size=bs)
@@ -151,6 +154,8 @@ def main() -> None:
         return
 
     settings = {k: getattr(args, k) for k in ("dataset", "space", "supernet_epochs", "supernet_lr", "randoms", "sandwich", "seed")}
+    if args.kernel_transform:  # (only when on: the digests of runs before the option stay the same)
+        settings["kernel_transform"] = True
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     stored = Path(args.cache) / f"supernet_{digest}.safetensors" if args.cache else None
     if stored is not None and stored.is_file():  # an earlier run's weights, as safetensors (no pickle)
@@ -197,9 +202,15 @@ def main() -> None:
               f"{steps} fine-tune steps: inherited mean {sc['inherited_val_mean']:.3f} vs alone "
               f"{sc['standalone_val_mean']:.3f}, tau {sc['kendall_tau']:.3f} rho {sc['spearman']:.3f}, "
               f"{score_s:.2f} s vs {alone_s:.0f} s per candidate", flush=True)
+
+    def flag(k: str, v) -> str:
+        f = "--" + k.replace("_", "-")
+        return f if v is True else " ".join([f, *map(str, v)]) if isinstance(v, list) else f"{f} {v}"
+
     cmd = "python experiments/supernet.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("only", "cache"))
-    tail = "" if args.finetune_steps == [0] else "_ft" + "-".join(map(str, args.finetune_steps))
+        flag(k, v) for k, v in vars(args).items() if k not in ("only", "cache") and v is not None and v is not False)
+    tail = ("_kt" if args.kernel_transform else "") + (
+        "" if args.finetune_steps == [0] else "_ft" + "-".join(map(str, args.finetune_steps)))
     write_json(f"{args.name}_{args.sandwich}_e{args.supernet_epochs}{tail}", {"command": cmd, **out})
 
 

@@ -123,7 +123,8 @@ class SuperNet(nn.Module):
     """The shared weights of every candidate of ``space`` for inputs of ``in_channels`` x
     ``input_size`` and ``num_classes`` classes."""
 
-    def __init__(self, space: Space, in_channels: int, input_size: tuple[int, int], num_classes: int) -> None:
+    def __init__(self, space: Space, in_channels: int, input_size: tuple[int, int], num_classes: int,
+                 kernel_transform: bool = False) -> None:
         super().__init__()
         self.space, self.in_channels = space, in_channels
         self.input_size, self.num_classes = tuple(input_size), num_classes
@@ -151,6 +152,23 @@ class SuperNet(nn.Module):
             features *= h * w  # an upper bound; a candidate takes its own prefix
         self.classifier = nn.Linear(features, num_classes)
         self._skeletons: dict[ArchConfig, Net] = {}
+        # Once-for-All's kernel transformation: a smaller kernel is the centre of the largest
+        # times a learned matrix per layer and size (identity at the start), so the small
+        # kernel's weights need not be the large kernel's centre as they are
+        self.kernel_transform = kernel_transform
+        self.transforms = nn.ParameterDict()
+        if kernel_transform:
+            stem_k = [int(k) for k in space.stem_kernel.options()]
+            groups = [("stem.", stem_k)] + [(f"stages.{i}.", [int(k) for k in st.kernel.options()])
+                                            for i, st in enumerate(space.stages)]
+            for name, w in self.named_parameters():
+                if w.dim() != 4 or name.startswith("transforms"):
+                    continue
+                ks = next((k for prefix, k in groups if name.startswith(prefix)), [])
+                for k in ks:
+                    sh, sw = (min(k, w.shape[2]), min(k, w.shape[3]))
+                    if (sh, sw) != tuple(w.shape[2:]) and (sh > 1 or sw > 1):
+                        self.transforms[self._tkey(name, (sh, sw))] = nn.Parameter(torch.eye(sh * sw))
 
     # ------------------------------------------------------------------ candidates
 
@@ -187,14 +205,24 @@ class SuperNet(nn.Module):
             self._skeletons[arch] = net
         return net
 
+    @staticmethod
+    def _tkey(name: str, kernel: tuple[int, int]) -> str:
+        return f"{name.replace('.', '_')}__{kernel[0]}x{kernel[1]}"
+
     def tensors(self, arch: ArchConfig) -> dict[str, torch.Tensor]:
-        """Every parameter and buffer of ``build(arch)``, as views of the shared tensors."""
+        """Every parameter and buffer of ``build(arch)``, as views of the shared tensors (with
+        ``kernel_transform``, a smaller kernel is its centre times the layer's learned matrix)."""
         own = {**dict(self.named_parameters()), **dict(self.named_buffers())}
         skeleton = self._skeleton(arch)
         out = {}
         for name, t in [*skeleton.named_parameters(), *skeleton.named_buffers()]:
-            src = own[self._source(arch, name)]
+            source = self._source(arch, name)
+            src = own[source]
             out[name] = src if name.endswith("num_batches_tracked") else _slice(src, t.shape)
+            if self.kernel_transform and t.dim() == 4 and tuple(t.shape[2:]) != tuple(src.shape[2:]):
+                m = self.transforms[self._tkey(source, tuple(t.shape[2:]))]
+                w = out[name]
+                out[name] = (w.reshape(*w.shape[:2], -1) @ m).reshape(w.shape)
         return out
 
     def forward(self, x: torch.Tensor, arch: ArchConfig) -> torch.Tensor:  # type: ignore[override]
@@ -206,7 +234,8 @@ class SuperNet(nn.Module):
     def extract(self, arch: ArchConfig) -> Net:
         """``build(arch)`` holding copies of its shared weights (and BatchNorm statistics)."""
         net = build(arch)
-        net.load_state_dict({k: v.detach().clone() for k, v in self.tensors(arch).items()})
+        with torch.no_grad():
+            net.load_state_dict({k: v.detach().clone() for k, v in self.tensors(arch).items()})
         return net.eval()
 
 
@@ -257,7 +286,10 @@ def train_supernet(net: SuperNet, x: torch.Tensor, y: torch.Tensor, *, epochs: i
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True)
+    shared = [p for n, p in net.named_parameters() if not n.startswith("transforms.")]
+    groups = [{"params": shared}] + ([{"params": list(net.transforms.parameters()), "weight_decay": 0.0}]
+                                     if len(net.transforms) else [])  # (decay would pull them off the identity)
+    opt = torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True)
     steps = max(1, len(y) // batch_size)  # whole batches only: BatchNorm needs more than one sample
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, epochs * steps), pct_start=0.1)
     typed = sandwich == "typed"

@@ -144,3 +144,31 @@ def test_the_typed_sandwich_trains_every_block_types_full_width(data):
 def test_an_unknown_sandwich_is_refused(data):
     with pytest.raises(ValueError, match="sandwich 'wide' is not one of fixed, typed"):
         train_supernet(_net(data), data.x_train[:256], data.y_train[:256], epochs=1, sandwich="wide")
+
+
+def test_the_kernel_transform_is_learned_and_extracted_with_the_candidate(data):
+    """Once-for-All's kernel transformation: a 3x3 (1x3, 3x1) kernel is the 5x5's centre times
+    a learned matrix; an extracted candidate carries the transformed weights, training moves the
+    matrices, and the default supernet has none."""
+    assert len(_net(data).transforms) == 0
+    torch.manual_seed(0)
+    net = SuperNet(SPACE, data.in_channels, data.input_size, data.num_classes, kernel_transform=True)
+    assert {k.rsplit("__", 1)[1] for k in net.transforms} == {"3x3", "1x3", "3x1"}
+    assert all(torch.equal(m, torch.eye(len(m))) for m in net.transforms.values())
+    before = {k: v.detach().clone() for k, v in net.transforms.items()}
+    train_supernet(net, data.x_train[:256], data.y_train[:256], epochs=1, batch_size=64)
+    moved = [k for k, v in net.transforms.items() if not torch.equal(v, before[k])]
+    assert moved and "stem_0_weight__3x3" in moved
+    x = data.x_val[:32]
+    small = [a for a in _archs(net, 20) if any(b.kernel == 3 for b in a.blocks)]
+    assert small
+    for arch in small:
+        sub = net.extract(arch)
+        with torch.no_grad():
+            net.eval()
+            torch.testing.assert_close(net(x, arch), sub(x), rtol=1e-6, atol=1e-6)
+        # the centre alone is not what the candidate holds
+        src = net.stem[0].weight if arch.stem_kernel == 3 else None
+        if src is not None:
+            centre = src[: sub.stem[0].weight.shape[0], :, 1:4, 1:4]
+            assert not torch.allclose(sub.stem[0].weight, centre)
