@@ -51,11 +51,16 @@ def candidates(net: SuperNet, n: int, seed: int) -> list:
     return out
 
 
-def standalone(archs, data, recipe: Recipe, seed: int, path: Path) -> dict[str, dict]:
+def _table_key(recipe: Recipe, seed: int, split: int) -> str:
+    # (the split seed only when it differs from the training seed: tables made before
+    # --standalone-seed keep their key)
+    return json.dumps(recipe.to_dict(), sort_keys=True) + f"|seed{seed}" + (f"|split{split}" if seed != split else "")
+
+
+def standalone(archs, data, recipe: Recipe, seed: int, path: Path, split: int) -> dict[str, dict]:
     """Stand-alone validation accuracy of each candidate, cached in ``path`` by recipe and arch."""
     cache = json.loads(path.read_text()) if path.is_file() else {}
-    rkey = json.dumps(recipe.to_dict(), sort_keys=True) + f"|seed{seed}"
-    table = cache.setdefault(rkey, {})
+    table = cache.setdefault(_table_key(recipe, seed, split), {})
     for i, arch in enumerate(archs):
         name = arch.summary()
         if name in table:
@@ -79,6 +84,7 @@ def finetune(model, x, y, steps: int, lr: float, batch: int, seed: int):
     if steps <= 0:
         return model
     g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # (dropout draws from the global generator)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     model.train()
@@ -91,12 +97,12 @@ def finetune(model, x, y, steps: int, lr: float, batch: int, seed: int):
     return model.eval()
 
 
-def _repeatability(archs, recipe: Recipe, path: Path) -> dict[str, dict]:
+def _repeatability(archs, recipe: Recipe, path: Path, split: int) -> dict[str, dict]:
     """Kendall tau and Spearman between stand-alone tables of the same candidates and recipe
     trained with different seeds: how well training alone ranks them against itself."""
     cache = json.loads(path.read_text()) if path.is_file() else {}
-    rkey = json.dumps(recipe.to_dict(), sort_keys=True) + "|seed"
-    tables = {k.removeprefix(rkey): v for k, v in cache.items() if k.startswith(rkey)}
+    seeds = {int(k.split("|seed")[1].split("|")[0]) for k in cache if "|seed" in k}
+    tables = {s: cache[_table_key(recipe, s, split)] for s in seeds if _table_key(recipe, s, split) in cache}
     names = [a.summary() for a in archs]
     full = sorted(s for s, t in tables.items() if all(n in t for n in names))
     out = {}
@@ -143,8 +149,8 @@ def main() -> None:
     bs = int(max(space.recipe["batch_size"].options()))  # the space's batch size (one value in the bundled spaces)
     recipe = Recipe(epochs=args.standalone_epochs, lr=args.standalone_lr, batch_size=bs)
     sa_seed = args.seed if args.standalone_seed is None else args.standalone_seed
-    alone = standalone(archs, data, recipe, sa_seed, RESULTS / f"{args.name}_standalone.json")
-    repeat = _repeatability(archs, recipe, RESULTS / f"{args.name}_standalone.json")
+    alone = standalone(archs, data, recipe, sa_seed, RESULTS / f"{args.name}_standalone.json", args.seed)
+    repeat = _repeatability(archs, recipe, RESULTS / f"{args.name}_standalone.json", args.seed)
     if repeat:
         print("stand-alone seed against seed: " + ", ".join(f"{k} tau {v['kendall_tau']:.3f} rho {v['spearman']:.3f}"
                                                             for k, v in repeat.items()), flush=True)
@@ -209,8 +215,9 @@ def main() -> None:
 
     cmd = "python experiments/supernet.py " + " ".join(
         flag(k, v) for k, v in vars(args).items() if k not in ("only", "cache") and v is not None and v is not False)
-    tail = ("_kt" if args.kernel_transform else "") + (
-        "" if args.finetune_steps == [0] else "_ft" + "-".join(map(str, args.finetune_steps)))
+    tail = ("_kt" if args.kernel_transform else "") + ("" if sa_seed == args.seed else f"_ss{sa_seed}") + (
+        "" if args.finetune_steps == [0] else "_ft" + "-".join(map(str, args.finetune_steps))
+        + ("" if args.finetune_lr == 0.01 else f"_lr{args.finetune_lr:g}"))
     write_json(f"{args.name}_{args.sandwich}_e{args.supernet_epochs}{tail}", {"command": cmd, **out})
 
 

@@ -219,10 +219,10 @@ class SuperNet(nn.Module):
             source = self._source(arch, name)
             src = own[source]
             out[name] = src if name.endswith("num_batches_tracked") else _slice(src, t.shape)
-            if self.kernel_transform and t.dim() == 4 and tuple(t.shape[2:]) != tuple(src.shape[2:]):
-                m = self.transforms[self._tkey(source, tuple(t.shape[2:]))]
+            tkey = self._tkey(source, tuple(t.shape[2:])) if t.dim() == 4 else ""
+            if tkey in self.transforms:  # (none for a kernel of 1: a single tap has nothing to mix)
                 w = out[name]
-                out[name] = (w.reshape(*w.shape[:2], -1) @ m).reshape(w.shape)
+                out[name] = (w.reshape(*w.shape[:2], -1) @ self.transforms[tkey]).reshape(w.shape)
         return out
 
     def forward(self, x: torch.Tensor, arch: ArchConfig) -> torch.Tensor:  # type: ignore[override]

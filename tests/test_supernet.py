@@ -172,3 +172,12 @@ def test_the_kernel_transform_is_learned_and_extracted_with_the_candidate(data):
         if src is not None:
             centre = src[: sub.stem[0].weight.shape[0], :, 1:4, 1:4]
             assert not torch.allclose(sub.stem[0].weight, centre)
+    # a kernel of 1 takes the single centre tap, untransformed
+    one = parse_space({"name": "k1", "stem_kernel": [1, 3], "stages": [{"block": ["conv", "factorized"], "width": 8,
+                                                                        "kernel": [1, 3]}]})
+    net = SuperNet(one, data.in_channels, data.input_size, data.num_classes, kernel_transform=True)
+    rng = random.Random(0)
+    for arch in [net.sample("min"), *(net.sample("random", rng) for _ in range(8))]:
+        with torch.no_grad():
+            net.eval()
+            torch.testing.assert_close(net(x, arch), net.extract(arch)(x), rtol=0, atol=0)
